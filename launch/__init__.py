@@ -1,0 +1,1 @@
+"""The shared run stack: config, data, trainer, backends, checkpoints, export, logging."""

@@ -1,0 +1,178 @@
+"""Typed, validated configuration: defaults <- YAML file <- ``key=value`` overrides.
+
+Every stage declares its config as a pydantic model built from :class:`Schema`
+(unknown keys are rejected). :func:`load_config` merges the three layers and turns
+any validation failure into one :class:`ConfigError` line that names the key and,
+for a typo, the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launch.errors import ConfigError
+
+S = TypeVar("S", bound="Schema")
+
+
+class Schema(BaseModel):
+    """Base of every config section: unknown keys fail, assignments are re-validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+class OptimConfig(Schema):
+    name: Literal["adamw", "sgd", "lars", "lamb"] = Field("adamw", description="optimizer (timm's create_optimizer_v2 name)")
+    base_lr: float = Field(1.5e-4, gt=0, description="lr per 256 images; lr = base_lr * effective_batch / 256")
+    lr: float | None = Field(None, gt=0, description="absolute lr; overrides base_lr when set")
+    min_lr: float = Field(0.0, ge=0, description="floor of the cosine schedule")
+    weight_decay: float = Field(0.05, ge=0, description="not applied to norms, biases, tokens, position embeddings")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas (MAE paper: 0.9, 0.95)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD / LARS momentum")
+    layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay (fine-tuning), None = off")
+    warmup_epochs: float = Field(0.0, ge=0, description="linear warmup length in epochs (per-step)")
+    warmup_steps: int | None = Field(None, ge=0, description="linear warmup in optimizer steps; overrides warmup_epochs")
+    schedule: Literal["cosine", "constant"] = Field("cosine", description="lr after warmup")
+    clip_grad: float | None = Field(None, gt=0, description="max global grad norm, None = no clipping")
+    fused: bool | None = Field(None, description="fused AdamW kernel; None = on for CUDA")
+
+
+class CheckpointConfig(Schema):
+    every_steps: int | None = Field(None, ge=1, description="save every N optimizer steps")
+    every_minutes: float | None = Field(None, gt=0, description="save every N minutes of wall time")
+    keep: int = Field(2, ge=1, description="complete checkpoints kept; older ones deleted after a new one is complete")
+    resume: str = Field("auto", description="'auto' (newest complete in run_dir), 'none', or a checkpoint path")
+    weights_only: str | None = Field(None, description="load model weights from this checkpoint/export, nothing else")
+
+
+class LogConfig(Schema):
+    every_steps: int = Field(10, ge=1, description="metrics to console/JSONL/TensorBoard every N steps (host sync only here)")
+    images_every_epochs: int = Field(1, ge=0, description="image grids to TensorBoard every N epochs, 0 = never")
+    tensorboard: bool = Field(True, description="write TensorBoard event files")
+    wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
+    wandb_mode: Literal["online", "offline"] = Field("offline", description="W&B mode")
+    progress: bool = Field(True, description="console progress bar")
+
+
+class TrainerConfig(Schema):
+    epochs: int = Field(10, ge=1, description="passes over the data (or fixed-length epochs in resampled mode)")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
+    batch_size: int = Field(64, ge=1, description="micro-batch per process")
+    accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype; fp16 uses loss scaling")
+    compile: bool = Field(False, description="torch.compile the task")
+    backend: Literal["ddp", "deepspeed"] = Field("ddp", description="Accelerate DDP (also single process) or DeepSpeed")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (backend=deepspeed)")
+    deepspeed_config: str | None = Field(None, description="DeepSpeed JSON; must agree with this config")
+    activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
+    eval_every_epochs: int = Field(1, ge=0, description="run validation every N epochs, 0 = only at the end")
+    max_bad_steps: int = Field(20, ge=1, description="stop after this many consecutive non-finite steps")
+    optim: OptimConfig = OptimConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    log: LogConfig = LogConfig()
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """``["a.b=1", "c=[1, 2]"]`` -> ``{"a": {"b": 1}, "c": [1, 2]}``; values are parsed as YAML."""
+    tree: dict[str, Any] = {}
+    for item in items:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' is not key=value (e.g. trainer.epochs=5)")
+        node = tree
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' sets a key below the value of '{part}'")
+        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+    return tree
+
+
+def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge: dicts merge key by key, anything else in ``top`` replaces ``base``."""
+    out = dict(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {str(err).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(schema: type[S], path: str | Path | None = None, overrides: list[str] | None = None) -> S:
+    """Defaults of ``schema`` <- YAML at ``path`` <- dotted ``overrides``; validated."""
+    data = read_yaml(path) if path else {}
+    data = merge(data, parse_overrides(overrides or []))
+    try:
+        return schema.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(describe_error(schema, err)) from None
+
+
+def describe_error(schema: type[Schema], err: ValidationError) -> str:
+    """One line for the first validation error: the dotted key, what is wrong, a suggestion."""
+    first = err.errors()[0]
+    loc = [str(p) for p in first["loc"]]
+    key = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        valid = [f for f in _fields_at(schema, loc[:-1])]
+        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
+        hint = f" (did you mean '{'.'.join(loc[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
+        return f"unknown config key '{key}'{hint}"
+    value = first.get("input")
+    return f"config key '{key}': {first['msg']} (got {value!r})"
+
+
+def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
+    model: Any = schema
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
+        if field is None:
+            return []
+        model = field.annotation
+    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+
+
+def describe_fields(schema: type[BaseModel], prefix: str = "") -> list[str]:
+    """Lines ``key (type, default): description`` for every leaf setting, for ``--help``."""
+    lines = []
+    for name, field in schema.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines += describe_fields(ann, f"{prefix}{name}.")
+            continue
+        type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
+        lines.append(f"  {prefix}{name} ({type_name}, default {field.default!r}): {field.description or ''}")
+    return lines
+
+
+def save_config(cfg: Schema, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically), so the run can be reproduced."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    tmp.replace(path)
+
