@@ -1,0 +1,32 @@
+"""The model families: name -> (config schema, task builder). One module per family."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from baselines import aae, ae, cae, dae, stacked, vae
+from baselines.pixels import Pixels
+from launch.task import Task
+
+FAMILIES: dict[str, tuple[type, Callable[..., Task]]] = {
+    "ae": (ae.AEConfig, ae.build),
+    "dae": (dae.DAEConfig, dae.build),
+    "sdae": (stacked.SDAEConfig, stacked.build),
+    "cae": (cae.CAEConfig, cae.build),
+    "vae": (vae.VAEConfig, vae.build),
+    "aae": (aae.AAEConfig, aae.build),
+}
+
+#: a model config; its ``family`` key selects the schema (unknown keys of that family fail)
+ModelConfig = Annotated[
+    Union[ae.AEConfig, dae.DAEConfig, stacked.SDAEConfig, cae.CAEConfig, vae.VAEConfig, aae.AAEConfig],
+    Field(discriminator="family"),
+]
+
+
+def build_task(cfg: ModelConfig, pixels: Pixels, img_size: int) -> Task:
+    """The task of ``cfg.family`` for images of ``pixels.channels`` x ``img_size`` x ``img_size``."""
+    return FAMILIES[cfg.family][1](cfg, pixels, img_size)
