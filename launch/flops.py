@@ -114,7 +114,7 @@ def mae_flops(
     macs += depth * block_macs(enc_tokens, embed_dim, mlp_ratio)
     macs += enc_tokens * embed_dim * decoder_embed_dim  # decoder_embed on the encoder output
     macs += decoder_depth * block_macs(num_patches + 1, decoder_embed_dim, mlp_ratio)
-    macs += (num_patches + 1) * decoder_embed_dim * patch_dim  # pixel prediction (cls row included)
+    macs += num_patches * decoder_embed_dim * patch_dim  # pixel prediction (the cls row is dropped first)
     return FlopCount.from_macs(macs)
 
 
