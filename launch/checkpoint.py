@@ -1,0 +1,371 @@
+"""Atomic, resumable checkpoints that survive kills, preemption and full disks.
+
+Layout of ``run_dir/checkpoints``::
+
+    step-00000040/          a complete checkpoint, never modified after its rename
+        trainer.pt          rank 0: the trainer's state_dict (model, optimizers, schedulers, scaler, step, epoch)
+        rank-00000.pt ...   every rank: its RNG states and data-loader position
+        meta.json           step, epoch, world size, why it was saved, fingerprint of the run
+        COMPLETE            the completion marker, written last, before the rename
+    latest                  names the newest complete checkpoint; replaced atomically, after the rename
+    .tmp-step-00000060/     a checkpoint being written: never loaded, removed on the next start
+
+A save is: every rank writes its own files into the temporary directory (flushed and
+fsync'd), the ranks agree that every write succeeded, then global rank 0 writes
+``meta.json`` and ``COMPLETE``, renames the directory, replaces ``latest`` and only then
+deletes checkpoints beyond ``keep``. A kill at any point leaves the previous complete
+checkpoint loadable. Under DeepSpeed the trainer's ``write`` callback calls the engine's
+``save_checkpoint(tmp_dir)`` on every rank, so the same protocol covers it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from launch import dist
+from launch.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+COMPLETE, META, LATEST, TRAINER_FILE = "COMPLETE", "meta.json", "latest", "trainer.pt"
+TMP_PREFIX = ".tmp-"
+_STEP_RE = re.compile(r"^step-(\d{8,})$")
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rank_file(ckpt: Path, rank: int) -> Path:
+    return Path(ckpt) / f"rank-{rank:05d}.pt"
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def save_file(obj: Any, path: Path) -> None:
+    """``torch.save`` that reaches the disk before returning (flush + fsync). A failed
+    write raises the ``OSError`` itself ("No space left on device"), not torch's
+    "unexpected pos" from its C++ writer."""
+    with open(path, "wb") as f:
+        sink = _Sink(f)
+        try:
+            torch.save(obj, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class _Sink:
+    """A file wrapper that remembers the ``OSError`` torch's writer swallows."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.error = f, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def load_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
+    """``torch.load`` with ``weights_only=True``: tensors and plain containers, no code runs."""
+    if not Path(path).is_file():
+        raise CheckpointError(f"checkpoint file missing: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # a truncated or foreign file: the message is the story
+        raise CheckpointError(f"cannot read checkpoint file {path}: {str(err).splitlines()[0]}") from None
+
+
+def _write_text(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Files written by other code (DeepSpeed) may still sit in the page cache."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for path in sorted({p.parent for p in root.rglob("*")} | {root}):
+        _fsync_dir(path)
+
+
+def is_complete(ckpt: Path) -> bool:
+    return (ckpt / COMPLETE).is_file() and (ckpt / META).is_file() and _STEP_RE.match(ckpt.name) is not None
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    if not is_complete(ckpt):
+        raise CheckpointError(f"{ckpt} is not a complete checkpoint (no {COMPLETE} marker); use a step-* directory")
+    return json.loads((ckpt / META).read_text())
+
+
+# ----------------------------------------------------------------------------- RNG
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's random states: python, numpy, torch CPU and (if in use) CUDA."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "keys": keys.tolist(), "pos": pos, "has_gauss": has_gauss, "gauss": gauss},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuples(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], np.array(n["keys"], dtype=np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        cuda = state["cuda"]
+        if len(cuda) != torch.cuda.device_count():
+            raise CheckpointError(f"checkpoint has CUDA RNG states of {len(cuda)} devices, this process sees {torch.cuda.device_count()}")
+        torch.cuda.set_rng_state_all(cuda)
+
+
+def _as_tuples(x: Any) -> Any:
+    """``random.setstate`` wants tuples; a round trip through a file may give lists."""
+    return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
+
+
+# ----------------------------------------------------------------------------- compatibility
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"embed_dim": 192}}`` -> ``{"model.embed_dim": 192}`` (JSON-safe leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def fingerprint(model: nn.Module, settings: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must share with a run to resume it: the task class, every
+    parameter and buffer shape (ZeRO-3's full ``ds_shape``, not the local shard), and
+    ``settings`` (dotted keys such as ``model.embed_dim``, ``world_size``)."""
+    fp: dict[str, Any] = {"task": type(model).__name__}
+    fp.update(flatten(settings or {}))
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        fp[f"shape of {name}"] = list(getattr(tensor, "ds_shape", tensor.shape))
+    return fp
+
+
+def check_compatible(ckpt: Path, saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Raise a one-line :class:`CheckpointError` naming what differs (settings first)."""
+    keys = sorted(saved.keys() | current.keys(), key=lambda k: (k.startswith("shape of "), k))
+    diffs = [k for k in keys if saved.get(k, _ABSENT) != current.get(k, _ABSENT)]
+    if not diffs:
+        return
+    shown = "; ".join(f"checkpoint has {k}={_show(saved.get(k, _ABSENT))}, this run has {_show(current.get(k, _ABSENT))}" for k in diffs[:3])
+    more = f" (and {len(diffs) - 3} more differences)" if len(diffs) > 3 else ""
+    raise CheckpointError(
+        f"cannot resume from {ckpt}: {shown}{more}. To start a new run from its weights only, set "
+        f"trainer.checkpoint.weights_only={ckpt} trainer.checkpoint.resume=none"
+    )
+
+
+_ABSENT = object()
+
+
+def _show(value: Any) -> str:
+    return "<absent>" if value is _ABSENT else json.dumps(value)
+
+
+def nonfinite_keys(state: Any, prefix: str = "") -> list[str]:
+    """Dotted keys of floating tensors in a (nested) state dict holding NaN or inf."""
+    if isinstance(state, torch.Tensor):
+        bad = state.is_floating_point() and not bool(torch.isfinite(state).all())
+        return [prefix.rstrip(".")] if bad else []
+    items: Iterable[tuple[Any, Any]] = state.items() if isinstance(state, dict) else (
+        enumerate(state) if isinstance(state, (list, tuple)) else ())
+    return [k for key, value in items for k in nonfinite_keys(value, f"{prefix}{key}.")]
+
+
+def rank_state(loader_state: dict[str, Any] | None) -> dict[str, Any]:
+    """What every rank saves for itself: RNG states and the data-loader position."""
+    return {"rng": rng_state(), "loader": loader_state}
+
+
+def restore_rank_state(ckpt: Path, rank: int) -> dict[str, Any] | None:
+    """Restore this rank's RNG states from ``ckpt``; return its data-loader state."""
+    state = load_file(rank_file(ckpt, rank))
+    set_rng_state(state["rng"])
+    return state["loader"]
+
+
+# ----------------------------------------------------------------------------- manager
+
+
+class CheckpointManager:
+    """Writes and finds complete checkpoints in ``directory``; every rank makes the same calls.
+
+    ``agree(ok) -> bool`` must return True on every rank iff ``ok`` is True on every rank
+    (it doubles as the barrier); the default uses the process group through :mod:`launch.dist`.
+    """
+
+    def __init__(self, directory: str | Path, *, keep: int, rank: int | None = None,
+                 agree: Callable[[bool], bool] = dist.all_true) -> None:
+        if keep < 1:
+            raise CheckpointError(f"checkpoint keep={keep} must be >= 1")
+        self.directory, self.keep = Path(directory), keep
+        self.rank = dist.rank() if rank is None else rank
+        self._agree = agree
+
+    # -- finding
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first."""
+        if not self.directory.is_dir():
+            return []
+        found = [p for p in self.directory.iterdir() if p.is_dir() and is_complete(p)]
+        return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint; a newer one than ``latest`` names can only exist
+        if a kill fell between the rename and the pointer update, and it is complete."""
+        found = self.checkpoints()
+        return found[-1] if found else None
+
+    def resolve(self, resume: str) -> Path | None:
+        """``resume``: ``"none"``, ``"auto"`` (newest complete, or None) or a checkpoint path."""
+        if resume == "none":
+            return None
+        if resume == "auto":
+            return self.latest()
+        path = Path(resume)
+        if path.is_file() and path.name == LATEST:
+            path = path.parent / path.read_text().strip()
+        elif path.is_dir() and not _STEP_RE.match(path.name):
+            inner = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path, keep=1, rank=self.rank)
+            path = inner.latest() or path
+        if not path.exists():
+            raise CheckpointError(f"trainer.checkpoint.resume={resume}: no such checkpoint")
+        if not is_complete(path):
+            raise CheckpointError(f"trainer.checkpoint.resume={resume}: not a complete checkpoint (no {COMPLETE} marker in a step-* directory)")
+        return path
+
+    # -- writing
+
+    def prepare(self) -> None:
+        """At the start of a run, on every rank: create the directory, prove it writable and
+        remove temporary directories left by a killed save. Fails early, before any training."""
+        err = self._attempt(self._prepare_main) if self.rank == 0 else None
+        self._require(err, f"cannot use checkpoint directory {self.directory}")
+
+    def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
+        """Write checkpoint ``step``. ``write(tmp_dir)`` runs on every rank and writes that
+        rank's files (use :func:`save_file`); ``meta`` (JSON) goes into ``meta.json``."""
+        tmp = self.directory / f"{TMP_PREFIX}{step_dir_name(step)}"
+        final = self.directory / step_dir_name(step)
+        what = f"cannot write checkpoint {final}"
+        err = self._attempt(lambda: _fresh_dir(tmp)) if self.rank == 0 else None
+        self._require(err, what, tmp)
+        self._require(self._attempt(lambda: write(tmp), any_error=True), what, tmp)
+        publish = {**(meta or {}), "step": step, "world_size": dist.world_size(), "time": time.time()}
+        err = self._attempt(lambda: self._publish(tmp, final, publish)) if self.rank == 0 else None
+        self._require(err, what, tmp)
+        log.info("checkpoint saved: %s", final)
+        return final
+
+    def _prepare_main(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        probe = self.directory / f"{TMP_PREFIX}probe-{os.getpid()}"
+        _write_text(probe, "ok")
+        probe.unlink()
+        for stale in self.directory.glob(f"{TMP_PREFIX}*"):
+            log.warning("removing partial checkpoint %s (a save was interrupted)", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+    def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        _fsync_tree(tmp)
+        _write_text(tmp / META, json.dumps(meta, indent=1))
+        _write_text(tmp / COMPLETE, f"{final.name}\n")
+        _fsync_dir(tmp)
+        if final.exists():  # the same step saved again (e.g. end of run right after a periodic save)
+            _remove(final)
+        os.rename(tmp, final)
+        _fsync_dir(self.directory)
+        pointer = self.directory / f"{TMP_PREFIX}{LATEST}"
+        _write_text(pointer, f"{final.name}\n")
+        os.replace(pointer, self.directory / LATEST)
+        _fsync_dir(self.directory)
+        for old in self.checkpoints()[: -self.keep]:
+            _remove(old)
+
+    def _attempt(self, fn: Callable[[], Any], any_error: bool = False) -> str | None:
+        """Run ``fn``; an OS error (or, for foreign writers such as ``torch.save`` and
+        DeepSpeed, any error) becomes a one-line description, so that the ranks can agree."""
+        try:
+            fn()
+        except OSError as err:
+            return f"{err.strerror or err} ({err.filename or self.directory})"
+        except Exception as err:
+            if not any_error:
+                raise
+            log.exception("rank %d failed to write its checkpoint files", self.rank)
+            return str(err).splitlines()[0] if str(err) else type(err).__name__
+        return None
+
+    def _require(self, err: str | None, what: str, tmp: Path | None = None) -> None:
+        if self._agree(err is None):
+            return
+        if tmp is not None and self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = self.latest()
+        intact = f"; earlier checkpoints are intact (latest: {kept.name})" if kept else ""
+        raise CheckpointError(f"{what}: {err or 'failed on another rank'}{intact}")
+
+
+def _fresh_dir(path: Path) -> None:
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+
+
+def _remove(path: Path) -> None:
+    """Rename first, so a kill during the deletion never leaves a half-deleted ``step-*``."""
+    doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}")
+    os.rename(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
