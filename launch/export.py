@@ -1,0 +1,173 @@
+"""``mae-export``: a pretraining checkpoint -> a timm model folder + the full official-named MAE.
+
+Layout written under ``--out DIR``::
+
+    DIR/timm/config.json         timm hub config: architecture, model_args, num_classes, pretrained_cfg
+    DIR/timm/model.safetensors   the encoder under timm ``VisionTransformer`` keys, no decoder
+    DIR/mae/config.json          {"architecture": "mae", "model_args": <MaskedAutoencoderViT kwargs>, ...}
+    DIR/mae/model.safetensors    encoder + decoder under the official MAE names
+
+``timm.create_model("local-dir:DIR/timm", pretrained=True)`` loads the first with no project
+code (the folder can be pushed to the Hugging Face hub as is); :func:`load_full` rebuilds the
+second for visualization or continued pretraining. Every folder is written next to its final
+place and renamed at the end, so an interrupted export never looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+from timm.models import save_for_hf
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from launch.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+#: registered timm names whose defaults match our widths; ``model_args`` override the rest
+_TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
+               1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}  # fmt: skip
+FULL_ARCHITECTURE = "mae"
+
+
+def timm_architecture(embed_dim: int) -> str:
+    """The registered timm ViT closest to ``embed_dim`` (its other defaults are overridden)."""
+    return _TIMM_NAMES.get(embed_dim, "vit_base_patch16_224")
+
+
+def timm_encoder(model: nn.Module, *, num_classes: int = 0) -> VisionTransformer:
+    """A timm ``VisionTransformer`` holding ``model``'s encoder (strict load: a wrong or
+    missing key raises :class:`CheckpointError`). ``model`` is an MAE (``encoder_state_dict``
+    + ``timm_model_args``) or already a timm ViT (returned as is)."""
+    if isinstance(model, VisionTransformer):
+        return model
+    if not hasattr(model, "encoder_state_dict"):
+        raise CheckpointError(f"{type(model).__name__} has no encoder to export (expected an MAE or a timm ViT)")
+    args = {**model.timm_model_args(), "num_classes": num_classes}
+    vit = timm.create_model(timm_architecture(args["embed_dim"]), pretrained=False, **args)
+    load_strict(vit, model.encoder_state_dict(), what="encoder")
+    return vit.eval()
+
+
+def load_strict(module: nn.Module, state: dict[str, Tensor], *, what: str) -> None:
+    """``load_state_dict(strict=True)`` whose failure is one line naming the first bad keys."""
+    own = module.state_dict()
+    missing = sorted(own.keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
+    shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
+    problems = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatch", shapes)) if keys]  # fmt: skip
+    if problems:
+        raise CheckpointError(f"{what} does not fit {type(module).__name__}: {'; '.join(problems)}")
+    module.load_state_dict(state, strict=True)
+
+
+def export_timm(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    label_names: Sequence[str] | None = None,
+    tag: str = "mae",
+    overwrite: bool = False,
+) -> Path:
+    """Write ``model`` as a timm hub folder (``config.json`` + ``model.safetensors``).
+
+    ``model`` is an MAE (its encoder is exported, ``num_classes=0``) or a timm ViT such as a
+    fine-tuned classifier (exported with its head). ``mean`` / ``std`` are the per-channel
+    normalization the weights expect; they land in ``pretrained_cfg`` so timm's
+    ``resolve_data_config`` reproduces our eval transform.
+    """
+    vit = timm_encoder(model)
+    chans = vit.patch_embed.proj.in_channels
+    if len(mean) != chans or len(std) != chans:
+        raise CheckpointError(f"mean/std have {len(mean)}/{len(std)} values but the model takes {chans} channels")
+    model_config: dict[str, Any] = {"pretrained_cfg": {"tag": tag, "interpolation": "bicubic", "crop_pct": 1.0}}
+    if label_names is not None:
+        model_config["label_names"] = list(label_names)
+    data_config = {"mean": tuple(map(float, mean)), "std": tuple(map(float, std))}
+
+    def write(tmp: Path) -> None:
+        save_for_hf(vit, str(tmp), model_config=model_config, safe_serialization=True, data_config=data_config)
+
+    return _write_atomically(Path(out_dir), write, overwrite)
+
+
+def export_full(
+    model: nn.Module,
+    out_dir: str | Path,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    extra: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the whole MAE (encoder + decoder, official names) as ``model.safetensors`` plus a
+    ``config.json`` holding its constructor arguments, the normalization and ``extra``
+    (e.g. ``{"norm_pix_loss": true, "mask_ratio": 0.75}``)."""
+    if not hasattr(model, "arch") or not hasattr(model, "encoder_state_dict"):
+        raise CheckpointError(f"{type(model).__name__} is not a MaskedAutoencoderViT: nothing to export in full")
+    config = {
+        "architecture": FULL_ARCHITECTURE,
+        "model_args": dict(model.arch),
+        "pretrained_cfg": {"input_size": [model.in_chans, model.img_size, model.img_size],
+                           "mean": list(map(float, mean)), "std": list(map(float, std))},  # fmt: skip
+        **(extra or {}),
+    }
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        safetensors.torch.save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+
+    return _write_atomically(Path(out_dir), write, overwrite)
+
+
+def load_full(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """Rebuild a :func:`export_full` folder: ``(MaskedAutoencoderViT in eval mode, config)``."""
+    from pretrain.model import MaskedAutoencoderViT  # the model package depends on launch, not back
+
+    path = Path(path)
+    config = read_export_config(path)
+    if config.get("architecture") != FULL_ARCHITECTURE:
+        raise CheckpointError(f"{path} holds a '{config.get('architecture')}' export, not a full MAE; use its mae/ folder")
+    model = MaskedAutoencoderViT(**config["model_args"])
+    load_strict(model, safetensors.torch.load_file(str(path / "model.safetensors")), what=f"{path}/model.safetensors")
+    return model.eval(), config
+
+
+def read_export_config(path: Path) -> dict[str, Any]:
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.is_file() or not (Path(path) / "model.safetensors").is_file():
+        raise CheckpointError(f"{path} is not an export folder (needs config.json and model.safetensors)")
+    return json.loads(cfg_file.read_text())
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
+    """``write(tmp)`` fills a sibling temporary folder, which then replaces ``out``."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise CheckpointError(f"export folder {out} already exists and is not empty; pass --overwrite or choose another --out")
+    tmp = out.with_name(f".tmp-{out.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    log.info("exported %s", out)
+    return out
