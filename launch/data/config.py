@@ -1,0 +1,53 @@
+"""``DataConfig``: where the shards come from and how they are read and augmented."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from launch.config import Schema
+
+BUILTIN_SOURCES = ("mnist", "digits")
+
+
+class DataConfig(Schema):
+    """Data section of every stage; the defaults read the shipped MNIST with no setting at all."""
+
+    source: str | list[str] = Field(
+        "mnist",
+        description="'mnist' / 'digits' (built in, prepared under root on first use), a dataset folder or its "
+        "dataset.json, or shard specs (brace pattern, folder, http(s):// URL, 'pipe:' command; '{split}' is "
+        "replaced by the split name); a list concatenates several",
+    )
+    root: str = Field("data", description="folder (relative to the working directory) holding prepared built-in sources")
+    mode: Literal["exact", "resampled"] = Field(
+        "exact", description="exact: every sample once per epoch; resampled: shards drawn with replacement, fixed epoch length"
+    )
+    epoch_samples: int | None = Field(None, ge=1, description="resampled mode: samples per epoch over all ranks (default: split size)")
+    shuffle_buffer: int = Field(2000, ge=0, description="samples held by each worker's shuffle buffer (0 = off)")
+    workers: int = Field(2, ge=0, description="DataLoader worker processes per rank (0 = read in the main process)")
+    prefetch: int = Field(2, ge=1, description="batches prefetched by each worker")
+    channels: Literal[1, 3] | None = Field(None, description="decode to 1 (gray) or 3 (RGB) channels; None = the dataset's")
+    mean: tuple[float, ...] | None = Field(None, description="normalization mean per channel; None = the dataset's measured mean")
+    std: tuple[float, ...] | None = Field(None, description="normalization std per channel; None = the dataset's measured std")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="pretrain/finetune RandomResizedCrop area range (MAE: 0.2-1.0)")
+    hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (set 0 for digits)")
+    interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="resize interpolation of every preset")
+    eval_crop_pct: float = Field(0.875, gt=0, le=1, description="eval preset: resize to img_size / crop_pct, then center crop")
+    auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="finetune preset: timm auto-augment policy, None = off")
+    re_prob: float = Field(0.25, ge=0, le=1, description="finetune preset: timm RandomErasing probability")
+
+    @field_validator("crop_scale")
+    @classmethod
+    def _ordered_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("must be (low, high) with 0 < low <= high <= 1")
+        return value
+
+    @field_validator("source")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value or (isinstance(value, list) and not all(s.strip() for s in value)):
+            raise ValueError("empty shard spec: name a built-in source, a dataset folder or shards")
+        return value

@@ -1,0 +1,243 @@
+"""``build_loader`` -> ``ShardLoader``: one reader for every stage.
+
+Workers read their planned samples (see ``plan``) as raw bytes through a seeded shuffle
+buffer; a batch takes the next ``size`` raw samples, and only then are they decoded and
+augmented, each with its own seed. Hence a resume replays the raw stream of a worker
+without decoding and skips exactly the batches it had already produced.
+
+Epoch and restore position live in a small shared-memory tensor created before the
+workers start, so persistent workers see every new epoch (and a restore) on the next
+``iter()``. Corrupt samples are dropped from their batch (which shrinks by one), counted
+and reported with the batch; a batch left with no readable sample gets the first readable
+sample of the split instead, so every rank still yields the same number of batches.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import shuffle as shuffle_filter
+
+from launch.data.config import DataConfig
+from launch.data.dataset import DatasetInfo, dataset_info, resolve_parts
+from launch.data.plan import RankPlan, Segment, exact_plan, mix, resampled_plan, resampled_shards, worker_batches
+from launch.data.shards import BROKEN, Sample, count_samples, read_samples
+from launch.data.transforms import IMAGE_KEYS, PRESETS, build_transform, decode, seeded
+from launch.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+Batch = dict[str, Any]
+
+
+class _Corrupt(Exception):
+    pass
+
+
+class ShardStream(IterableDataset):
+    """Batches of one rank; each DataLoader worker yields its share (see module docstring)."""
+
+    def __init__(self, cfg: DataConfig, info: DatasetInfo, urls: list[str], counts: list[int] | None, *, preset: str,
+                 batch_size: int, img_size: int, seed: int, rank: int, world_size: int, shuffle: bool) -> None:
+        self.cfg, self.info, self.urls, self.counts = cfg, info, urls, counts
+        self.preset, self.batch_size, self.img_size = preset, batch_size, img_size
+        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.exact = preset == "eval" or cfg.mode == "exact"
+        self.shared = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches consumed at iter()]
+        self.num_batches = len(self.plan(0).sizes)
+        self._transform: Any = None
+        self._spare: Sample | None = None
+
+    def plan(self, epoch: int) -> RankPlan:
+        if not self.exact:
+            total = self.cfg.epoch_samples or sum(self.counts or [])
+            return resampled_plan(total, world_size=self.world_size, batch_size=self.batch_size)
+        assert self.counts is not None
+        return exact_plan(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
+                          world_size=self.world_size, batch_size=self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        worker = get_worker_info()
+        workers, physical = (worker.num_workers, worker.id) if worker else (1, 0)
+        epoch, start = int(self.shared[0]), int(self.shared[1])
+        # the DataLoader always begins at worker 0: rotate so it plays the worker whose batch is next
+        logical = (physical + start) % workers
+        done = start // workers + (logical < start % workers)
+        plan = self.plan(epoch)
+        lost = [0]
+        segments = (iter(plan.worker_segments(self.counts or [], workers, logical)) if plan.segments is not None else
+                    resampled_shards(len(self.urls), seed=self.seed, epoch=epoch, rank=self.rank, worker=logical))
+        raw = self._raw(segments, lost)
+        if self.shuffle and self.cfg.shuffle_buffer > 1:
+            buffer_seed = mix(self.seed, epoch, self.rank, logical, "buffer")
+            raw = shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=buffer_seed)(raw)
+        for j, index in enumerate(worker_batches(len(plan.sizes), workers, logical)):
+            samples = list(itertools.islice(raw, plan.sizes[index]))
+            if j >= done:  # batches already yielded before a restore are read, never decoded
+                yield self._batch(samples, epoch, index, lost[0])
+            lost[0] = 0
+
+    def _raw(self, segments: Iterator[Segment], lost: list[int]) -> Iterator[Sample]:
+        """Raw samples of the segments in order; samples a broken shard could not give are added to lost[0]."""
+        barren = 0
+        for seg in segments:
+            got = 0
+            for sample in read_samples(self.urls[seg.shard], seg.start, seg.stop):
+                if BROKEN in sample:
+                    planned = seg.stop if seg.stop is not None else (self.counts[seg.shard] if self.counts else None)
+                    lost[0] += max(planned - seg.start - got, 1) if planned is not None else 1
+                    break
+                got += 1
+                yield sample
+            barren = 0 if got else barren + 1
+            if barren > 2 * len(self.urls) + 8:  # only resampled streams are endless
+                raise DataError(f"no readable sample in {barren} shard draws in a row (e.g. {self.urls[seg.shard]})")
+
+    def _batch(self, samples: list[Sample], epoch: int, index: int, lost: int) -> Batch:
+        """Decode + augment; sample ``j`` of batch ``index`` is seeded by (seed, epoch, rank, index, j)."""
+        images, labels, keys = [], [], []
+        for j, sample in enumerate(samples):
+            try:
+                image, label = self._sample(sample, mix(self.seed, epoch, self.rank, index, j))
+            except _Corrupt as err:
+                log.warning("skipping corrupt sample %s in %s: %s", sample["__key__"], sample["__url__"], err)
+                lost += 1
+                continue
+            images.append(image)
+            labels.append(label)
+            keys.append(sample["__key__"])
+        if not images:
+            spare = self.spare()
+            image, label = self._sample(spare, mix(self.seed, epoch, self.rank, index, 0))
+            images, labels, keys = [image], [label], [spare["__key__"]]
+        return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+                "corrupt": lost}
+
+    def _sample(self, sample: Sample, seed: int) -> tuple[torch.Tensor, int]:
+        """-> (float (C, img_size, img_size), label); raises _Corrupt for a bad image or label."""
+        label = self._label(sample)
+        data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
+        if data is None:
+            raise _Corrupt(f"no image member ({', '.join(IMAGE_KEYS)}) among {sorted(sample)}")
+        try:
+            image = decode(data, self.info.channels)
+        except RuntimeError as err:
+            raise _Corrupt(f"undecodable image ({str(err).splitlines()[0]})") from None
+        if self._transform is None:
+            self._transform = build_transform(self.cfg, self.preset, self.img_size, self.info.mean, self.info.std)
+        with seeded(seed, all_rngs=self.preset == "finetune", restore=get_worker_info() is None):
+            return self._transform(image), label
+
+    def _label(self, sample: Sample) -> int:
+        classes = self.info.num_classes
+        if "cls" not in sample:
+            if classes:
+                raise _Corrupt("missing label (.cls)")
+            return -1
+        try:
+            label = int(sample["cls"].decode().strip())
+        except (UnicodeDecodeError, ValueError):
+            raise _Corrupt(f"bad label {sample['cls'][:20]!r}") from None
+        if classes and not 0 <= label < classes:
+            raise _Corrupt(f"label {label} outside 0..{classes - 1}")
+        return label
+
+    def spare(self) -> Sample:
+        """The first readable sample of the split (stands in for a batch that lost all its samples)."""
+        if self._spare is None:
+            for sample in self._raw(iter([Segment(i, 0, None) for i in range(len(self.urls))]), [0]):
+                try:
+                    self._sample(sample, 0)
+                except _Corrupt:
+                    continue
+                self._spare = sample
+                break
+            else:
+                raise DataError(f"no readable sample in any of the {len(self.urls)} shards (e.g. {self.urls[0]})")
+        return self._spare
+
+
+class ShardLoader:
+    """Iterable of batches ``{"image": float (B, C, H, W), "label": int64 (B,), "key": list[str]}``;
+    ``len()`` batches per epoch, equal on every rank. Iterating to the end advances the epoch."""
+
+    def __init__(self, stream: ShardStream, info: DatasetInfo, workers: int, prefetch: int) -> None:
+        self.info = info
+        self._stream = stream
+        self._epoch = self._consumed = self._corrupt = 0
+        self._loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
+                                  prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available())
+
+    def __len__(self) -> int:
+        return self._stream.num_batches
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` on the next iteration; the current position is kept if it is the same epoch."""
+        if epoch != self._epoch:
+            self._epoch, self._consumed = epoch, 0
+
+    def corrupt_samples(self) -> int:
+        return self._corrupt
+
+    def _layout(self) -> dict[str, Any]:
+        s = self._stream
+        return {"exact": s.exact, "seed": s.seed, "world_size": s.world_size, "batch_size": s.batch_size,
+                "workers": self._loader.num_workers, "batches": len(self), "shuffle": s.shuffle}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Position after the last yielded batch (plus the layout it is valid for)."""
+        return {"epoch": self._epoch, "consumed": self._consumed, "corrupt": self._corrupt, "layout": self._layout()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        epoch, consumed = int(state["epoch"]), int(state["consumed"])
+        if state.get("layout") != self._layout():
+            # another world size / batch / worker count: the same fraction of the epoch, not the same samples
+            consumed = round(consumed * len(self) / max(int(state.get("layout", {}).get("batches", len(self))), 1))
+            log.warning("data layout changed since the checkpoint (%s -> %s); resuming epoch %d at batch %d, "
+                        "which is not sample-exact", state.get("layout"), self._layout(), epoch, consumed)
+        if consumed >= len(self):
+            epoch, consumed = epoch + 1, 0
+        self._epoch, self._consumed, self._corrupt = epoch, consumed, int(state.get("corrupt", 0))
+
+    def __iter__(self) -> Iterator[Batch]:
+        self._stream.shared[0], self._stream.shared[1] = self._epoch, self._consumed
+        try:
+            for batch in self._loader:
+                self._corrupt += batch.pop("corrupt")
+                self._consumed += 1
+                yield batch
+        except DataError as err:  # re-raised from a worker with its traceback: keep the one line
+            raise DataError(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
+        self._epoch, self._consumed = self._epoch + 1, 0
+
+
+def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, img_size: int, seed: int,
+                 rank: int = 0, world_size: int = 1, shuffle: bool | None = None) -> ShardLoader:
+    """The loader of ``split`` for one rank. ``preset`` "eval" reads in exact mode, unshuffled unless
+    ``shuffle`` says otherwise; other presets follow ``cfg.mode`` and shuffle."""
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")
+    if batch_size < 1 or img_size < 1 or not 0 <= rank < world_size:
+        raise ConfigError(f"need batch_size >= 1, img_size >= 1, 0 <= rank < world_size "
+                          f"(got {batch_size}, {img_size}, {rank}, {world_size})")
+    parts = resolve_parts(cfg)
+    info = dataset_info(cfg, parts)
+    urls, counts = [], []
+    for part in parts:
+        part_urls, part_counts = part.shards(split)
+        if part_counts is None and (cfg.mode == "exact" or preset == "eval" or cfg.epoch_samples is None):
+            log.info("counting the samples of %d shards of %s (a dataset.json would skip this)", len(part_urls), part.name)
+            part_counts = [count_samples(u) for u in part_urls]
+        urls += part_urls
+        counts = None if counts is None or part_counts is None else counts + part_counts
+    if counts is not None and sum(counts) == 0:
+        raise DataError(f"split '{split}' of {info.source} holds no samples")
+    info = replace(info, splits={**info.splits, split: sum(counts)} if counts is not None else info.splits)
+    stream = ShardStream(cfg, info, urls, counts, preset=preset, batch_size=batch_size, img_size=img_size, seed=seed,
+                         rank=rank, world_size=world_size, shuffle=preset != "eval" if shuffle is None else shuffle)
+    return ShardLoader(stream, info, cfg.workers, cfg.prefetch)

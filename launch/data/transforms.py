@@ -1,0 +1,85 @@
+"""Decode (torchvision.io) and augment (transforms.v2 on uint8 tensors) one sample.
+
+Presets:
+- ``pretrain`` (MAE): RandomResizedCrop(img_size, scale=crop_scale, bicubic) + horizontal flip + normalize.
+- ``eval``: resize the short side to ``img_size / eval_crop_pct`` + center crop + normalize.
+- ``finetune``: timm's own ``create_transform(is_training=True)`` (RandomResizedCrop, flip,
+  RandAugment ``auto_augment``, RandomErasing ``re_prob``), fed a PIL view of the decoded tensor,
+  because timm's RandAugment operates on PIL images.
+
+Every sample's randomness comes from its own seed (``seeded``), so an augmented sample
+depends only on (seed, epoch, rank, batch, slot), never on what the worker did before.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+from launch.data.config import DataConfig
+from launch.errors import ConfigError
+
+PRESETS = ("pretrain", "eval", "finetune")
+IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+Transform = Callable[[torch.Tensor], torch.Tensor]
+
+
+def decode(data: bytes, channels: int) -> torch.Tensor:
+    """Encoded JPEG/PNG/WebP bytes -> uint8 (C, H, W), converted to ``channels``; raises on bad bytes."""
+    mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
+    return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
+
+
+def build_transform(cfg: DataConfig, preset: str, img_size: int, mean: tuple[float, ...],
+                    std: tuple[float, ...]) -> Transform:
+    """uint8 (C, H, W) -> float32 (C, img_size, img_size), normalized."""
+    interp = v2.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
+    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
+    if preset == "pretrain":
+        return v2.Compose([v2.RandomResizedCrop(img_size, scale=cfg.crop_scale, interpolation=interp, antialias=True),
+                           v2.RandomHorizontalFlip(cfg.hflip), *to_float])
+    if preset == "eval":
+        return v2.Compose([v2.Resize(math.floor(img_size / cfg.eval_crop_pct), interpolation=interp, antialias=True),
+                           v2.CenterCrop(img_size), *to_float])
+    if preset == "finetune":
+        return _timm_train_transform(cfg, img_size, mean, std)
+    raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")
+
+
+def _timm_train_transform(cfg: DataConfig, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
+    from timm.data import create_transform
+
+    timm_tf = create_transform(input_size=(len(mean), img_size, img_size), is_training=True, scale=cfg.crop_scale,
+                               hflip=cfg.hflip, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
+                               re_prob=cfg.re_prob, re_mode="pixel", re_count=1, mean=mean, std=std)
+
+    def apply(img: torch.Tensor) -> torch.Tensor:
+        return timm_tf(F.to_pil_image(img))
+
+    return apply
+
+
+@contextlib.contextmanager
+def seeded(seed: int, all_rngs: bool, restore: bool) -> Iterator[None]:
+    """Seed torch's CPU RNG (v2 transforms) and, for timm, ``random`` and numpy. ``restore`` puts the
+    previous states back, for reading in the main process, whose RNGs belong to the trainer."""
+    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state()) if restore else None
+    torch.default_generator.manual_seed(seed)
+    if all_rngs:
+        random.seed(seed)
+        np.random.seed(seed % (1 << 32))
+    try:
+        yield
+    finally:
+        if saved is not None:
+            torch.set_rng_state(saved[0])
+            random.setstate(saved[1])
+            np.random.set_state(saved[2])
