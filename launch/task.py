@@ -61,6 +61,14 @@ class Task(nn.Module):
         """Image grids to log, ``name -> (3, H, W)`` float in [0, 1]. Default: none."""
         return {}
 
+    def on_step_end(self, step: int) -> None:
+        """Called on every rank after each optimizer step (``step`` = steps done so far),
+        e.g. to update an exponential moving average of the weights. Default: nothing."""
+
+    def on_eval_end(self, metrics: dict[str, float], step: int) -> None:
+        """Called on every rank after each validation with the all-reduced means (the same
+        on every rank), e.g. to keep the best weights. Default: nothing."""
+
     def flops_per_image(self) -> float | None:
         """Training FLOPs per image (forward + backward) for the MFU estimate, if known."""
         return None
