@@ -1,0 +1,142 @@
+"""Preemption flag, save triggers and the non-finite guard, alone and across 2 real ranks."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from launch import preemption
+from launch.preemption import EXIT_REQUEUE, NonFiniteError, NonFiniteGuard, Preempted, RunControl, nonfinite_flag, step_unless
+
+NAN, INF = float("nan"), float("inf")
+
+
+def test_signal_sets_flag_and_stops_at_next_poll():
+    before = signal.getsignal(signal.SIGUSR1)
+    with RunControl(check_every=1) as control:
+        assert control.poll(1) == preemption.Decision(save=False, stop=False)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        assert control.received == "SIGUSR1"
+        assert control.poll(2) == preemption.Decision(save=True, stop=True)
+    assert signal.getsignal(signal.SIGUSR1) is before
+
+
+def test_stop_is_checked_only_every_n_steps():
+    with RunControl(check_every=4, every_steps=3) as control:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert [control.poll(s) for s in (1, 2, 3)] == [
+            preemption.Decision(), preemption.Decision(), preemption.Decision(save=True)]
+        assert control.poll(4) == preemption.Decision(save=True, stop=True)
+
+
+def test_every_minutes_trigger(monkeypatch):
+    now = [1000.0]
+    monkeypatch.setattr(preemption.time, "monotonic", lambda: now[0])
+    control = RunControl(every_minutes=2.0)
+    now[0] += 119
+    assert not control.poll(1).save
+    now[0] += 2
+    assert control.poll(2).save
+    control.saved()
+    assert not control.poll(3).save
+
+
+def test_preempted_exit_status_is_the_requeue_code():
+    assert Preempted("stopped").exit_code == EXIT_REQUEUE == 75
+
+
+def test_nonfinite_flag():
+    grads = [torch.ones(3), None, torch.zeros(2)]
+    assert nonfinite_flag(torch.tensor(1.0), grads).item() == 0.0
+    assert nonfinite_flag(torch.tensor(NAN), grads).item() == 1.0
+    assert nonfinite_flag(torch.tensor(1.0), [torch.tensor([1.0, INF])]).item() == 1.0
+    assert nonfinite_flag(torch.tensor(1.0), [torch.tensor([NAN], dtype=torch.bfloat16)]).item() == 1.0
+
+
+def test_guard_counts_streaks_and_stops_naming_the_step():
+    guard = NonFiniteGuard(max_bad_steps=3, device="cpu")
+    losses = [1.0, NAN, NAN, 1.0, INF, NAN]
+    bads = [guard.check(torch.tensor(v), [], step).item() for step, v in enumerate(losses, start=1)]
+    assert bads == [0, 1, 1, 0, 1, 1]
+    assert guard.report() == 4
+    guard.check(torch.tensor(NAN), [], 7)
+    with pytest.raises(NonFiniteError, match="3 consecutive steps from step 5 .*trainer.max_bad_steps=3"):
+        guard.report()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_step_unless_skips_update_and_optimizer_state(fused):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.05, fused=fused)
+    p.grad = torch.randn(4)
+    step_unless(opt, torch.tensor(0.0))
+    weights, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
+    p.grad = torch.full((4,), NAN)
+    step_unless(opt, torch.tensor(1.0))
+    assert torch.equal(p, weights)
+    assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
+    assert not hasattr(opt, "found_inf")
+    p.grad = torch.ones(4)
+    step_unless(opt, torch.tensor(0.0))
+    assert not torch.equal(p, weights)
+
+
+_TWO_RANKS = r'''
+import os, signal, sys, torch, torch.distributed as td
+from pathlib import Path
+from launch import dist
+from launch.checkpoint import CheckpointManager, save_file, rank_file
+from launch.errors import CheckpointError
+from launch.preemption import NonFiniteGuard, RunControl
+td.init_process_group("gloo")
+rank = dist.rank()
+out = []
+# only rank 1 is signalled: both ranks stop after the same step
+with RunControl(check_every=2) as control:
+    for step in range(1, 7):
+        if rank == 1 and step == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        if control.poll(step).stop:
+            out.append(f"stop@{step}")
+            break
+# only rank 1 sees a NaN: both ranks skip
+guard = NonFiniteGuard(max_bad_steps=5, device="cpu")
+loss = torch.tensor(float("nan") if rank == 1 else 1.0)
+out.append(f"bad={guard.check(loss, [torch.ones(2)], 1).item()}")
+# rank 1 cannot write: both ranks raise, nothing is published
+mgr = CheckpointManager(Path(sys.argv[1]), keep=2)
+mgr.prepare()
+def write(tmp):
+    if rank == 1:
+        raise OSError(28, "No space left on device", str(tmp))
+    save_file({"x": 1}, rank_file(tmp, rank))
+try:
+    mgr.save(1, write)
+except CheckpointError as err:
+    expected = "No space left on device" if rank == 1 else "failed on another rank"
+    out.append("agreed" if expected in str(err) else str(err))
+out.append(f"published={len(mgr.checkpoints())}")
+print(f"rank{rank} " + " ".join(map(str, out)), flush=True)
+td.destroy_process_group()
+'''
+
+
+@pytest.mark.dist
+def test_two_ranks_agree_on_stop_skip_and_failed_save(tmp_path: Path):
+    script = tmp_path / "two_ranks.py"
+    script.write_text(_TWO_RANKS)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(script), str(tmp_path / "ck")],
+        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
+    assert lines == ["rank0 stop@4 bad=1.0 agreed published=0", "rank1 stop@4 bad=1.0 agreed published=0"]
