@@ -268,22 +268,23 @@ class CheckpointManager:
         found = self.checkpoints()
         return found[-1] if found else None
 
-    def resolve(self, resume: str) -> Path | None:
-        """``resume``: ``"none"``, ``"auto"`` (newest complete, or None) or a checkpoint path."""
+    def resolve(self, resume: str, setting: str = "trainer.checkpoint.resume") -> Path | None:
+        """``resume``: ``"none"``, ``"auto"`` (newest complete, or None) or a checkpoint path
+        (a ``step-*`` directory, the ``latest`` file, a checkpoints or run directory)."""
         if resume == "none":
             return None
         if resume == "auto":
             return self.latest()
         path = Path(resume)
-        if path.is_file() and path.name == LATEST:
+        if path.is_file() and path.name == LATEST:  # the pointer file
             path = path.parent / path.read_text().strip()
         elif path.is_dir() and not _STEP_RE.match(path.name):
             inner = CheckpointManager(path / "checkpoints" if (path / "checkpoints").is_dir() else path, keep=1, rank=self.rank)
             path = inner.latest() or path
         if not path.exists():
-            raise CheckpointError(f"trainer.checkpoint.resume={resume}: no such checkpoint")
+            raise CheckpointError(f"{setting}={resume}: no such checkpoint")
         if not is_complete(path):
-            raise CheckpointError(f"trainer.checkpoint.resume={resume}: not a complete checkpoint (no {COMPLETE} marker in a step-* directory)")
+            raise CheckpointError(f"{setting}={resume}: not a complete checkpoint (no {COMPLETE} marker in a step-* directory)")
         return path
 
     # -- writing
@@ -369,3 +370,39 @@ def _remove(path: Path) -> None:
     doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}")
     os.rename(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def load_weights(model: nn.Module, source: str | Path) -> tuple[list[str], list[str]]:
+    """Model weights only (``trainer.checkpoint.weights_only``): from a complete checkpoint,
+    a run directory, a ``.safetensors`` file or a torch file holding a state dict (or one
+    under ``"model"``, as official MAE checkpoints do). Keys present in both must have equal
+    shapes; returns ``(missing, unexpected)`` key lists, which are logged."""
+    state = _weights_state(Path(source))
+    own = model.state_dict()
+    mismatched = [k for k in state.keys() & own.keys() if tuple(state[k].shape) != tuple(own[k].shape)]
+    if mismatched:
+        k = sorted(mismatched)[0]
+        raise CheckpointError(f"trainer.checkpoint.weights_only={source}: {k} has shape {list(state[k].shape)} there, "
+                              f"{list(own[k].shape)} in this model ({len(mismatched)} mismatched tensors)")
+    if not state.keys() & own.keys():
+        raise CheckpointError(f"trainer.checkpoint.weights_only={source}: no tensor name matches this model (e.g. {next(iter(state), '<empty>')})")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    log.info("loaded weights from %s (%d missing, %d unexpected keys)", source, len(missing), len(unexpected))
+    return list(missing), list(unexpected)
+
+
+def _weights_state(source: Path) -> dict[str, torch.Tensor]:
+    if source.is_dir():
+        ckpt = CheckpointManager(source, keep=1, rank=0).resolve(str(source), "trainer.checkpoint.weights_only")
+        state = load_file(ckpt / TRAINER_FILE)
+        if "model" not in state:
+            raise CheckpointError(f"trainer.checkpoint.weights_only={source}: a DeepSpeed checkpoint holds no {TRAINER_FILE} model; export its weights first")
+        return state["model"]
+    if not source.is_file():
+        raise CheckpointError(f"trainer.checkpoint.weights_only={source}: no such file or checkpoint")
+    if source.suffix == ".safetensors":
+        from safetensors.torch import load_file as load_safetensors
+
+        return load_safetensors(str(source))
+    state = load_file(source)
+    return state.get("model", state) if isinstance(state, dict) else state

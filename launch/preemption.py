@@ -1,11 +1,9 @@
 """Decisions every rank must take together at a step boundary: skip a non-finite step,
 stop for preemption, save on a step or wall-clock trigger.
 
-* :class:`NonFiniteGuard` flags a step whose loss or gradients hold NaN / inf on *any*
-  rank (one 1-element all-reduce, on device) and :func:`step_unless` skips it on every
-  rank; fused optimizers skip on device through their ``found_inf`` input, others cost one
-  host sync. Consecutive skips are counted on device and checked when the trainer syncs
-  anyway (:meth:`NonFiniteGuard.report`); ``max_bad_steps`` in a row stops the run.
+* :func:`nonfinite_flag` marks a step whose loss or gradients hold NaN / inf (one fused
+  norm, on device); the trainer all-reduces it (MAX) so every rank skips together, counts
+  consecutive skips and raises :class:`NonFiniteError` after ``trainer.max_bad_steps``.
 * :class:`RunControl` turns SIGTERM / SIGUSR1 into a flag and, every ``check_every`` steps,
   agrees across ranks (one all-reduce of two numbers) on "stop now" and on rank 0's
   wall-clock save trigger, so every rank saves and stops after the same step.
@@ -49,71 +47,16 @@ class NonFiniteError(UserError):
 # ----------------------------------------------------------------------------- non-finite steps
 
 
-class NonFiniteGuard:
-    """Counts skipped steps on device; ``check`` never syncs with the host."""
-
-    def __init__(self, max_bad_steps: int, device: torch.device | str) -> None:
-        self.max_bad_steps = max_bad_steps
-        zero = torch.zeros((), device=device)
-        self.streak, self.skipped, self.streak_start = zero.clone(), zero.clone(), zero.clone()
-        self._reported = 0
-
-    def check(self, loss: Tensor, grads: Iterable[Tensor | None], step: int) -> Tensor:
-        """``bad``: a float scalar on device, 1.0 on every rank iff the loss or a gradient
-        is non-finite on any rank at optimizer step ``step``. Grads: the ones about to be stepped."""
-        bad = nonfinite_flag(loss, grads).to(self.streak.device)
-        dist.all_reduce_max(bad)
-        self.streak_start = torch.where((bad > 0) & (self.streak == 0), float(step), self.streak_start)
-        self.streak = (self.streak + 1) * bad
-        self.skipped = self.skipped + bad
-        return bad
-
-    def report(self) -> int:
-        """Host sync: log newly skipped steps; raise :class:`NonFiniteError` after
-        ``max_bad_steps`` in a row. Returns the number of steps skipped so far."""
-        streak, skipped, start = (int(v) for v in torch.stack([self.streak, self.skipped, self.streak_start]).tolist())
-        if skipped > self._reported:
-            log.warning("skipped %d step(s) with non-finite loss or gradients (%d in total)", skipped - self._reported, skipped)
-            self._reported = skipped
-        if streak >= self.max_bad_steps:
-            raise NonFiniteError(
-                f"loss or gradients were NaN/inf for {streak} consecutive steps from step {start} "
-                f"(trainer.max_bad_steps={self.max_bad_steps}); lower the learning rate, enable "
-                f"trainer.optim.clip_grad, or check the data; the last checkpoint holds finite weights"
-            )
-        return skipped
-
-    def state_dict(self) -> dict[str, int]:
-        return {"skipped": self.report()}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.skipped.fill_(state["skipped"])
-        self._reported = state["skipped"]
-
-
 def nonfinite_flag(loss: Tensor, grads: Iterable[Tensor | None]) -> Tensor:
     """1.0 if ``loss`` or any gradient holds NaN / inf on this rank, else 0.0 (device scalar).
-    One fused norm over all gradients: the norm is finite iff every entry is."""
+    One fused norm over all gradients: NaN / inf entries make it non-finite (so does a
+    norm overflowing fp32, a step that would diverge anyway)."""
     grads = [g for g in grads if g is not None]
     bad = ~torch.isfinite(loss.detach().float()).all()
     if grads:
         norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
         bad = bad | ~torch.isfinite(norm.to(bad.device))
     return bad.float()
-
-
-def step_unless(optimizer: torch.optim.Optimizer, bad: Tensor) -> None:
-    """``optimizer.step()`` unless ``bad`` (device scalar, 0.0 / 1.0). Optimizers with
-    fused AMP support (fused AdamW/Adam/SGD) skip on device through ``found_inf``, so no
-    host sync; any other optimizer costs one ``bool(bad)``."""
-    if getattr(optimizer, "_step_supports_amp_scaling", False) and getattr(optimizer, "found_inf", None) is None:
-        optimizer.found_inf = bad.to(torch.float32)
-        try:
-            optimizer.step()
-        finally:
-            del optimizer.found_inf
-    elif not bool(bad):
-        optimizer.step()
 
 
 # ----------------------------------------------------------------------------- stop and save triggers

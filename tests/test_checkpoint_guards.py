@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from launch import preemption
-from launch.preemption import EXIT_REQUEUE, NonFiniteError, NonFiniteGuard, Preempted, RunControl, nonfinite_flag, step_unless
+from launch.preemption import EXIT_REQUEUE, Preempted, RunControl, nonfinite_flag
 
 NAN, INF = float("nan"), float("inf")
 
@@ -59,42 +59,13 @@ def test_nonfinite_flag():
     assert nonfinite_flag(torch.tensor(1.0), [torch.tensor([NAN], dtype=torch.bfloat16)]).item() == 1.0
 
 
-def test_guard_counts_streaks_and_stops_naming_the_step():
-    guard = NonFiniteGuard(max_bad_steps=3, device="cpu")
-    losses = [1.0, NAN, NAN, 1.0, INF, NAN]
-    bads = [guard.check(torch.tensor(v), [], step).item() for step, v in enumerate(losses, start=1)]
-    assert bads == [0, 1, 1, 0, 1, 1]
-    assert guard.report() == 4
-    guard.check(torch.tensor(NAN), [], 7)
-    with pytest.raises(NonFiniteError, match="3 consecutive steps from step 5 .*trainer.max_bad_steps=3"):
-        guard.report()
-
-
-@pytest.mark.parametrize("fused", [True, False])
-def test_step_unless_skips_update_and_optimizer_state(fused):
-    torch.manual_seed(0)
-    p = torch.nn.Parameter(torch.randn(4))
-    opt = torch.optim.AdamW([p], lr=0.1, weight_decay=0.05, fused=fused)
-    p.grad = torch.randn(4)
-    step_unless(opt, torch.tensor(0.0))
-    weights, state = p.detach().clone(), {k: v.clone() for k, v in opt.state[p].items()}
-    p.grad = torch.full((4,), NAN)
-    step_unless(opt, torch.tensor(1.0))
-    assert torch.equal(p, weights)
-    assert all(torch.equal(v, opt.state[p][k]) for k, v in state.items())
-    assert not hasattr(opt, "found_inf")
-    p.grad = torch.ones(4)
-    step_unless(opt, torch.tensor(0.0))
-    assert not torch.equal(p, weights)
-
-
 _TWO_RANKS = r'''
 import os, signal, sys, torch, torch.distributed as td
 from pathlib import Path
 from launch import dist
 from launch.checkpoint import CheckpointManager, save_file, rank_file
 from launch.errors import CheckpointError
-from launch.preemption import NonFiniteGuard, RunControl
+from launch.preemption import RunControl, nonfinite_flag
 td.init_process_group("gloo")
 rank = dist.rank()
 out = []
@@ -107,9 +78,8 @@ with RunControl(check_every=2) as control:
             out.append(f"stop@{step}")
             break
 # only rank 1 sees a NaN: both ranks skip
-guard = NonFiniteGuard(max_bad_steps=5, device="cpu")
 loss = torch.tensor(float("nan") if rank == 1 else 1.0)
-out.append(f"bad={guard.check(loss, [torch.ones(2)], 1).item()}")
+out.append(f"bad={dist.all_reduce_max(nonfinite_flag(loss, [torch.ones(2)])).item()}")
 # rank 1 cannot write: both ranks raise, nothing is published
 mgr = CheckpointManager(Path(sys.argv[1]), keep=2)
 mgr.prepare()

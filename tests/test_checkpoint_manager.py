@@ -210,3 +210,27 @@ def test_meta_is_plain_json(tmp_path):
     assert json.loads((path / "meta.json").read_text())["fingerprint"]["task"] == "Tiny"
     assert (path / COMPLETE).read_text().strip() == path.name
     assert os.listdir(path) and rank_file(path, 0).exists()
+
+
+def test_weights_only_from_checkpoint_file_and_safetensors(tmp_path):
+    from safetensors.torch import save_file as save_safetensors
+
+    from launch.checkpoint import load_weights
+
+    src = Tiny(8)
+    mgr = _manager(tmp_path)
+    mgr.save(3, lambda tmp: save_file({"model": src.state_dict(), "step": 3}, tmp / TRAINER_FILE))
+    for source in (tmp_path, mgr.latest()):
+        dst = Tiny(8)
+        assert load_weights(dst, source) == ([], [])
+        assert torch.equal(dst.proj.weight, src.proj.weight)
+    save_safetensors(src.state_dict(), str(tmp_path / "w.safetensors"))
+    torch.save({"model": src.state_dict()}, tmp_path / "official.pth")
+    for name in ("w.safetensors", "official.pth"):
+        dst = Tiny(8)
+        load_weights(dst, tmp_path / name)
+        assert torch.equal(dst.proj.bias, src.proj.bias)
+    with pytest.raises(CheckpointError, match=r"proj.weight has shape \[4, 8\] there, \[4, 16\] in this model"):
+        load_weights(Tiny(16), tmp_path / "w.safetensors")
+    with pytest.raises(CheckpointError, match="weights_only=.*no such file"):
+        load_weights(Tiny(8), tmp_path / "nope.pt")
