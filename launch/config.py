@@ -72,6 +72,7 @@ class TrainerConfig(Schema):
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
     eval_every_epochs: int = Field(1, ge=0, description="run validation every N epochs, 0 = only at the end")
     max_bad_steps: int = Field(20, ge=1, description="stop after this many consecutive non-finite steps")
+    peak_tflops: float | None = Field(None, gt=0, description="peak TFLOP/s per device for MFU; None = GPU table (CPU: no MFU)")
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()

@@ -1,0 +1,258 @@
+"""The only module that knows Accelerate, DeepSpeed and DDP.
+
+:class:`Backend` prepares a task and its optimizers, runs micro-steps (autocast,
+backward, ``no_sync`` on non-final accumulation steps), clips, steps, all-reduces
+metrics and unwraps. The trainer stays identical for one CPU, DDP on many GPUs /
+nodes and DeepSpeed ZeRO 1/2/3.
+
+Ranks come from :mod:`launch.dist`, never from Accelerate: under DeepSpeed on CPU
+Accelerate reports rank 0 of 1 on every process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as torch_dist
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from launch import dist
+from launch.config import TrainerConfig
+from launch.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+_MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+
+
+def deepspeed_config(cfg: TrainerConfig, world: int) -> dict[str, Any]:
+    """The DeepSpeed JSON for this run: ``cfg`` fills every batch / precision / ZeRO key;
+    a user file (``cfg.deepspeed_config``) may add other keys but must not contradict."""
+    ours: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.batch_size,
+        "gradient_accumulation_steps": cfg.accum_steps,
+        "train_batch_size": cfg.batch_size * cfg.accum_steps * world,
+        "zero_optimization": {"stage": cfg.zero_stage},
+        "gradient_clipping": cfg.optim.clip_grad or 0.0,
+        "bf16": {"enabled": cfg.precision == "bf16"},
+        "fp16": {"enabled": cfg.precision == "fp16"},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+    }
+    if not cfg.deepspeed_config:
+        return ours
+    user = _read_json(Path(cfg.deepspeed_config))
+    for section in ("optimizer", "scheduler"):
+        if section in user:
+            raise ConfigError(
+                f"DeepSpeed config {cfg.deepspeed_config} has an '{section}' section: remove it, "
+                f"the {section} comes from trainer.optim"
+            )
+    _check_agrees(user, ours, cfg.deepspeed_config)
+    return _overlay(user, ours)
+
+
+_SETTING = {
+    "train_micro_batch_size_per_gpu": "trainer.batch_size",
+    "gradient_accumulation_steps": "trainer.accum_steps",
+    "train_batch_size": "trainer.batch_size * trainer.accum_steps * world size",
+    "zero_optimization.stage": "trainer.zero_stage",
+    "gradient_clipping": "trainer.optim.clip_grad",
+    "bf16.enabled": "trainer.precision",
+    "fp16.enabled": "trainer.precision",
+}
+
+
+def _check_agrees(user: dict[str, Any], ours: dict[str, Any], path: str) -> None:
+    for dotted, setting in _SETTING.items():
+        node: Any = user
+        for part in dotted.split("."):
+            node = node.get(part, "auto") if isinstance(node, dict) else "auto"
+        want: Any = ours
+        for part in dotted.split("."):
+            want = want[part]
+        if node != "auto" and node != want and not (dotted == "gradient_clipping" and not node and not want):
+            raise ConfigError(f"DeepSpeed config {path} sets {dotted}={node} but the run config gives {want} ({setting})")
+
+
+def _overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"trainer.deepspeed_config: file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"trainer.deepspeed_config {path} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"trainer.deepspeed_config {path} must hold a JSON object")
+    return data
+
+
+def _require_transformers() -> None:
+    try:
+        import transformers  # noqa: F401  (Accelerate's DeepSpeed path reads its metadata)
+    except ImportError:
+        raise ConfigError("trainer.backend=deepspeed needs transformers: pip install 'mae-pipeline[deepspeed]'") from None
+
+
+def _has_accelerator() -> bool:
+    probe = getattr(torch, "accelerator", None)
+    return probe.is_available() if probe is not None else torch.cuda.is_available()
+
+
+class Backend:
+    """Accelerate (+ DeepSpeed) for one run; built once, before the data loaders."""
+
+    def __init__(self, cfg: TrainerConfig, *, multi_phase: bool = False) -> None:
+        self.cfg = cfg
+        self.deepspeed = cfg.backend == "deepspeed"
+        if self.deepspeed and multi_phase:
+            raise ConfigError("trainer.backend=deepspeed supports one optimizer; this task has several phases: use backend=ddp")
+        plugin = None
+        if self.deepspeed:
+            _require_transformers()
+            plugin = DeepSpeedPlugin(hf_ds_config=deepspeed_config(cfg, dist.world_size()))
+        # several phases leave some parameters without gradients in each backward
+        ddp = DistributedDataParallelKwargs(find_unused_parameters=multi_phase)
+        self.accelerator = Accelerator(
+            # without cpu=True Accelerate sees no accelerator and runs each torchrun rank alone;
+            # with it, DeepSpeed would be silently dropped (DeepSpeed picks its CPU accelerator itself)
+            cpu=not self.deepspeed and not _has_accelerator(),
+            mixed_precision=_MIXED[cfg.precision],
+            deepspeed_plugin=plugin,
+            dynamo_backend="inductor" if cfg.compile else "no",
+            kwargs_handlers=[ddp],
+            step_scheduler_with_optimizer=False,
+        )
+        self.device = self.accelerator.device
+
+    # ------------------------------------------------------------------ setup
+
+    def prepare(self, task: nn.Module, optimizers: list[Optimizer]) -> tuple[nn.Module, list[Optimizer]]:
+        """Wrap ``task`` (DDP / DeepSpeed engine / compiled) and its optimizers. Loaders are
+        never prepared: each rank reads its own shards."""
+        prepared = self.accelerator.prepare(task, *optimizers)
+        return prepared[0], list(prepared[1:])
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    @property
+    def scaler(self) -> torch.amp.GradScaler | None:
+        return self.accelerator.scaler
+
+    def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Tensors to the training device; asynchronous from pinned host memory on CUDA."""
+        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    # ------------------------------------------------------------------ steps
+
+    @contextlib.contextmanager
+    def micro_step(self, model: nn.Module, *, is_last: bool) -> Iterator[None]:
+        """Forward + backward of one micro-batch; the gradient all-reduce runs only when
+        ``is_last`` (DDP ``no_sync``; DeepSpeed's accumulation boundary)."""
+        if self.deepspeed:
+            self._engine.set_gradient_accumulation_boundary(is_last)
+            yield
+        elif is_last:
+            yield
+        else:
+            with self.accelerator.no_sync(model):
+                yield
+
+    def backward(self, loss: Tensor) -> None:
+        """Backward of a micro-batch loss, scaled by ``1 / accum_steps`` (DeepSpeed scales itself)."""
+        if self.deepspeed:
+            self._engine.backward(loss)
+        else:
+            self.accelerator.backward(loss / self.cfg.accum_steps)
+
+    def clip(self, params: list[nn.Parameter]) -> Tensor | None:
+        """Clip the global grad norm to ``optim.clip_grad`` (DeepSpeed clips inside ``step``);
+        returns the pre-clip norm as a device tensor, or None when not clipping."""
+        if self.cfg.optim.clip_grad is None or self.deepspeed:
+            return None
+        return self.accelerator.clip_grad_norm_(params, self.cfg.optim.clip_grad)
+
+    def step(self, optimizer: Optimizer) -> None:
+        """Optimizer step (unscaled / skipped by the GradScaler under fp16), then zero grads."""
+        if self.deepspeed:
+            self._engine.step()
+            return
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def discard_grads(self, model: nn.Module, optimizer: Optimizer) -> None:
+        """Drop accumulated gradients without stepping (a skipped non-finite step)."""
+        if self.deepspeed:
+            self._engine.zero_grad()
+            return
+        optimizer.zero_grad(set_to_none=True)
+        model.zero_grad(set_to_none=True)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """Autocast for calls that bypass the prepared forward (eval, pictures)."""
+        return self.accelerator.autocast()
+
+    # ------------------------------------------------------------------ DeepSpeed state
+
+    def save_engine(self, directory: Path) -> None:
+        """DeepSpeed's own sharded save of model + optimizer (every rank calls it)."""
+        self._engine.save_checkpoint(str(directory), tag="engine", save_latest=False)
+
+    def load_engine(self, directory: Path) -> None:
+        path, _ = self._engine.load_checkpoint(str(directory), tag="engine", load_lr_scheduler_states=False)
+        if path is None:
+            raise ConfigError(f"no DeepSpeed engine state in {directory}")
+
+    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
+        """The whole model's weights on every rank (ZeRO-3 gathers its shards)."""
+        if self.deepspeed and self.cfg.zero_stage == 3:
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(list(self._engine.module.parameters())):
+                return {k: v.detach().clone().cpu() for k, v in self._engine.module.state_dict().items()}
+        return self.unwrap(model).state_dict()
+
+    @property
+    def _engine(self) -> Any:
+        return self.accelerator.deepspeed_engine_wrapped.engine
+
+    # ------------------------------------------------------------------ collectives
+
+    def all_reduce(self, tensors: dict[str, Tensor], op: str = "sum") -> dict[str, Tensor]:
+        """Sum (or mean) scalar tensors across ranks in one collective."""
+        if not tensors:
+            return {}
+        keys = sorted(tensors)
+        flat = torch.stack([tensors[k].detach().float().reshape(()) for k in keys])
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            torch_dist.all_reduce(flat)
+            if op == "mean":
+                flat /= torch_dist.get_world_size()
+        return dict(zip(keys, flat.unbind(0)))
+
+    def any_rank(self, flag: Tensor) -> Tensor:
+        """True on every rank when ``flag`` is true on any rank (a device tensor, no host sync)."""
+        out = flag.detach().float().reshape(1)
+        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
+            torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
+        return out[0] > 0
+
+    def wait(self) -> None:
+        dist.barrier()

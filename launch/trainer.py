@@ -1,0 +1,425 @@
+"""The one training loop, shared by pretraining, probing, fine-tuning and every baseline.
+
+A stage hands :func:`fit` a :class:`~launch.task.Task`; the trainer owns the rest:
+
+    resume? -> for each optimizer step: k micro-batches -> per phase: forward, backward
+    (all-reduce on the last micro-batch only), non-finite guard, clip, step, schedule
+    -> log every N steps -> eval / pictures at epoch ends -> checkpoint -> FitResult
+
+Distribution lives in :mod:`launch.backend`; checkpoint files and preemption in
+:mod:`launch.checkpoint`. The only host syncs are at log intervals, eval, checkpoints,
+and the one scalar of the non-finite guard per optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate.utils import set_seed
+from torch import Tensor, nn
+
+from launch import dist
+from launch.backend import Backend
+from launch.checkpoint import (TRAINER_FILE, CheckpointManager, check_compatible, fingerprint, load_file, load_weights,
+                               nonfinite_keys, rank_file, rank_state, read_meta, restore_rank_state, save_file)
+from launch.config import TrainerConfig
+from launch.errors import ConfigError, DataError
+from launch.flops import mfu, peak_flops
+from launch.logger import RunLogger
+from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config
+from launch.preemption import EXIT_REQUEUE, NonFiniteError, Preempted, RunControl, nonfinite_flag
+from launch.task import Batch, Task
+
+log = logging.getLogger(__name__)
+
+LoaderFactory = Callable[..., Any]
+
+
+@dataclass
+class FitResult:
+    """What a finished run reports; ``task`` is the trained, unwrapped task (full weights)."""
+
+    steps: int
+    epochs: int
+    final_loss: float | None
+    eval: dict[str, float]
+    images_per_s: float
+    flops_per_s: float | None
+    mfu: float | None
+    checkpoint: Path | None
+    run_dir: Path
+    task: Task | None = field(default=None, repr=False)
+
+
+def fit(task: Task, cfg: TrainerConfig, data: Any, run_dir: Path, *, seed: int, img_size: int,
+        train_preset: str = "pretrain", eval_preset: str = "eval", train_split: str = "train",
+        eval_split: str = "val", loader_factory: LoaderFactory | None = None,
+        config: dict[str, Any] | None = None) -> FitResult:
+    """Train ``task`` on ``data`` (a ``DataConfig``) into ``run_dir``; see :class:`Trainer`.
+
+    ``loader_factory`` defaults to ``launch.data.build_loader``; ``config`` is the full run
+    config, recorded by W&B and in the checkpoint fingerprint.
+    """
+    trainer = Trainer(task, cfg, data, Path(run_dir), seed=seed, img_size=img_size,
+                      presets=(train_preset, eval_preset), splits=(train_split, eval_split),
+                      loader_factory=loader_factory, config=config)
+    return trainer.fit()
+
+
+class Trainer:
+    """One run: backend, loaders, optimizers and schedules per phase, logger, checkpoints."""
+
+    def __init__(self, task: Task, cfg: TrainerConfig, data: Any, run_dir: Path, *, seed: int,
+                 img_size: int, presets: tuple[str, str] = ("pretrain", "eval"),
+                 splits: tuple[str, str] = ("train", "val"), loader_factory: LoaderFactory | None = None,
+                 config: dict[str, Any] | None = None) -> None:
+        self.cfg, self.run_dir, self.seed, self.config = cfg, run_dir, seed, config or {}
+        self.phases = tuple(task.phases)
+        self.backend = Backend(cfg, multi_phase=len(self.phases) > 1)
+        self.rank, self.world = dist.rank(), dist.world_size()
+        self._build_loaders(data, loader_factory, img_size, presets, splits)
+        self.global_batch = cfg.batch_size * cfg.accum_steps * self.world
+        self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
+        self._check_batch_split(splits[0])
+        self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        # ZeRO-3 partitions the task's parameters in place: keep a whole copy for the result
+        self._whole = copy.deepcopy(task) if self.backend.deepspeed and cfg.zero_stage == 3 else None
+        self.phase_params = {p: [q for q in task.phase_module(p).parameters() if q.requires_grad] for p in self.phases}
+        optimizers, self.schedulers = self._build_optimizers(task)
+        self.model, self.optimizers = self.backend.prepare(task.to(self.backend.device), optimizers)
+        self.task: Task = self.backend.unwrap(self.model)
+        self.step = self.epoch = self.epoch_step = 0
+        self.bad_steps = 0
+        self._metric_sums: dict[str, Tensor] = {}
+        self._interval = (0, time.perf_counter())  # (step, time) at the last log point
+        self._speed: list[tuple[int, float]] = []  # (images, seconds) per log interval
+        self.eval_metrics: dict[str, float] = {}
+        self.last_loss: float | None = None
+        self.checkpoint_path: Path | None = None
+        self._init_checkpoints()
+
+    # ------------------------------------------------------------------ setup
+
+    def _build_loaders(self, data: Any, factory: LoaderFactory | None, img_size: int,
+                       presets: tuple[str, str], splits: tuple[str, str]) -> None:
+        if factory is None:
+            from launch.data import build_loader as factory
+        common = dict(batch_size=self.cfg.batch_size, img_size=img_size, seed=self.seed, rank=self.rank, world_size=self.world)
+        self.train_loader = factory(data, splits[0], preset=presets[0], **common)
+        has_eval = splits[1] in getattr(self.train_loader.info, "splits", {})
+        self.eval_loader = factory(data, splits[1], preset=presets[1], **common) if has_eval else None
+
+    def _check_batch_split(self, split: str) -> None:
+        if self.steps_per_epoch == 0:
+            cfg = self.cfg
+            raise ConfigError(
+                f"trainer.batch_size={cfg.batch_size} x trainer.accum_steps={cfg.accum_steps} x {self.world} ranks "
+                f"= {self.global_batch} images per step, but split '{split}' gives each rank only "
+                f"{len(self.train_loader)} batches per epoch: lower the batch size or accum_steps"
+            )
+
+    def _build_optimizers(self, task: Task) -> tuple[list[torch.optim.Optimizer], list[Any]]:
+        optimizers, schedulers = [], []
+        fused = self.cfg.optim.fused if self.cfg.optim.fused is not None else self.backend.device.type == "cuda"
+        for phase in self.phases:
+            pcfg = phase_config(self.cfg.optim, task.phase_optim(phase))
+            lr = peak_lr(pcfg, self.global_batch)
+            opt = build_optimizer(task.phase_module(phase), pcfg, lr, fused=fused and not self.backend.deepspeed)
+            optimizers.append(opt)
+            schedulers.append(build_scheduler(opt, pcfg, lr, steps_per_epoch=self.steps_per_epoch, total=self.total_steps))
+            log.info("phase %s: %s, peak lr %.3g (global batch %d)", phase, pcfg.name, lr, self.global_batch)
+        return optimizers, schedulers
+
+    # ------------------------------------------------------------------ the loop
+
+    def fit(self) -> FitResult:
+        set_seed(self.seed + 1000 * self.rank)  # distinct per rank (masks, noise); a resume restores its RNG
+        self._maybe_resume()
+        self.logger = RunLogger(self.run_dir, self.cfg.log, total_steps=self.total_steps,
+                                enabled=dist.is_main(), config=self.config, initial_step=self.step)
+        self._interval = (self.step, time.perf_counter())
+        try:
+            while self.step < self.total_steps:
+                self._train_epoch()
+            self._finish()
+        finally:
+            self.logger.close()
+        return self._result()
+
+    def _train_epoch(self) -> None:
+        self.model.train()
+        for micro_batches in self._epoch_batches():
+            self._optimizer_step(micro_batches)
+            self.step += 1
+            self.task.on_step_end(self.step)
+            self.epoch_step += 1
+            self.logger.advance()
+            if self.step % self.cfg.log.every_steps == 0 or self.step == self.total_steps:
+                self._log_train()
+            if self.epoch_step == self.steps_per_epoch:
+                self._end_epoch()
+            self._maybe_checkpoint()
+
+    def _epoch_batches(self) -> Iterator[list[Batch]]:
+        """Groups of ``accum_steps`` device batches until the epoch (or the run) ends."""
+        if self.epoch_step == 0:
+            self.train_loader.set_epoch(self.epoch)
+        todo = min(self.steps_per_epoch - self.epoch_step, self.total_steps - self.step)
+        batches = iter(self.train_loader)
+        for _ in range(todo):
+            group = [next(batches, None) for _ in range(self.cfg.accum_steps)]
+            if any(b is None for b in group):
+                raise DataError(f"the training loader ended early in epoch {self.epoch}: fewer batches than its len()")
+            yield [self.backend.to_device(b) for b in group]
+
+    def _optimizer_step(self, micro_batches: list[Batch]) -> None:
+        """One optimizer step per phase over ``micro_batches`` (k of them, accumulated)."""
+        k = len(micro_batches)
+        for phase, optimizer, scheduler in zip(self.phases, self.optimizers, self.schedulers):
+            if len(self.phases) > 1:  # an earlier phase's backward may have reached these params
+                self.task.zero_grad(set_to_none=True)
+            sums: dict[str, Tensor] = {}
+            for i, batch in enumerate(micro_batches):
+                with self.backend.micro_step(self.model, is_last=i == k - 1):
+                    out = self.model(batch, phase)
+                    self.backend.backward(out["loss"])
+                for name, value in out.items():
+                    sums[name] = sums.get(name, 0.0) + value.detach().float() / k
+            grad_norm = self.backend.clip(self.phase_params[phase])
+            if self._step_is_finite(sums["loss"], grad_norm):
+                self.backend.step(optimizer)
+            else:
+                self.backend.discard_grads(self.model, optimizer)
+            scheduler.step()
+            if grad_norm is not None:
+                sums["grad_norm"] = grad_norm.detach().float()
+            self._accumulate_metrics(sums, prefix="" if len(self.phases) == 1 else f"{phase}_")
+
+    def _step_is_finite(self, loss: Tensor, grad_norm: Tensor | None) -> bool:
+        """Non-finite guard: every rank skips when any rank saw a NaN / inf loss or gradient
+        (the flag is all-reduced on device). One scalar host sync per optimizer step."""
+        grads: list[Tensor | None] = []
+        if self.backend.scaler is None:  # fp16 overflow is the GradScaler's to skip
+            grads = [grad_norm] if grad_norm is not None else [p.grad for p in self.task.parameters()]
+        if not bool(dist.all_reduce_max(nonfinite_flag(loss, grads))):
+            self.bad_steps = 0
+            return True
+        self.bad_steps += 1
+        self._accumulate_metrics({"skipped_steps": torch.ones((), device=loss.device)}, prefix="")
+        log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)", self.step + 1, self.bad_steps)
+        if self.bad_steps >= self.cfg.max_bad_steps:
+            raise NonFiniteError(
+                f"loss or gradients were NaN/inf for {self.bad_steps} consecutive steps up to step {self.step + 1} "
+                f"(trainer.max_bad_steps={self.cfg.max_bad_steps}): lower the lr, enable trainer.optim.clip_grad "
+                f"or check the data; {self.checkpoint_path or 'no checkpoint yet'} holds finite weights"
+            )
+        return False
+
+    # ------------------------------------------------------------------ metrics
+
+    def _accumulate_metrics(self, metrics: dict[str, Tensor], prefix: str) -> None:
+        for name, value in metrics.items():
+            key = prefix + name
+            self._metric_sums[key] = self._metric_sums.get(key, 0.0) + value
+
+    def _log_train(self) -> None:
+        """Mean metrics over the interval and ranks, throughput, lr: the host sync point."""
+        steps = self.step - self._interval[0]
+        sums = self.backend.all_reduce({k: torch.as_tensor(v) for k, v in self._metric_sums.items()}, op="mean")
+        metrics = {k: v.item() / (1 if k == "skipped_steps" else steps) for k, v in sums.items()}
+        seconds = time.perf_counter() - self._interval[1]
+        images = steps * self.global_batch
+        self._speed.append((images, seconds))
+        metrics.update(self._throughput(images / seconds), lr=self.schedulers[0].get_last_lr()[0], epoch=self.epoch)
+        self.last_loss = metrics.get("loss", next(iter(metrics.values())))
+        self.logger.scalars(self.step, {k: v for k, v in metrics.items() if v is not None})
+        self._metric_sums = {}
+        self._interval = (self.step, time.perf_counter())
+
+    def _throughput(self, images_per_s: float) -> dict[str, float | None]:
+        flops = self.task.flops_per_image() if hasattr(self.task, "flops_per_image") else None
+        override = self.cfg.peak_tflops * 1e12 if self.cfg.peak_tflops else None
+        peak = peak_flops(self.backend.device, self.cfg.precision, override=override)
+        return {
+            "images_per_s": images_per_s,
+            "flops_per_s": images_per_s * flops if flops else None,
+            "mfu": mfu(images_per_s, flops, peak * self.world if peak else None),
+        }
+
+    # ------------------------------------------------------------------ epoch ends
+
+    def _end_epoch(self) -> None:
+        done = self.epoch + 1
+        every = self.cfg.eval_every_epochs
+        if every and done % every == 0 and self.eval_loader is not None:
+            self.evaluate()
+        every = self.cfg.log.images_every_epochs
+        if every and done % every == 0:
+            self._log_pictures()
+        self.epoch, self.epoch_step = done, 0
+
+    def _finish(self) -> None:
+        """Final eval (unless this step was just evaluated) and the final checkpoint."""
+        if self.eval_loader is not None and self.eval_metrics.get("step") != self.step:
+            self.evaluate()
+        if self.checkpoint_path is None or not self.checkpoint_path.name.endswith(f"{self.step:08d}"):
+            self._save_checkpoint(reason="final")
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean of the task's ``eval_step`` sums over the whole eval split (all ranks).
+
+        Runs under a forked RNG with a fixed seed: the same masks every time, and the
+        training RNG stream is untouched (a resumed run stays bit-identical)."""
+        self.model.eval()
+        sums: dict[str, Tensor] = {}
+        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
+            torch.manual_seed(self.seed + self.rank)
+            self.eval_loader.set_epoch(0)
+            for batch in self.eval_loader:
+                for name, value in self.task.eval_step(self.backend.to_device(batch)).items():
+                    sums[name] = sums.get(name, 0.0) + value.float()
+        self.model.train()
+        totals = {k: v.item() for k, v in self.backend.all_reduce(sums).items()}
+        count = totals.pop("count", 0.0) or 1.0
+        self.eval_metrics = {k: v / count for k, v in totals.items()}
+        self.logger.scalars(self.step, self.eval_metrics, prefix="eval")
+        self.task.on_eval_end(dict(self.eval_metrics), self.step)
+        self.eval_metrics["step"] = self.step
+        return self.eval_metrics
+
+    @torch.no_grad()
+    def _log_pictures(self) -> None:
+        loader = self.eval_loader or self.train_loader
+        if loader is self.train_loader:
+            return  # iterating the train loader here would move its resumable position
+        self.model.eval()
+        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
+            torch.manual_seed(self.seed)
+            loader.set_epoch(0)
+            pictures = self.task.pictures(self.backend.to_device(next(iter(loader))))
+        self.model.train()
+        self.logger.images(self.step, pictures)
+
+    def _rng_devices(self) -> list[int]:
+        return [self.backend.device.index or 0] if self.backend.device.type == "cuda" else []
+
+    def _result(self) -> FitResult:
+        images = sum(i for i, _ in self._speed[1:]) or sum(i for i, _ in self._speed)
+        seconds = sum(s for _, s in self._speed[1:]) or sum(s for _, s in self._speed) or float("nan")
+        speed = self._throughput(images / seconds)
+        task = self.task
+        if self._whole is not None:
+            self._whole.load_state_dict(self.backend.full_state_dict(self.model))
+            task = self._whole
+        return FitResult(
+            steps=self.step, epochs=self.epoch, final_loss=self.last_loss,
+            eval={k: v for k, v in self.eval_metrics.items() if k != "step"},
+            images_per_s=speed["images_per_s"], flops_per_s=speed["flops_per_s"], mfu=speed["mfu"],
+            checkpoint=self.checkpoint_path, run_dir=self.run_dir, task=task,
+        )
+
+    # ------------------------------------------------------------------ state (checkpointed)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything shared by all ranks. Under DeepSpeed the engine saves model + optimizer."""
+        state: dict[str, Any] = {
+            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "bad_steps": self.bad_steps,
+            "schedulers": [s.state_dict() for s in self.schedulers],
+        }
+        if not self.backend.deepspeed:
+            state["model"] = self.task.state_dict()
+            state["optimizers"] = [o.state_dict() for o in self.optimizers]
+        if self.backend.scaler is not None:
+            state["scaler"] = self.backend.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
+        self.bad_steps = state.get("bad_steps", 0)
+        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
+            shape = sched.lr_lambdas  # this run's warmup / length win, e.g. when extending the epochs
+            sched.load_state_dict(s)
+            sched.lr_lambdas = shape
+        if "model" in state:
+            self.task.load_state_dict(state["model"])
+            for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
+                opt.load_state_dict(s)
+        if "scaler" in state and self.backend.scaler is not None:
+            self.backend.scaler.load_state_dict(state["scaler"])
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _init_checkpoints(self) -> None:
+        ckpt = self.cfg.checkpoint
+        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=ckpt.keep)
+        # stop requests and the wall clock are agreed at log steps, where the trainer syncs anyway
+        self.control = RunControl(every_steps=ckpt.every_steps, every_minutes=ckpt.every_minutes,
+                                  check_every=self.cfg.log.every_steps)
+
+    def _fingerprint(self) -> dict[str, Any]:
+        settings = {"model": self.config.get("model", {}), "world_size": self.world, "phases": list(self.phases)}
+        return fingerprint(self.task, settings)
+
+    def _maybe_checkpoint(self) -> None:
+        """Step / wall-clock / preemption saves, decided by all ranks together; after a
+        SIGTERM or SIGUSR1 every rank saves after the same step and raises :class:`Preempted`
+        (exit status 75: requeue). The end of the run saves in ``_finish``."""
+        decision = self.control.poll(self.step)
+        if self.step >= self.total_steps:
+            return
+        if decision.save:
+            self._save_checkpoint(reason="preempted" if decision.stop else "periodic")
+        if decision.stop:
+            self.control.__exit__()
+            raise Preempted(
+                f"stopped by {self.control.received} after step {self.step}, saved {self.checkpoint_path}; "
+                f"the same command continues it (trainer.checkpoint.resume=auto); exit status {EXIT_REQUEUE} = requeue"
+            )
+
+    def _save_checkpoint(self, reason: str) -> None:
+        """Every rank writes its part into the checkpoint manager's temporary directory."""
+
+        def write(tmp: Path) -> None:
+            if self.backend.deepspeed:
+                self.backend.save_engine(tmp)
+            if self.rank == 0:
+                state = self.state_dict()
+                bad = nonfinite_keys(state)  # skipped steps keep weights finite; never save otherwise
+                if bad:
+                    raise ValueError(f"refusing to save NaN/inf in {bad[0]} ({len(bad)} tensors)")
+                save_file(state, tmp / TRAINER_FILE)
+            save_file(rank_state(self.train_loader.state_dict()), rank_file(tmp, self.rank))
+
+        meta = {"epoch": self.epoch, "reason": reason, "fingerprint": self._fingerprint()}
+        self.checkpoint_path = self.checkpoints.save(self.step, write, meta)
+        self.control.saved()
+        if reason == "final":
+            self.control.__exit__()  # the run is over: give SIGTERM / SIGUSR1 back
+
+    def _maybe_resume(self) -> None:
+        """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers,
+        schedules, scaler, step, this rank's RNG and loader position) or start fresh."""
+        self.control.__enter__()  # SIGTERM / SIGUSR1 now mean "save and stop"
+        self.checkpoints.prepare()
+        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+        if path is None:
+            if self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
+                load_weights(self.task, self.cfg.checkpoint.weights_only)
+            return
+        check_compatible(path, read_meta(path).get("fingerprint", {}), self._fingerprint())
+        if self.backend.deepspeed:
+            self.backend.load_engine(path)
+        self.load_state_dict(load_file(path / TRAINER_FILE))
+        self.train_loader.load_state_dict(restore_rank_state(path, self.rank))
+        self.checkpoint_path = path
+        log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)

@@ -1,0 +1,133 @@
+"""A tiny task and a synthetic loader with the ShardLoader interface, for trainer tests.
+
+Also a script: ``torchrun --nproc_per_node 2 tests/trainer_tiny.py RUN_DIR key=value ...``
+trains the tiny task with those TrainerConfig overrides and writes the final weights to
+``RUN_DIR/final.pt`` (rank 0), so a test can compare runs across launchers.
+
+The synthetic data is a fixed sequence of samples; batch ``j`` of rank ``r`` (of ``w``,
+micro-batch ``B``) holds samples ``j*B*w + r*B + [0, B)`` of the epoch's permutation, so
+2 ranks x B and 1 rank x 2B (or k micro-batches of B) see exactly the same images per step.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from launch.task import Batch, Task
+
+NUM_SAMPLES = 96
+SHAPE = (1, 4, 4)
+
+
+class TinyTask(Task):
+    """Regress a fixed random projection of the image: deterministic, no dropout, no masks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 1))
+
+    def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
+        x = batch["image"]  # (B, 1, 4, 4)
+        pred = self.net(x).squeeze(-1) + self.cls_token.sum()
+        target = x.flatten(1).sum(-1).sin()
+        loss = (pred - target).pow(2).mean()
+        return {"loss": loss, "abs_err": (pred - target).abs().mean().detach()}
+
+    @torch.no_grad()
+    def pictures(self, batch: Batch) -> dict[str, Tensor]:
+        return {"input": batch["image"][0].expand(3, -1, -1).sigmoid()}
+
+
+class TwoPhaseTask(TinyTask):
+    """Two optimizers over disjoint parts (the shape of an adversarial autoencoder)."""
+
+    phases = ("first", "second")
+
+    def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
+        out = super().forward(batch)
+        return out if phase == "first" else {"loss": self.cls_token.pow(2).sum() + out["loss"].detach()}
+
+    def phase_module(self, phase: str) -> nn.Module:
+        return self.net if phase == "first" else _Params(self.cls_token)
+
+
+class _Params(nn.Module):
+    def __init__(self, p: nn.Parameter) -> None:
+        super().__init__()
+        self.p = p
+
+
+class SyntheticLoader:
+    """ShardLoader stand-in: deterministic per-epoch permutation, resumable position."""
+
+    def __init__(self, batch_size: int, seed: int, rank: int, world_size: int, num: int = NUM_SAMPLES,
+                 poison: int | None = None) -> None:
+        gen = torch.Generator().manual_seed(1234)
+        self.images = torch.randn(num, *SHAPE, generator=gen)
+        self.b, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
+        self.epoch, self.pos, self.poison = 0, 0, poison
+        self.info = SimpleNamespace(splits={"train": num, "val": num}, num_classes=1, mean=(0.0,), std=(1.0,))
+
+    def __len__(self) -> int:
+        return len(self.images) // (self.b * self.world)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.pos = epoch, 0
+
+    def __iter__(self):
+        order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        while self.pos < len(self):
+            start = self.pos * self.b * self.world + self.rank * self.b
+            idx = order[start:start + self.b]
+            images = self.images[idx].clone()
+            if self.poison is not None and self.pos == self.poison:
+                images[0, 0, 0, 0] = float("nan")
+            self.pos += 1
+            yield {"image": images, "label": torch.full((self.b,), -1), "key": [f"{i:06d}" for i in idx.tolist()]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.pos = state["epoch"], state["pos"]
+
+    def corrupt_samples(self) -> int:
+        return 0
+
+
+def synthetic_factory(**extra: Any):
+    def factory(data: Any, split: str, *, preset: str, batch_size: int, img_size: int, seed: int,
+                rank: int = 0, world_size: int = 1) -> SyntheticLoader:
+        return SyntheticLoader(batch_size, seed, rank, world_size, **extra)
+
+    return factory
+
+
+def run(run_dir: str, overrides: list[str], two_phase: bool = False):
+    """Train TinyTask with ``overrides`` of TrainerConfig into ``run_dir``; returns the FitResult."""
+    from launch.config import TrainerConfig, load_config
+    from launch.trainer import fit
+
+    cfg = load_config(TrainerConfig, None, ["log.progress=false", *overrides])
+    torch.manual_seed(0)
+    task = TwoPhaseTask() if two_phase else TinyTask()
+    return fit(task, cfg, None, Path(run_dir), seed=0, img_size=4, loader_factory=synthetic_factory())
+
+
+if __name__ == "__main__":
+    import logging
+
+    from launch import dist
+
+    logging.basicConfig(level=logging.INFO)
+    result = run(sys.argv[1], sys.argv[2:])
+    if dist.is_main():
+        state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
+        torch.save({"state": state, "steps": result.steps, "loss": result.final_loss}, Path(sys.argv[1]) / "final.pt")
