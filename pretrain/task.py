@@ -1,0 +1,75 @@
+"""``MAETask``: the MAE model and its objective as the trainer sees them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from launch.errors import ConfigError
+from launch.flops import mae_flops
+from launch.task import Batch, Task
+from pretrain.model import MaskedAutoencoderViT
+from pretrain.objective import mae_loss
+from pretrain.presets import MAEConfig, build_model
+from pretrain.visualize import reconstruction_grid
+
+
+class MAETask(Task):
+    """Mask, encode the visible patches, decode all, score the removed ones.
+
+    ``image_mean`` / ``image_std`` (the dataset normalization of the batches) only serve
+    ``pictures``; without them each picture is scaled by its original's min and max.
+    """
+
+    def __init__(
+        self,
+        model: MaskedAutoencoderViT,
+        mask_ratio: float = 0.75,
+        norm_pix_loss: bool = True,
+        *,
+        image_mean: Sequence[float] | None = None,
+        image_std: Sequence[float] | None = None,
+        num_pictures: int = 8,
+    ) -> None:
+        super().__init__()
+        if not 0.0 <= mask_ratio < 1.0:
+            raise ConfigError(f"mask_ratio {mask_ratio} is outside the allowed range [0, 1)")
+        self.model = model
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        self.image_mean, self.image_std = image_mean, image_std
+        self.num_pictures = num_pictures
+
+    def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
+        imgs = batch["image"]  # (N, C, H, W)
+        latent, mask, ids_restore = self.model.forward_encoder(imgs, self.mask_ratio)
+        pred = self.model.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
+        return {"loss": mae_loss(pred, self.model.patchify(imgs), mask, self.norm_pix_loss)}
+
+    @torch.no_grad()
+    def pictures(self, batch: Batch) -> dict[str, Tensor]:
+        """``{"reconstruction": (3, H', W')}``: per image, original / masked / prediction / prediction
+        with the visible patches pasted back. The masks are the same at every call (seed 0)."""
+        imgs = batch["image"][: self.num_pictures]
+        noise = torch.rand(imgs.shape[0], self.model.num_patches, generator=torch.Generator().manual_seed(0))
+        grid = reconstruction_grid(
+            self.model, imgs, self.mask_ratio, self.norm_pix_loss,
+            mean=self.image_mean, std=self.image_std, noise=noise.to(imgs.device),
+        )  # fmt: skip
+        return {"reconstruction": grid}
+
+    def flops_per_image(self) -> float | None:
+        return mae_flops(**self.model.arch, mask_ratio=self.mask_ratio).train
+
+    def no_weight_decay(self) -> set[str]:
+        return {f"model.{name}" for name in self.model.no_weight_decay()}
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.model.set_grad_checkpointing(enable)
+
+
+def build_task(cfg: MAEConfig, *, image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> MAETask:
+    """The model of ``cfg`` wrapped with its mask ratio and loss setting."""
+    return MAETask(build_model(cfg), cfg.mask_ratio, cfg.norm_pix_loss, image_mean=image_mean, image_std=image_std)
