@@ -50,7 +50,7 @@ class ShardStream(IterableDataset):
         self.exact = preset == "eval" or cfg.mode == "exact"
         self.shared = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches consumed at iter()]
         self.num_batches = len(self.plan(0).sizes)
-        self._transform: Any = None
+        self.transform = build_transform(cfg, preset, img_size, info.mean, info.std)  # before fork: imports done once
         self._spare: Sample | None = None
 
     def plan(self, epoch: int) -> RankPlan:
@@ -128,10 +128,8 @@ class ShardStream(IterableDataset):
             image = decode(data, self.info.channels)
         except RuntimeError as err:
             raise _Corrupt(f"undecodable image ({str(err).splitlines()[0]})") from None
-        if self._transform is None:
-            self._transform = build_transform(self.cfg, self.preset, self.img_size, self.info.mean, self.info.std)
         with seeded(seed, all_rngs=self.preset == "finetune", restore=get_worker_info() is None):
-            return self._transform(image), label
+            return self.transform(image), label
 
     def _label(self, sample: Sample) -> int:
         classes = self.info.num_classes
@@ -171,7 +169,8 @@ class ShardLoader:
         self._stream = stream
         self._epoch = self._consumed = self._corrupt = 0
         self._loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                  prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available())
+                                  prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available(),
+                                  generator=torch.Generator())  # its per-iter() base seed must not draw from the trainer's RNG
 
     def __len__(self) -> int:
         return self._stream.num_batches
@@ -189,8 +188,15 @@ class ShardLoader:
         return {"exact": s.exact, "seed": s.seed, "world_size": s.world_size, "batch_size": s.batch_size,
                 "workers": self._loader.num_workers, "batches": len(self), "shuffle": s.shuffle}
 
+    def _roll_over(self) -> None:
+        # a consumer that stops after exactly len() batches never resumes the generator past its last
+        # yield, so a finished epoch is also recognized here
+        if self._consumed >= len(self):
+            self._epoch, self._consumed = self._epoch + 1, 0
+
     def state_dict(self) -> dict[str, Any]:
         """Position after the last yielded batch (plus the layout it is valid for)."""
+        self._roll_over()
         return {"epoch": self._epoch, "consumed": self._consumed, "corrupt": self._corrupt, "layout": self._layout()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -200,11 +206,11 @@ class ShardLoader:
             consumed = round(consumed * len(self) / max(int(state.get("layout", {}).get("batches", len(self))), 1))
             log.warning("data layout changed since the checkpoint (%s -> %s); resuming epoch %d at batch %d, "
                         "which is not sample-exact", state.get("layout"), self._layout(), epoch, consumed)
-        if consumed >= len(self):
-            epoch, consumed = epoch + 1, 0
         self._epoch, self._consumed, self._corrupt = epoch, consumed, int(state.get("corrupt", 0))
+        self._roll_over()
 
     def __iter__(self) -> Iterator[Batch]:
+        self._roll_over()
         self._stream.shared[0], self._stream.shared[1] = self._epoch, self._consumed
         try:
             for batch in self._loader:

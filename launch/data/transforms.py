@@ -17,6 +17,7 @@ import contextlib
 import math
 import random
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,21 +51,35 @@ def build_transform(cfg: DataConfig, preset: str, img_size: int, mean: tuple[flo
         return v2.Compose([v2.Resize(math.floor(img_size / cfg.eval_crop_pct), interpolation=interp, antialias=True),
                            v2.CenterCrop(img_size), *to_float])
     if preset == "finetune":
-        return _timm_train_transform(cfg, img_size, mean, std)
+        return _TimmTrainTransform(cfg, img_size, mean, std)
     raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")
 
 
-def _timm_train_transform(cfg: DataConfig, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> Transform:
-    from timm.data import create_transform
+def _posterize_any(img: Any, bits_to_keep: int, **kw: Any) -> Any:
+    """timm's increasing RandAugment asks for 0-bit posterize at magnitude 10, which PIL >= 11 rejects
+    (ValueError); this keeps the old PIL result: 0 bits kept = a black image."""
+    from timm.data.auto_augment import posterize
 
-    timm_tf = create_transform(input_size=(len(mean), img_size, img_size), is_training=True, scale=cfg.crop_scale,
-                               hflip=cfg.hflip, auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
-                               re_prob=cfg.re_prob, re_mode="pixel", re_count=1, mean=mean, std=std)
+    return img.point(lambda _: 0) if bits_to_keep <= 0 else posterize(img, bits_to_keep, **kw)
 
-    def apply(img: torch.Tensor) -> torch.Tensor:
-        return timm_tf(F.to_pil_image(img))
 
-    return apply
+class _TimmTrainTransform:
+    """timm's training transform on a PIL view of the tensor (picklable, for spawned workers)."""
+
+    def __init__(self, cfg: DataConfig, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        from timm.data import create_transform
+        from timm.data.auto_augment import RandAugment, posterize
+
+        self.timm_tf = create_transform(input_size=(len(mean), img_size, img_size), is_training=True,
+                                        scale=cfg.crop_scale, hflip=cfg.hflip, auto_augment=cfg.auto_augment,
+                                        interpolation=cfg.interpolation, re_prob=cfg.re_prob, re_mode="pixel",
+                                        re_count=1, mean=mean, std=std)
+        for t in self.timm_tf.transforms:
+            for op in t.ops if isinstance(t, RandAugment) else []:
+                op.aug_fn = _posterize_any if op.aug_fn is posterize else op.aug_fn
+
+    def __call__(self, img: torch.Tensor) -> torch.Tensor:
+        return self.timm_tf(F.to_pil_image(img))
 
 
 @contextlib.contextmanager
