@@ -1,0 +1,59 @@
+"""Speed levers, each measured against a plain eager fp32 step of the same model.
+
+A lever *pays* when it is at least ``PAYS`` x the baseline on this device; the table says
+which ones this project turns on by default (see ``benchmarks.model_step.default_settings``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from benchmarks.model_step import Settings, default_settings, race
+from benchmarks.project import Workload, project_contender
+
+PAYS = 1.03  # below 3 % is within the noise of a shared machine
+
+
+@dataclass(frozen=True)
+class Lever:
+    name: str
+    settings: Settings
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+
+def levers(device: torch.device) -> list[Lever]:
+    base = Settings()
+    return [
+        Lever("baseline: eager fp32, fused SDPA attention", base),
+        Lever("explicit attention (no SDPA)", base.with_(fused_attn=False), note="timm's softmax(QK^T)V path"),
+        Lever("bf16 autocast", base.with_(precision="bf16")),
+        Lever("torch.compile (model + loss)", base.with_(compile=True)),
+        Lever("fused AdamW", base.with_(fused_optimizer=True)),
+        Lever("loss.item() every step", base.with_(sync_every_step=True), note="a host sync; costs most on GPU"),
+        Lever("boolean-mask loss", base.with_(boolean_mask_loss=True), note="dynamic shape; syncs on GPU"),
+        Lever("paper decoder 512 x 8", base, {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16},
+              note="architecture, not a setting: cost of a wider/deeper decoder"),
+        Lever("bf16 + compile + fused AdamW", base.with_(precision="bf16", compile=True, fused_optimizer=True)),
+        Lever("project defaults", default_settings(device)),
+    ]
+
+
+def measure_levers(work: Workload, device: torch.device, *, warmup: int, steps: int, repeats: int,
+                   only: list[str] | None = None) -> dict[str, Any]:
+    """Race the baseline and every lever (or those whose name contains one of ``only``)."""
+    chosen = [lv for lv in levers(device) if lv.name.startswith("baseline") or not only
+              or any(o in lv.name for o in only)]  # fmt: skip
+    contenders = [project_contender(work, lv.settings, device, name=lv.name, **lv.model_kwargs) for lv in chosen]
+    measured = race(contenders, warmup=warmup, steps=steps, repeats=repeats, device=device)
+    base = measured[0].images_per_s
+    rows = [
+        {"lever": lv.name, "settings": lv.settings.label(), "note": lv.note, "images_per_s": m.images_per_s,
+         "speedup": m.images_per_s / base, "pays": m.images_per_s / base >= PAYS, "warmup_s": m.warmup_s,
+         "peak_memory_mb": m.peak_memory_mb, "runs_images_per_s": m.runs_images_per_s}
+        for lv, m in zip(chosen, measured, strict=True)
+    ]  # fmt: skip
+    return {"preset": work.preset, "batch_size": work.batch_size, "img_size": work.img_size, "rows": rows}
