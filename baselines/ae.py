@@ -23,7 +23,7 @@ LATENT_RANGE = (1, 1024)
 class AEConfig(Schema):
     family: Literal["ae"] = "ae"
     latent_dim: int = Field(32, ge=LATENT_RANGE[0], le=LATENT_RANGE[1], description="code size")
-    hidden: list[int] = Field([512, 128], description="hidden widths of the encoder (decoder mirrors them)")
+    hidden: list[int] = Field([256], description="hidden widths of the encoder (decoder mirrors them)")
     output: OutputKind = Field("sigmoid", description="output activation: sigmoid or relu")
     loss: LossKind = Field("mse", description="reconstruction loss on [0, 1] pixels: mse or bce")
 

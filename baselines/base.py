@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from baselines.objectives import LossKind, OutputKind, activate, pixel_metrics, recon_per_image
 from baselines.pictures import code_scatter, image_grid
 from baselines.pixels import Pixels
+from finetune.heads import topk_sums
 from launch.task import Batch, Task
 
 #: images per row of the reconstruction grids
@@ -32,7 +33,8 @@ class Codes(nn.Module):
     def __init__(self, pixels: Pixels, encoder: nn.Module, num_features: int, width: int | None = None) -> None:
         super().__init__()
         self.pixels, self.encoder, self.width = pixels, encoder, width
-        self.num_features = num_features  # timm's name for the feature width
+        # timm's names for the feature width (the probe's head reads ``embed_dim``)
+        self.num_features = self.embed_dim = num_features
 
     def forward(self, images: Tensor) -> Tensor:
         codes = self.encoder(self.pixels.to_unit(images)).flatten(1)
@@ -119,15 +121,10 @@ class ClassifierTask(Task):
 
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
         logits = self.head(self.backbone(batch["image"]))
-        acc = (logits.argmax(1) == batch["label"]).float().mean()
+        acc = (logits.argmax(1) == batch["label"]).float().mean() * 100
         return {"loss": F.cross_entropy(logits.float(), batch["label"]), "acc": acc}
 
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> dict[str, Tensor]:
-        logits = self.head(self.backbone(batch["image"])).float()
-        labels = batch["label"]
-        return {
-            "loss": F.cross_entropy(logits, labels, reduction="sum"),
-            "acc": (logits.argmax(1) == labels).float().sum(),
-            "count": torch.tensor(float(labels.shape[0]), device=logits.device),
-        }
+        """Summed loss, top-1 / top-5 hits in percent (the probe's and fine-tune's evaluation)."""
+        return topk_sums(self.head(self.backbone(batch["image"])), batch["label"])
