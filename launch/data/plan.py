@@ -42,15 +42,16 @@ class Segment:
 
 
 def batch_sizes(samples: int, batches: int, batch_size: int) -> list[int]:
-    """``batches`` sizes summing to ``samples``: full first, the shortfall taken from the end."""
-    sizes = [batch_size] * batches
-    deficit = batches * batch_size - samples
+    """``batches`` sizes summing to ``samples``: full first, a shortfall taken from the end (every batch
+    keeps >= 1 sample); a surplus of one (batch_size 1 on a rank with one sample more) goes to the first."""
+    if samples < batches or samples > batches * (batch_size + 1):
+        raise DataError(f"{samples} samples cannot fill {batches} batches of {batch_size}")
+    sizes = [batch_size + (i < samples - batches * batch_size) for i in range(batches)]
+    deficit = sum(sizes) - samples
     for i in reversed(range(batches)):
         take = min(deficit, sizes[i] - 1)
         sizes[i] -= take
         deficit -= take
-    if deficit or samples < batches:
-        raise DataError(f"{samples} samples cannot fill {batches} batches on every rank; use fewer ranks or a larger split")
     return sizes
 
 
@@ -94,7 +95,8 @@ def exact_plan(counts: list[int], *, seed: int, epoch: int, shuffle: bool, rank:
     if total < world_size:
         raise DataError(f"the split has {total} samples, fewer than the {world_size} ranks reading it")
     bounds = [total * r // world_size for r in range(world_size + 1)]
-    batches = -(-(-(-total // world_size)) // batch_size)
+    # ceil(largest rank share / batch), unless the smallest share has fewer samples (batch_size 1)
+    batches = min(-(-(-(-total // world_size)) // batch_size), total // world_size)
     segments = cut([Segment(i, 0, counts[i]) for i in order], counts, bounds[rank], bounds[rank + 1])
     return RankPlan(batch_sizes(bounds[rank + 1] - bounds[rank], batches, batch_size), segments)
 
