@@ -62,7 +62,7 @@ class MaskedAutoencoderViT(nn.Module):
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # fixed sin-cos table: a frozen Parameter (as the official code) so it keeps its checkpoint name
         self.pos_embed = nn.Parameter(sincos_2d_pos_embed(embed_dim, grid)[None], requires_grad=False)
-        dpr = torch.linspace(0, drop_path_rate, depth).tolist()  # stochastic depth grows with depth
+        dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]  # stochastic depth grows with depth
         self.blocks = nn.ModuleList([block(embed_dim, num_heads, drop_path=dpr[i]) for i in range(depth)])
         self.norm = norm_layer(embed_dim)
 
