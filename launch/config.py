@@ -94,8 +94,19 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{item}' sets a key below the value of '{part}'")
-        node[leaf] = yaml.safe_load(raw) if raw.strip() else None
+        node[leaf] = _yaml_value(raw) if raw.strip() else None
     return tree
+
+
+def _yaml_value(raw: str) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; a user typing it means a number."""
+    value = yaml.safe_load(raw)
+    if isinstance(value, str):
+        try:
+            return float(value) if value.strip().lower() not in ("nan", "inf", "-inf", "infinity") else value
+        except ValueError:
+            return value
+    return value
 
 
 def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
@@ -142,6 +153,9 @@ def describe_error(schema: type[Schema], err: ValidationError) -> str:
         close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
         hint = f" (did you mean '{'.'.join(loc[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
         return f"unknown config key '{key}'{hint}"
+    if first["type"] == "missing" and loc and loc[-1].isdigit():  # a short tuple, e.g. betas=[0.9]
+        parent = ".".join(loc[:-1])
+        return f"config key '{parent}': needs more values (value {int(loc[-1]) + 1} is missing)"
     value = first.get("input")
     return f"config key '{key}': {first['msg']} (got {value!r})"
 

@@ -52,9 +52,9 @@ def param_groups(module: nn.Module, cfg: OptimConfig, lr: float) -> list[dict[st
     """
     skip = no_decay_names(module)
     if cfg.layer_decay is not None:
-        groups = param_groups_layer_decay(module, cfg.weight_decay, skip, layer_decay=cfg.layer_decay)
+        groups = param_groups_layer_decay(module, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay)
     else:
-        groups = param_groups_weight_decay(module, cfg.weight_decay, skip)
+        groups = param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=skip)
     groups = [g for g in groups if len(g["params"]) > 0]
     if not groups:
         raise ConfigError(f"{type(module).__name__} has no trainable parameters: nothing to optimize")

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate.utils import set_seed
 from torch import Tensor, nn
 
@@ -72,6 +73,14 @@ def fit(task: Task, cfg: TrainerConfig, data: Any, run_dir: Path, *, seed: int, 
                       presets=(train_preset, eval_preset), splits=(train_split, eval_split),
                       loader_factory=loader_factory, config=config)
     return trainer.fit()
+
+
+def _write_yaml(tree: dict[str, Any], path: Path) -> None:
+    """The resolved run config, replaced atomically so that it is never half written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
+    tmp.replace(path)
 
 
 class Trainer:
@@ -144,6 +153,8 @@ class Trainer:
     def fit(self) -> FitResult:
         set_seed(self.seed + 1000 * self.rank)  # distinct per rank (masks, noise); a resume restores its RNG
         self._maybe_resume()
+        if dist.is_main() and self.config:  # after every check that can fail on bad input
+            _write_yaml(self.config, self.run_dir / "config.yaml")
         self.logger = RunLogger(self.run_dir, self.cfg.log, total_steps=self.total_steps,
                                 enabled=dist.is_main(), config=self.config, initial_step=self.step)
         self._interval = (self.step, time.perf_counter())
