@@ -50,7 +50,7 @@ class ShardStream(IterableDataset):
         self.exact = preset == "eval" or cfg.mode == "exact"
         self.shared = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches consumed at iter()]
         self.num_batches = len(self.plan(0).sizes)
-        self.transform = build_transform(cfg, preset, img_size, info.mean, info.std)  # before fork: imports done once
+        self.preset_fns = build_transform(cfg, preset, img_size, info.mean, info.std)  # before fork: imports done once
         self._spare: Sample | None = None
 
     def plan(self, epoch: int) -> RankPlan:
@@ -115,7 +115,7 @@ class ShardStream(IterableDataset):
             spare = self.spare()
             image, label = self._sample(spare, mix(self.seed, epoch, self.rank, index, 0))
             images, labels, keys = [image], [label], [spare["__key__"]]
-        return {"image": torch.stack(images), "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+        return {"image": self.preset_fns.batch(images), "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
                 "corrupt": lost}
 
     def _sample(self, sample: Sample, seed: int) -> tuple[torch.Tensor, int]:
@@ -129,7 +129,7 @@ class ShardStream(IterableDataset):
         except RuntimeError as err:
             raise _Corrupt(f"undecodable image ({str(err).splitlines()[0]})") from None
         with seeded(seed, all_rngs=self.preset == "finetune", restore=get_worker_info() is None):
-            return self.transform(image), label
+            return self.preset_fns.sample(image), label
 
     def _label(self, sample: Sample) -> int:
         classes = self.info.num_classes

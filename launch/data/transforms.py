@@ -1,6 +1,6 @@
 """Decode (torchvision.io) and augment (transforms.v2 on uint8 tensors) one sample.
 
-Presets:
+Presets (normalization with the dataset mean/std always comes last):
 - ``pretrain`` (MAE): RandomResizedCrop(img_size, scale=crop_scale, bicubic) + horizontal flip + normalize.
 - ``eval``: resize the short side to ``img_size / eval_crop_pct`` + center crop + normalize.
 - ``finetune``: timm's own ``create_transform(is_training=True)`` (RandomResizedCrop, flip,
@@ -17,10 +17,11 @@ import contextlib
 import math
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
+from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -39,20 +40,48 @@ def decode(data: bytes, channels: int) -> torch.Tensor:
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
 
 
+class Preset(NamedTuple):
+    sample: Transform                               # uint8 (C, H, W) -> (C, img_size, img_size)
+    batch: Callable[[list[torch.Tensor]], torch.Tensor]  # B samples -> float32 (B, C, img_size, img_size), normalized
+
+
 def build_transform(cfg: DataConfig, preset: str, img_size: int, mean: tuple[float, ...],
-                    std: tuple[float, ...]) -> Transform:
-    """uint8 (C, H, W) -> float32 (C, img_size, img_size), normalized."""
+                    std: tuple[float, ...]) -> Preset:
+    """Per-sample augmentation, then batch assembly. pretrain / eval stay uint8 per sample and are
+    normalized once per batch, straight into shared memory (4x less per-sample float work)."""
     interp = v2.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
-    to_float = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std))]
     if preset == "pretrain":
-        return v2.Compose([v2.RandomResizedCrop(img_size, scale=cfg.crop_scale, interpolation=interp, antialias=True),
-                           v2.RandomHorizontalFlip(cfg.hflip), *to_float])
+        return Preset(v2.Compose([v2.RandomResizedCrop(img_size, scale=cfg.crop_scale, interpolation=interp, antialias=True),
+                                  v2.RandomHorizontalFlip(cfg.hflip)]), _Normalize(mean, std))
     if preset == "eval":
-        return v2.Compose([v2.Resize(math.floor(img_size / cfg.eval_crop_pct), interpolation=interp, antialias=True),
-                           v2.CenterCrop(img_size), *to_float])
+        return Preset(v2.Compose([v2.Resize(math.floor(img_size / cfg.eval_crop_pct), interpolation=interp, antialias=True),
+                                  v2.CenterCrop(img_size)]), _Normalize(mean, std))
     if preset == "finetune":
-        return _TimmTrainTransform(cfg, img_size, mean, std)
+        return Preset(_TimmTrainTransform(cfg, img_size, mean, std), _stack)
     raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")
+
+
+def _batch_buffer(images: list[torch.Tensor]) -> torch.Tensor:
+    out = torch.empty((len(images), *images[0].shape), dtype=torch.float32)
+    # in a worker, fill shared memory directly: the batch then crosses to the main process without a copy
+    return out.share_memory_() if get_worker_info() is not None else out
+
+
+def _stack(images: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(images, out=_batch_buffer(images))
+
+
+class _Normalize:
+    """uint8 images (C, H, W) -> float32 (B, C, H, W) with (x / 255 - mean) / std."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        self.shift = torch.tensor(mean).mul(255).view(-1, 1, 1)
+        self.scale = torch.tensor(std).mul(255).reciprocal().view(-1, 1, 1)
+
+    def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
+        out = _batch_buffer(images)
+        out.copy_(torch.stack(images))
+        return out.sub_(self.shift).mul_(self.scale)
 
 
 def _posterize_any(img: Any, bits_to_keep: int, **kw: Any) -> Any:
@@ -86,7 +115,8 @@ class _TimmTrainTransform:
 def seeded(seed: int, all_rngs: bool, restore: bool) -> Iterator[None]:
     """Seed torch's CPU RNG (v2 transforms) and, for timm, ``random`` and numpy. ``restore`` puts the
     previous states back, for reading in the main process, whose RNGs belong to the trainer."""
-    saved = (torch.get_rng_state(), random.getstate(), np.random.get_state()) if restore else None
+    saved = torch.get_rng_state() if restore else None
+    saved_more = (random.getstate(), np.random.get_state()) if restore and all_rngs else None
     torch.default_generator.manual_seed(seed)
     if all_rngs:
         random.seed(seed)
@@ -95,6 +125,7 @@ def seeded(seed: int, all_rngs: bool, restore: bool) -> Iterator[None]:
         yield
     finally:
         if saved is not None:
-            torch.set_rng_state(saved[0])
-            random.setstate(saved[1])
-            np.random.set_state(saved[2])
+            torch.set_rng_state(saved)
+        if saved_more is not None:
+            random.setstate(saved_more[0])
+            np.random.set_state(saved_more[1])

@@ -1,0 +1,141 @@
+"""Loader throughput: this repo's shard loader vs a plain PIL + torchvision ImageFolder pipeline.
+
+Both read the same JPEGs (≈500x375 crops of the real photos shipped with scikit-image and
+scikit-learn) and make MAE pretraining crops (RandomResizedCrop 224, scale 0.2-1, bicubic,
+flip, normalize) in DataLoader worker processes; the figure is images/s per worker, in the
+steady state (second pass, persistent workers). Runs alternate and the best of ``repeats``
+is kept, which damps the noise of a shared machine.
+
+    python -m benchmarks.data_loader [--images 512] [--workers 1] [--out bench-data-loader.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+PHOTO_SIZE = (375, 500)  # (H, W): the median ImageNet training image
+
+
+def real_photos() -> list[np.ndarray]:
+    """RGB photos of at least 375x500 shipped with scikit-image and scikit-learn: (H, W, 3) uint8."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    names = ("astronaut", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")
+    photos = [getattr(skimage.data, n)() for n in names] + list(load_sample_images().images)
+    return [p for p in photos if p.shape[0] >= PHOTO_SIZE[0] and p.shape[1] >= PHOTO_SIZE[1]]
+
+
+def write_photo_folder(root: Path, images: int, seed: int = 0) -> Path:
+    """``root/<photo>/<i>.jpg``: random 500x375 crops saved as JPEG quality 90 (ImageNet-like)."""
+    rng = np.random.default_rng(seed)
+    photos = real_photos()
+    for i in range(images):
+        k = i % len(photos)
+        photo = photos[k]
+        y = rng.integers(0, photo.shape[0] - PHOTO_SIZE[0] + 1)
+        x = rng.integers(0, photo.shape[1] - PHOTO_SIZE[1] + 1)
+        (root / f"photo{k}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(photo[y:y + PHOTO_SIZE[0], x:x + PHOTO_SIZE[1]]).save(root / f"photo{k}" / f"{i:05d}.jpg", quality=90)
+    return root
+
+
+def _steady_rate(loader: Iterable[Any], images: int) -> float:
+    """images/s of the second pass over ``loader`` (the first one starts the workers)."""
+    for _ in loader:
+        pass
+    start = time.perf_counter()
+    for _ in loader:
+        pass
+    return images / (time.perf_counter() - start)
+
+
+def shard_loader(shards: Path, workers: int, batch_size: int, img_size: int) -> Iterable[Any]:
+    from launch.data import DataConfig, build_loader
+
+    cfg = DataConfig(source=str(shards), workers=workers, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    return build_loader(cfg, "train", preset="pretrain", batch_size=batch_size, img_size=img_size, seed=0)
+
+
+def pil_loader(folder: Path, workers: int, batch_size: int, img_size: int) -> Iterable[Any]:
+    """The official MAE pretraining input pipeline: PIL decode + torchvision (v1) transforms."""
+    from torch.utils.data import DataLoader
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([
+        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
+        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
+    return DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=batch_size, shuffle=True,
+                      num_workers=workers, persistent_workers=workers > 0)
+
+
+def run_benchmark(images: int = 512, workers: int = 1, batch_size: int = 64, img_size: int = 224,
+                  repeats: int = 3, workdir: Path | None = None) -> dict[str, Any]:
+    """Best-of-``repeats`` images/s per worker of both pipelines on the same JPEGs."""
+    from launch.data.prepare import prepare
+
+    with tempfile.TemporaryDirectory(dir=workdir) as tmp:
+        folder = write_photo_folder(Path(tmp) / "photos", images)
+        shards = prepare(str(folder), Path(tmp) / "shards", shard_samples=128).parent
+        jpeg_kb = sum(p.stat().st_size for p in folder.rglob("*.jpg")) / images / 1024
+        loaders = {"shards + torchvision.io + v2": shard_loader(shards, workers, batch_size, img_size),
+                   "PIL + torchvision ImageFolder": pil_loader(folder, workers, batch_size, img_size)}
+        best = {name: 0.0 for name in loaders}
+        for _ in range(repeats):
+            for name, loader in loaders.items():
+                best[name] = max(best[name], _steady_rate(loader, images) / max(workers, 1))
+    ours, baseline = best.values()
+    return {"images": images, "photo_size": list(PHOTO_SIZE), "jpeg_kb": round(jpeg_kb, 1), "img_size": img_size,
+            "batch_size": batch_size, "workers": workers, "torch_threads_per_worker": 1,
+            "images_per_s_per_worker": {k: round(v, 1) for k, v in best.items()}, "speedup": round(ours / baseline, 2),
+            "cpu": _cpu_name(), "torch": torch.__version__}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def format_table(result: dict[str, Any]) -> str:
+    rows = [f"{'pipeline':<32} {'images/s per worker':>20}"]
+    rows += [f"{name:<32} {rate:>20.1f}" for name, rate in result["images_per_s_per_worker"].items()]
+    rows.append(f"speedup {result['speedup']}x  ({result['images']} JPEGs {result['photo_size'][1]}x"
+                f"{result['photo_size'][0]}, ~{result['jpeg_kb']} KB -> {result['img_size']} crops, "
+                f"{result['workers']} worker(s), {result['cpu']})")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.data_loader", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=512)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench-data-loader.json"))
+    args = parser.parse_args(argv)
+    result = run_benchmark(args.images, args.workers, args.batch_size, repeats=args.repeats)
+    print(format_table(result))
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
