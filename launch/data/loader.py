@@ -69,10 +69,8 @@ class ShardStream(IterableDataset):
         logical = (physical + start) % workers
         done = start // workers + (logical < start % workers)
         plan = self.plan(epoch)
-        lost = [0]
-        segments = (iter(plan.worker_segments(self.counts or [], workers, logical)) if plan.segments is not None else
-                    resampled_shards(len(self.urls), seed=self.seed, epoch=epoch, rank=self.rank, worker=logical))
-        raw = self._raw(segments, lost)
+        lost = [0]  # samples of broken shards met since the last batch
+        raw = self._raw(self._segments(plan, epoch, workers, logical), lost)
         if self.shuffle and self.cfg.shuffle_buffer > 1:
             buffer_seed = mix(self.seed, epoch, self.rank, logical, "buffer")
             raw = shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=buffer_seed)(raw)
@@ -81,6 +79,11 @@ class ShardStream(IterableDataset):
             if j >= done:  # batches already yielded before a restore are read, never decoded
                 yield self._batch(samples, epoch, index, lost[0])
             lost[0] = 0
+
+    def _segments(self, plan: RankPlan, epoch: int, workers: int, worker: int) -> Iterator[Segment]:
+        if plan.segments is not None:
+            return iter(plan.worker_segments(self.counts or [], workers, worker))
+        return resampled_shards(self.counts, len(self.urls), seed=self.seed, epoch=epoch, rank=self.rank, worker=worker)
 
     def _raw(self, segments: Iterator[Segment], lost: list[int]) -> Iterator[Sample]:
         """Raw samples of the segments in order; samples a broken shard could not give are added to lost[0]."""

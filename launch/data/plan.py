@@ -8,8 +8,8 @@ Worker ``w`` of ``W`` makes the rank's batches ``w, w + W, ...`` and fills them 
 contiguous stretch of the rank's samples, so it opens few shards; fewer shards than
 ranks x workers simply means several workers read different parts of the same shard.
 
-Resampled mode: each (rank, worker) draws whole shards with replacement from its own
-seeded RNG; an epoch is ``epoch_samples // (world * batch)`` full batches per rank.
+Resampled mode: each (rank, worker) draws whole shards with replacement (weighted by size)
+from its own seeded RNG; an epoch is ``epoch_samples // (world * batch)`` full batches per rank.
 
 The DataLoader takes batches from its workers round-robin, so output batch ``i`` of a
 rank is worker ``i % W``'s ``i // W``-th batch; that is what makes a resume from
@@ -108,8 +108,11 @@ def resampled_plan(epoch_samples: int, *, world_size: int, batch_size: int) -> R
     return RankPlan([batch_size] * batches, None)
 
 
-def resampled_shards(num_shards: int, *, seed: int, epoch: int, rank: int, worker: int) -> Iterator[Segment]:
-    """An endless, seeded draw of whole shards for one (rank, worker) slot."""
+def resampled_shards(counts: list[int] | None, num_shards: int, *, seed: int, epoch: int, rank: int,
+                     worker: int) -> Iterator[Segment]:
+    """An endless, seeded draw of whole shards for one (rank, worker) slot, weighted by their sample
+    counts when known, so that every sample is equally likely whatever the shard sizes."""
     rng = random.Random(mix(seed, epoch, rank, worker, "resample"))
+    shards = range(num_shards)
     while True:
-        yield Segment(rng.randrange(num_shards), 0, None)
+        yield Segment(rng.choices(shards, weights=counts)[0] if counts else rng.randrange(num_shards), 0, None)

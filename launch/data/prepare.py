@@ -137,3 +137,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 main = entry_point("mae-prepare", run)
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -8,6 +8,7 @@ Images are stored as lossless PNG.
 
 from __future__ import annotations
 
+import logging
 import random
 import re
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torchvision.io import encode_png
 from launch.data.writer import Item
 from launch.errors import DataError
 
+log = logging.getLogger(__name__)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png")
 SPLIT_DIRS = ("train", "val", "test")
 
@@ -110,7 +112,9 @@ def image_folder(root: Path) -> Source:
                         "use either root/<class>/<image> or a flat folder")
     used: set[str] = set()
     splits = {name: _folder_items(path, classes, used, root) for name, path in split_roots.items()}
-    splits = {name: items for name, items in splits.items() if items}
+    for name in [n for n, items in splits.items() if not items]:
+        log.warning("%s holds no images in class folders %s; leaving split '%s' out", split_roots[name], classes[:3], name)
+        del splits[name]
     if "train" not in splits:
         raise DataError(f"folder {root} holds no images ({', '.join(IMAGE_EXTS)})")
     random.Random(0).shuffle(splits["train"])  # class-sorted shards would make every shard single-class
