@@ -1,0 +1,111 @@
+"""The one training loop in one process: accumulation, schedule, phases, artifacts, bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from launch.backend import deepspeed_config
+from launch.config import TrainerConfig, load_config
+from launch.errors import ConfigError
+from launch.trainer import fit
+from trainer_tiny import NUM_SAMPLES, TinyTask, TwoPhaseTask, run, synthetic_factory
+
+BASE = ["optim.warmup_steps=2", "optim.base_lr=0.05", "optim.min_lr=0.001", "log.every_steps=1", "optim.clip_grad=1.0"]
+
+
+@pytest.fixture(scope="module")
+def big_batch(tmp_path_factory):
+    """Reference run: one step = one batch of 32, three epochs."""
+    out = tmp_path_factory.mktemp("big")
+    return out, run(str(out), [*BASE, "epochs=3", "batch_size=32"])
+
+
+def test_accumulation_equals_the_big_batch(big_batch, tmp_path):
+    _, ref = big_batch
+    acc = run(str(tmp_path), [*BASE, "epochs=3", "batch_size=8", "accum_steps=4"])
+    assert acc.steps == ref.steps == 3 * NUM_SAMPLES // 32
+    for (name, a), b in zip(ref.task.state_dict().items(), acc.task.state_dict().values()):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6, msg=name)
+    assert acc.final_loss == pytest.approx(ref.final_loss, rel=1e-5)
+
+
+def test_logged_lr_follows_warmup_and_cosine(big_batch):
+    out, ref = big_batch
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lr = {r["step"]: r["lr"] for r in records if r["split"] == "train"}
+    peak, floor, warmup, total = 0.05 * 32 / 256, 0.001, 2, ref.steps
+    # the lr logged after step s is the one step s + 1 will use (0-based: s)
+    assert lr[warmup - 1] == pytest.approx(peak)  # last warmup step runs at the peak
+    s = 5
+    cosine = floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (total - warmup)))
+    assert lr[s] == pytest.approx(cosine)
+    assert lr[total] == pytest.approx(floor)  # after the last step: min_lr
+
+
+def test_run_artifacts_and_metrics(big_batch):
+    out, ref = big_batch
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in records if r["split"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, ref.steps + 1))
+    assert {"loss", "abs_err", "grad_norm", "lr", "images_per_s", "epoch"} <= set(train[-1])
+    assert [r["step"] for r in records if r["split"] == "eval"] == [3, 6, 9]
+    assert train[-1]["loss"] < train[0]["loss"]
+    assert ref.eval["loss"] > 0 and ref.images_per_s > 0 and ref.mfu is None  # CPU: no peak, no MFU
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
+    assert ref.checkpoint == out / "checkpoints" / f"step-{ref.steps:08d}"
+    assert (ref.checkpoint / "COMPLETE").is_file()
+
+
+def test_two_phases_step_their_own_parameters(tmp_path):
+    torch.manual_seed(0)
+    before = {k: v.clone() for k, v in TwoPhaseTask().state_dict().items()}
+    result = run(str(tmp_path), [*BASE, "max_steps=3", "batch_size=16"], two_phase=True)
+    after = result.task.state_dict()
+    assert all(not torch.equal(before[k], after[k]) for k in before)  # both phases moved their part
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"first_loss", "second_loss"} <= set(records[0])
+
+
+def _trainer_cfg(*overrides: str) -> TrainerConfig:
+    return load_config(TrainerConfig, None, ["log.progress=false", *overrides])
+
+
+def test_impossible_batch_split_fails_before_writing(tmp_path):
+    (tmp_path / "config.yaml").write_text("precious: true\n")
+    with pytest.raises(ConfigError) as err:
+        fit(TinyTask(), _trainer_cfg("batch_size=64", "accum_steps=2"), None, tmp_path, seed=0, img_size=4,
+            loader_factory=synthetic_factory(), config={"x": 1})  # fmt: skip
+    assert "trainer.batch_size=64 x trainer.accum_steps=2 x 1 ranks = 128" in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+    assert (tmp_path / "config.yaml").read_text() == "precious: true\n"
+
+
+def test_deepspeed_config_is_derived_and_checked(tmp_path):
+    cfg = _trainer_cfg("backend=deepspeed", "batch_size=8", "accum_steps=2", "zero_stage=3", "optim.clip_grad=1.0")
+    ds = deepspeed_config(cfg, world=4)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 2, 64)
+    assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 3, "overlap_comm": True}}))
+    merged = deepspeed_config(cfg.model_copy(update={"deepspeed_config": str(user)}), world=4)
+    assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": True} and merged["train_batch_size"] == 64
+    for bad, message in [
+        ({"train_micro_batch_size_per_gpu": 16}, "sets train_micro_batch_size_per_gpu=16 but the run config gives 8 (trainer.batch_size)"),
+        ({"zero_optimization": {"stage": 2}}, "sets zero_optimization.stage=2 but the run config gives 3 (trainer.zero_stage)"),
+        ({"bf16": {"enabled": True}}, "sets bf16.enabled=True but the run config gives False (trainer.precision)"),
+        ({"optimizer": {"type": "Adam"}}, "has an 'optimizer' section"),
+    ]:
+        user.write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+            deepspeed_config(cfg.model_copy(update={"deepspeed_config": str(user)}), world=4)
+
+
+def test_deepspeed_refuses_several_optimizers(tmp_path):
+    with pytest.raises(ConfigError, match="supports one optimizer; this task has several phases"):
+        fit(TwoPhaseTask(), _trainer_cfg("backend=deepspeed"), None, tmp_path, seed=0, img_size=4,
+            loader_factory=synthetic_factory())  # fmt: skip
+    assert not any(tmp_path.iterdir())
