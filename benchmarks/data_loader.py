@@ -80,21 +80,35 @@ def pil_loader(folder: Path, workers: int, batch_size: int, img_size: int) -> It
                       num_workers=workers, persistent_workers=workers > 0)
 
 
-def run_benchmark(images: int = 512, workers: int = 1, batch_size: int = 64, img_size: int = 224,
-                  repeats: int = 3, workdir: Path | None = None) -> dict[str, Any]:
-    """Best-of-``repeats`` images/s per worker of both pipelines on the same JPEGs."""
+def photo_dataset(root: Path, images: int) -> tuple[Path, Path]:
+    """The same JPEGs as an ImageFolder (``root/photos``) and as shards (``root/shards``)."""
     from launch.data.prepare import prepare
 
+    folder = write_photo_folder(root / "photos", images)
+    return folder, prepare(str(folder), root / "shards", shard_samples=128).parent
+
+
+def loader_rate(pipeline: str, data: tuple[Path, Path], workers: int, batch_size: int = 64,
+                img_size: int = 224) -> float:
+    """Steady-state images/s per worker (per process when ``workers`` is 0) of "shards" or "pil"."""
+    folder, shards = data
+    images = sum(1 for _ in folder.rglob("*.jpg"))
+    loader = (shard_loader(shards, workers, batch_size, img_size) if pipeline == "shards"
+              else pil_loader(folder, workers, batch_size, img_size))
+    return _steady_rate(loader, images) / max(workers, 1)
+
+
+def run_benchmark(images: int = 512, workers: int = 1, batch_size: int = 64, img_size: int = 224,
+                  repeats: int = 3, workdir: Path | None = None) -> dict[str, Any]:
+    """Best-of-``repeats`` images/s per worker of both pipelines on the same JPEGs, runs alternating."""
+    names = {"shards": "shards + torchvision.io + v2", "pil": "PIL + torchvision ImageFolder"}
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
-        folder = write_photo_folder(Path(tmp) / "photos", images)
-        shards = prepare(str(folder), Path(tmp) / "shards", shard_samples=128).parent
-        jpeg_kb = sum(p.stat().st_size for p in folder.rglob("*.jpg")) / images / 1024
-        loaders = {"shards + torchvision.io + v2": shard_loader(shards, workers, batch_size, img_size),
-                   "PIL + torchvision ImageFolder": pil_loader(folder, workers, batch_size, img_size)}
-        best = {name: 0.0 for name in loaders}
+        data = photo_dataset(Path(tmp), images)
+        jpeg_kb = sum(p.stat().st_size for p in data[0].rglob("*.jpg")) / images / 1024
+        best = {name: 0.0 for name in names.values()}
         for _ in range(repeats):
-            for name, loader in loaders.items():
-                best[name] = max(best[name], _steady_rate(loader, images) / max(workers, 1))
+            for pipeline, name in names.items():
+                best[name] = max(best[name], loader_rate(pipeline, data, workers, batch_size, img_size))
     ours, baseline = best.values()
     return {"images": images, "photo_size": list(PHOTO_SIZE), "jpeg_kb": round(jpeg_kb, 1), "img_size": img_size,
             "batch_size": batch_size, "workers": workers, "torch_threads_per_worker": 1,
