@@ -31,14 +31,15 @@ class DataConfig(Schema):
     channels: Literal[1, 3] | None = Field(None, description="decode to 1 (gray) or 3 (RGB) channels; None = the dataset's")
     mean: tuple[float, ...] | None = Field(None, description="normalization mean per channel; None = the dataset's measured mean")
     std: tuple[float, ...] | None = Field(None, description="normalization std per channel; None = the dataset's measured std")
-    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="pretrain/finetune RandomResizedCrop area range (MAE: 0.2-1.0)")
+    crop_scale: tuple[float, float] = Field((0.2, 1.0), description="pretrain preset: RandomResizedCrop area range (MAE: 0.2-1.0)")
     hflip: float = Field(0.5, ge=0, le=1, description="horizontal flip probability (set 0 for digits)")
     interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="resize interpolation of every preset")
     eval_crop_pct: float = Field(0.875, gt=0, le=1, description="eval preset: resize to img_size / crop_pct, then center crop")
+    finetune_crop_scale: tuple[float, float] = Field((0.08, 1.0), description="finetune preset: RandomResizedCrop area range (timm/MAE: 0.08-1.0)")
     auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="finetune preset: timm auto-augment policy, None = off")
     re_prob: float = Field(0.25, ge=0, le=1, description="finetune preset: timm RandomErasing probability")
 
-    @field_validator("crop_scale")
+    @field_validator("crop_scale", "finetune_crop_scale")
     @classmethod
     def _ordered_scale(cls, value: tuple[float, float]) -> tuple[float, float]:
         if not 0 < value[0] <= value[1] <= 1:

@@ -3,7 +3,7 @@
 Presets (normalization with the dataset mean/std always comes last):
 - ``pretrain`` (MAE): RandomResizedCrop(img_size, scale=crop_scale, bicubic) + horizontal flip + normalize.
 - ``eval``: resize the short side to ``img_size / eval_crop_pct`` + center crop + normalize.
-- ``finetune``: timm's own ``create_transform(is_training=True)`` (RandomResizedCrop, flip,
+- ``finetune``: timm's own ``create_transform(is_training=True)`` (RandomResizedCrop 0.08-1, flip,
   RandAugment ``auto_augment``, RandomErasing ``re_prob``), fed a PIL view of the decoded tensor,
   because timm's RandAugment operates on PIL images.
 
@@ -99,10 +99,11 @@ class _TimmTrainTransform:
         from timm.data import create_transform
         from timm.data.auto_augment import RandAugment, posterize
 
+        # the MAE fine-tuning recipe: no color jitter, RandAugment, pixel-mode RandomErasing
         self.timm_tf = create_transform(input_size=(len(mean), img_size, img_size), is_training=True,
-                                        scale=cfg.crop_scale, hflip=cfg.hflip, auto_augment=cfg.auto_augment,
-                                        interpolation=cfg.interpolation, re_prob=cfg.re_prob, re_mode="pixel",
-                                        re_count=1, mean=mean, std=std)
+                                        scale=cfg.finetune_crop_scale, hflip=cfg.hflip, color_jitter=None,
+                                        auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
+                                        re_prob=cfg.re_prob, re_mode="pixel", re_count=1, mean=mean, std=std)
         for t in self.timm_tf.transforms:
             for op in t.ops if isinstance(t, RandAugment) else []:
                 op.aug_fn = _posterize_any if op.aug_fn is posterize else op.aug_fn
