@@ -122,10 +122,11 @@ def _manifest(folder: Path, shards: list[str], counts: list[int], channels: int 
 
 @pytest.fixture(scope="module")
 def broken(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str], int]:
-    """3 photo shards of 20: one undecodable JPEG, one bad label, one missing label, one truncated tar."""
+    """3 photo shards of 20: an undecodable JPEG, an empty PNG, a bad label, a missing label, a truncated tar."""
     folder = tmp_path_factory.mktemp("broken")
     shards = [_photo_items(20, 20 * s) for s in range(3)]
     shards[0][4] = Item("photo-bad-jpeg", "jpg", 1, 9, data=b"\xff\xd8garbage")
+    shards[0][6] = Item("photo-empty", "png", 1, 0, data=b"")
     shards[1][7] = Item("photo-bad-label", "jpg", 7, shards[1][7].size, data=shards[1][7].data)  # 7 >= 4 classes
     shards[1][9] = Item("photo-no-label", "jpg", -1, shards[1][9].size, data=shards[1][9].data)
     names = [f"train-{i:06d}.tar" for i in range(3)]
@@ -135,8 +136,8 @@ def broken(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str], in
     (folder / names[2]).write_bytes(data[: len(data) // 2])
     survived = [s["__key__"] for s in read_samples(str(folder / names[2])) if BROKEN not in s]
     _manifest(folder, names, [20, 20, 20])
-    good = {i.key for items in shards[:2] for i in items} - {"photo-bad-jpeg", "photo-bad-label", "photo-no-label"}
-    return folder, good | set(survived), 3 + 20 - len(survived)
+    good = {i.key for items in shards[:2] for i in items} - {"photo-bad-jpeg", "photo-empty", "photo-bad-label", "photo-no-label"}
+    return folder, good | set(survived), 4 + 20 - len(survived)
 
 
 @pytest.mark.parametrize("batch_size", [8, 1])

@@ -129,7 +129,7 @@ class ShardStream(IterableDataset):
             raise _Corrupt(f"no image member ({', '.join(IMAGE_KEYS)}) among {sorted(sample)}")
         try:
             image = decode(data, self.info.channels)
-        except RuntimeError as err:
+        except (RuntimeError, ValueError) as err:  # ValueError: an empty member
             raise _Corrupt(f"undecodable image ({str(err).splitlines()[0]})") from None
         with seeded(seed, all_rngs=self.preset == "finetune", restore=get_worker_info() is None):
             return self.preset_fns.sample(image), label
