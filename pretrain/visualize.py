@@ -11,16 +11,25 @@ from __future__ import annotations
 import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
 
+from launch.checkpoint import load_weights
 from launch.cli import entry_point
+from launch.config import describe_error, load_config, merge, parse_overrides, read_yaml
+from launch.data import DataConfig, build_loader, dataset_info
+from launch.errors import CheckpointError, ConfigError
+from launch.export import load_full
+from pretrain.masking import num_visible
 from pretrain.model import MaskedAutoencoderViT
 from pretrain.objective import normalize_patches
+from pretrain.official import load_official
 
 log = logging.getLogger(__name__)
 PANELS = ("original", "masked", "reconstruction", "pasted")
@@ -81,3 +90,113 @@ def _display_map(original: Tensor, mean: Sequence[float] | None, std: Sequence[f
         scale = 1.0 / (original.amax(dim=(1, 2, 3), keepdim=True) - lo).clamp_min(1e-12)
         shift = -lo * scale
     return lambda x: (x * scale + shift).clamp(0.0, 1.0)
+
+
+# ----------------------------------------------------------------------------- mae-visualize
+
+
+@dataclass
+class Source:
+    """A trained model and what its folder says about how it was trained (None = unknown)."""
+
+    model: MaskedAutoencoderViT
+    data: DataConfig | None = None
+    mask_ratio: float | None = None
+    norm_pix_loss: bool | None = None
+
+
+def load_source(path: Path) -> Source:
+    """An export folder, a run directory or an official-named ``.pth`` / ``.safetensors`` file."""
+    if not path.exists():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    if path.is_file():
+        return Source(load_official(path))
+    for folder in (path, path / "export" / "full"):
+        if (folder / "config.json").is_file():
+            model, config = load_full(folder)
+            return Source(model, _run_data(folder), config.get("mask_ratio"), config.get("norm_pix_loss"))
+    if (path / "config.yaml").is_file() and (path / "checkpoints").is_dir():
+        from pretrain.task import build_task  # the task draws its pictures with this module
+
+        cfg = _run_config(path)
+        task = build_task(cfg.model)
+        load_weights(task, path)
+        return Source(task.model, cfg.data, cfg.model.mask_ratio, cfg.model.norm_pix_loss)
+    raise CheckpointError(f"{path} is neither a checkpoint file, an export folder (config.json) nor a run directory (config.yaml + checkpoints/)")
+
+
+def _run_config(run_dir: Path) -> Any:
+    from pretrain.config import PretrainConfig  # the CLI config pulls in data and probe code
+
+    return load_config(PretrainConfig, run_dir / "config.yaml")
+
+
+def _run_data(export_dir: Path) -> DataConfig | None:
+    """The data section of the run an export lives in (``run/export/full``), if any."""
+    for run_dir in (export_dir.parent, export_dir.parent.parent):
+        if (run_dir / "config.yaml").is_file():
+            return _run_config(run_dir).data
+    return None
+
+
+def _data_config(path: Path | None, overrides: list[str], fallback: DataConfig | None) -> DataConfig:
+    """``--data`` (a data config or a whole run config with a ``data:`` section) <- overrides."""
+    if path is None and fallback is None:
+        raise ConfigError("no data to draw from: pass --data FILE (a data config, or a run config with a data: section)")
+    base = fallback.model_dump(mode="json") if fallback is not None else {}
+    if path is not None:
+        raw = read_yaml(path)
+        base = raw["data"] if isinstance(raw.get("data"), dict) else raw
+    try:
+        return DataConfig.model_validate(merge(base, parse_overrides(overrides)))
+    except ValidationError as err:
+        raise ConfigError(describe_error(DataConfig, err)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mae-visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="export folder, run directory, or official-named .pth / .safetensors")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="data config overrides, e.g. root=data")
+    parser.add_argument("--data", type=Path, default=None, help="data config YAML (default: the run's data section)")
+    parser.add_argument("--split", default="val", help="split to draw images from (default: val)")
+    parser.add_argument("--num-images", type=int, default=8, help="rows of the grid (default: 8)")
+    parser.add_argument("--mask-ratio", type=float, default=None, help="default: the run's, else 0.75")
+    parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
+                        help="the model predicts per-patch normalized pixels (default: the run's, else true)")  # fmt: skip
+    parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
+    parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    parser.add_argument("--out", type=Path, default=Path("reconstruction.png"), help="PNG to write")
+    return parser
+
+
+def run(argv: list[str]) -> int:
+    args = _parser().parse_intermixed_args(argv)
+    if args.num_images < 1:
+        raise ConfigError(f"--num-images {args.num_images} must be at least 1")
+    src = load_source(args.source)
+    model = src.model.to(args.device).eval()
+    mask_ratio = args.mask_ratio if args.mask_ratio is not None else (src.mask_ratio if src.mask_ratio is not None else 0.75)
+    norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else (src.norm_pix_loss is not False)
+    try:
+        num_visible(model.num_patches, mask_ratio)  # refuse a bad ratio before reading any data
+    except ValueError as err:
+        raise ConfigError(f"--mask-ratio: {err}") from None
+    if model.in_chans not in (1, 3):
+        raise ConfigError(f"the model takes {model.in_chans} channels; mae-visualize decodes images to 1 or 3")
+    data = _data_config(args.data, args.overrides, src.data).model_copy(update={"channels": model.in_chans, "workers": 0})
+    info = dataset_info(data)
+    if args.split not in info.splits:
+        raise ConfigError(f"split '{args.split}' is not in the data (available: {', '.join(info.splits) or 'none'})")
+    loader = build_loader(data, args.split, preset="eval", batch_size=args.num_images, img_size=model.img_size, seed=args.seed)
+    imgs = next(iter(loader))["image"].to(args.device)
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
+    grid = reconstruction_grid(model, imgs, mask_ratio, norm_pix, mean=data.mean or info.mean, std=data.std or info.std, noise=noise)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = args.out.with_name(args.out.name + ".tmp")
+    save_image(grid, tmp, format="png")
+    tmp.replace(args.out)  # an interrupted run never leaves a half-written picture
+    print(f"wrote {args.out} ({imgs.shape[0]} images, mask ratio {mask_ratio}, norm_pix_loss {norm_pix})")
+    return 0
+
+
+main = entry_point("mae-visualize", run)
