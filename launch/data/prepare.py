@@ -42,28 +42,40 @@ def _decode(data: bytes, mode: ImageReadMode = ImageReadMode.UNCHANGED) -> torch
     return decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
 
 
+def _shapes(items: list[Item]) -> list[tuple[Item, tuple[int, ...]]]:
+    """(item, (C, H, W)) of each decodable item; undecodable ones are reported and left out of the stats."""
+    shapes = []
+    for item in items:
+        try:
+            shapes.append((item, tuple(_decode(item.read()).shape)))
+        except (RuntimeError, ValueError):
+            log.warning("undecodable image %s: left out of the statistics (the loader skips it too)", item.path or item.key)
+    if not shapes:
+        raise DataError(f"none of the {len(items)} images sampled for statistics can be decoded")
+    return shapes
+
+
 def measure(items: list[Item], channels: int | None, seed: int = 0) -> dict[str, Any]:
     """Channels, median (H, W), and per-channel mean/std in [0, 1] over up to STATS_SAMPLES images."""
-    picked = random.Random(seed).sample(items, min(len(items), STATS_SAMPLES))
-    images = [_decode(item.read()) for item in picked]
-    found = Counter(1 if img.shape[0] in (1, 2) else 3 for img in images)
+    shapes = _shapes(random.Random(seed).sample(items, min(len(items), STATS_SAMPLES)))
+    found = Counter(1 if shape[0] in (1, 2) else 3 for _, shape in shapes)
     if channels is None and len(found) > 1:
-        raise DataError(f"inconsistent channels: {found[1]} grayscale and {found[3]} color images among {len(images)} "
+        raise DataError(f"inconsistent channels: {found[1]} grayscale and {found[3]} color images among {len(shapes)} "
                         "sampled; pass --channels 1 or 3 to convert every image on read")
     channels = channels or next(iter(found))
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     total = torch.zeros(channels, dtype=torch.float64)
     square = torch.zeros(channels, dtype=torch.float64)
     pixels = 0
-    for item, img in zip(picked, images):
+    for item, _ in shapes:
         x = _decode(item.read(), mode).double().div_(255).flatten(1)  # (C, H*W)
         total += x.sum(1)
         square += x.square().sum(1)
         pixels += x.shape[1]
     mean = total / pixels
     std = (square / pixels - mean.square()).clamp_min(0).sqrt()
-    heights = sorted(img.shape[1] for img in images)
-    widths = sorted(img.shape[2] for img in images)
+    heights = sorted(shape[1] for _, shape in shapes)
+    widths = sorted(shape[2] for _, shape in shapes)
     return {"channels": channels, "img_size": [heights[len(heights) // 2], widths[len(widths) // 2]],
             "img_size_min": [heights[0], widths[0]], "img_size_max": [heights[-1], widths[-1]],
             "mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()]}
@@ -80,7 +92,7 @@ def prepare(source: str, out: str | Path, *, overwrite: bool = False, shard_samp
     """Write ``source`` as shards under ``out``; returns the manifest path. Never touches an existing
     ``out`` unless ``overwrite``; if another process publishes ``out`` first, its dataset is kept."""
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise DataError(f"output folder exists: {out} (pass --overwrite to replace it)")
     if shard_samples < 1 or shard_bytes < 1 or workers < 1:
         raise DataError(f"--shard-samples, --shard-bytes and --workers must be >= 1 (got {shard_samples}, {shard_bytes}, {workers})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import shutil
 import tarfile
@@ -23,6 +24,7 @@ from tqdm import tqdm
 
 from launch.errors import DataError
 
+log = logging.getLogger(__name__)
 MANIFEST = "dataset.json"
 _BLOCK = 512
 
@@ -69,14 +71,21 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 
 def write_shard(path: Path, items: list[Item], transcode: Any = None) -> int:
-    """Write one tar; ``transcode(bytes) -> (ext, bytes)`` re-encodes images when given. Returns samples."""
+    """Write one tar; ``transcode(bytes) -> (ext, bytes)`` re-encodes images when given (an image it
+    cannot decode is left out with a warning). Returns the samples written."""
+    written = 0
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for item in items:
-            ext, payload = (item.ext, item.read()) if transcode is None else transcode(item.read())
+            try:
+                ext, payload = (item.ext, item.read()) if transcode is None else transcode(item.read())
+            except (RuntimeError, ValueError):
+                log.warning("cannot re-encode %s; left out", item.path or item.key)
+                continue
             _add(tar, f"{item.key}.{ext}", payload)
             if item.label >= 0:
                 _add(tar, f"{item.key}.cls", str(item.label).encode())
-    return len(items)
+            written += 1
+    return written
 
 
 def write_split(tmp: Path, split: str, items: list[Item], *, max_samples: int, max_bytes: int,
@@ -84,17 +93,19 @@ def write_split(tmp: Path, split: str, items: list[Item], *, max_samples: int, m
     """Write ``<split>-%06d.tar`` files into ``tmp``; returns shard names and samples per shard."""
     shards = list(cut_shards(items, max_samples, max_bytes))
     names = [f"{split}-{i:06d}.tar" for i in range(len(shards))]
-    bar = tqdm(total=len(items), desc=f"writing {split}", unit="img", disable=None)
-    with bar:
+    counts = []
+    with tqdm(total=len(items), desc=f"writing {split}", unit="img", disable=None) as bar:
         if workers <= 1:
             for name, shard in zip(names, shards):
-                bar.update(write_shard(tmp / name, shard, transcode))
+                counts.append(write_shard(tmp / name, shard, transcode))
+                bar.update(len(shard))
         else:
             with ProcessPoolExecutor(workers) as pool:
                 jobs = [pool.submit(write_shard, tmp / name, shard, transcode) for name, shard in zip(names, shards)]
-                for job in jobs:
-                    bar.update(job.result())
-    return names, [len(s) for s in shards]
+                for job, shard in zip(jobs, shards):
+                    counts.append(job.result())
+                    bar.update(len(shard))
+    return names, counts
 
 
 def temp_dir_for(out: Path) -> Path:
