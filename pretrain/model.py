@@ -176,12 +176,12 @@ class MaskedAutoencoderViT(nn.Module):
 
     def timm_model_args(self) -> dict[str, Any]:
         """JSON-able kwargs of timm's ``VisionTransformer`` with the same encoder (add ``num_classes``)."""
-        a = self.arch
+        a = self.arch  # timm's default norm is already LayerNorm(eps=1e-6), so no callable is needed
         return dict(
             img_size=a["img_size"], patch_size=a["patch_size"], in_chans=a["in_chans"], embed_dim=a["embed_dim"],
             depth=a["depth"], num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"], qkv_bias=True, class_token=True,
             global_pool="token",
-        )  # fmt: skip  (JSON-serializable; timm's default norm is already LayerNorm eps 1e-6)
+        )  # fmt: skip
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The encoder's tensors under timm ``VisionTransformer`` keys (decoder and mask token dropped)."""
