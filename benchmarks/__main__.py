@@ -52,8 +52,8 @@ class BenchConfig(Schema):
     visible_presets: list[str] = Field(["mae_vit_tiny", "mae_vit_base"], description="presets for the visible-only speedup")
     lever_preset: str = Field("mae_vit_tiny", description="preset the speed levers are measured on")
     levers: list[str] | None = Field(None, description="substrings of lever names to run; None = all")
-    loader_workers: list[int] = Field([0, 1, 2], description="loader worker counts measured in 'loader'")
-    loader_batches: int = Field(20, ge=1, description="batches timed per loader measurement")
+    loader_workers: list[int] = Field([1, 2], description="loader worker counts measured in 'loader' (0 = main process)")
+    loader_images: int = Field(256, ge=1, description="JPEGs read per loader pass (real photos, ~500 x 375)")
     model_overrides: dict[str, int] = Field({}, description="create_mae overrides for every model, e.g. {depth: 2}")
     peak_tflops: float | None = Field(None, gt=0, description="peak TFLOP/s for MFU; None = the GPU table (none on CPU)")
     out: str = Field("bench.json", description="JSON output path")
@@ -118,8 +118,8 @@ def run_section(section: Section, cfg: BenchConfig, device: torch.device, peak: 
     if section == "loader":
         from benchmarks.feed import loader_feed
 
-        return loader_feed(cfg.loader_workers, cfg.loader_batches, cfg.batch_size, cfg.img_size,
-                           model_rows=results.get("presets"), seed=cfg.seed)  # fmt: skip
+        return loader_feed(cfg.loader_workers, cfg.loader_images, cfg.batch_size, cfg.img_size,
+                           model_rows=results.get("presets"))  # fmt: skip
     from benchmarks.gpu_table import expected_table
 
     per_worker = (results.get("loader") or {}).get("per_worker_images_per_s")

@@ -63,9 +63,10 @@ def _levers(res: dict[str, Any]) -> str:
 def _loader(res: dict[str, Any]) -> str:
     rows = table("data loader (pretrain transforms)", ["workers", "img/s", "img/s per worker"],
                  [[r["workers"], r["images_per_s"], r["images_per_s_per_worker"]] for r in res["rows"]])
-    demand = table("loader / model demand (target >= 1.3)", ["model", "model img/s", "loader img/s", "ratio", "workers needed"],
-                   [[d["preset"], d["model_images_per_s"], d["loader_images_per_s"], d["ratio"], d["workers_needed"]]
-                    for d in res["demand"]])  # fmt: skip
+    demand = table(f"loader at the default workers / model demand (target >= {res['target_ratio']})",
+                   ["model", "demand from", "model img/s", "workers", "loader img/s", "ratio", "workers needed"],
+                   [[d["preset"], d["where"], d["model_images_per_s"], d["default_workers"], d["loader_images_per_s"],
+                     d["ratio"], d["workers_needed"]] for d in res["demand"]])  # fmt: skip
     return rows + "\n\n" + demand
 
 

@@ -23,9 +23,8 @@ MEASUREMENT = {"name", "images_per_s", "step_ms", "runs_images_per_s", "warmup_s
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    sections = "sections=[presets,hf,visible_only,levers,gpu]"
-    code = main([*TINY, sections, "presets=[mae_vit_tiny]", "visible_presets=[mae_vit_tiny]",
-                 "levers=[bf16,boolean,item]", f"out={out}"])  # fmt: skip
+    code = main([*TINY, "presets=[mae_vit_tiny]", "visible_presets=[mae_vit_tiny]", "levers=[bf16,boolean,item]",
+                 "loader_workers=[0]", "loader_images=8", f"out={out}"])  # fmt: skip
     assert code == 0
     return json.loads(out.read_text())
 
@@ -59,6 +58,15 @@ def test_visible_only_and_levers_sections(result: dict) -> None:
     assert levers[0]["lever"].startswith("baseline") and levers[0]["speedup"] == 1.0
     assert {"bf16 autocast", "boolean-mask loss", "loss.item() every step"} <= {r["lever"] for r in levers}
     assert all({"speedup", "pays", "images_per_s", "settings"} <= set(r) for r in levers)
+
+
+def test_loader_section_relates_loader_to_model_demand(result: dict) -> None:
+    loader = result["loader"]
+    (row,) = loader["rows"]
+    assert row["workers"] == 0 and row["images_per_s_per_worker"] > 0
+    where = {d["where"] for d in loader["demand"]}
+    assert any(w.startswith("measured") for w in where) and any("computed" in w for w in where)
+    assert all(d["ratio"] > 0 and d["workers_needed"] >= 1 for d in loader["demand"])
 
 
 def test_gpu_table_is_labelled_computed(result: dict) -> None:
