@@ -1,0 +1,1 @@
+"""Downstream evaluation of a backbone: linear probe (``mae-probe``) and full fine-tune (``mae-finetune``)."""

@@ -1,0 +1,182 @@
+"""Any backbone -> a timm ``VisionTransformer``, plus the checks that it fits the data.
+
+A backbone is one of:
+
+- a folder written by ``mae-export`` (its ``timm/`` or ``mae/`` part, or the parent holding both),
+- a pretraining run directory or one of its ``checkpoints/step-*`` (the newest complete one is used),
+- an official MAE checkpoint file (``mae_pretrain_vit_base.pth``, ``mae_visualize_vit_large.pth``, ...),
+- a timm model name such as ``vit_tiny_patch16_224`` (random init, for from-scratch comparisons),
+- an ``nn.Module``: a ``MaskedAutoencoderViT`` or a timm ``VisionTransformer``.
+
+Whatever the source, the weights go through one strict load into a freshly built timm ViT
+with the requested head, so a missing or misnamed key is an error, never a silent re-init.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import torch
+from timm.models import get_model_args
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from launch.errors import CheckpointError, ConfigError, DataError
+from launch.export import load_full, load_strict, read_export_config, timm_architecture
+
+log = logging.getLogger(__name__)
+
+BackboneSpec = str | Path | nn.Module
+_HEAD_PREFIXES = ("head.", "fc_norm.", "head_drop.")
+_DECODER_PREFIXES = ("decoder_", "mask_token")
+
+
+@dataclass
+class BackboneSource:
+    """What a backbone resolves to before a model is built: a timm architecture, its
+    arguments, encoder weights (None = random init) and the normalization they expect."""
+
+    architecture: str
+    model_args: dict[str, Any]
+    state: dict[str, Tensor] | None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    name: str = ""
+
+
+def resolve_backbone(spec: BackboneSpec, model_args: dict[str, Any] | None = None) -> BackboneSource:
+    """Identify ``spec`` (see the module docstring); ``model_args`` override the architecture
+    of a timm-name backbone (e.g. ``img_size=28, in_chans=1, patch_size=4``)."""
+    if isinstance(spec, nn.Module):
+        return _from_module(spec)
+    path = Path(spec)
+    if path.is_dir():
+        return _from_folder(path)
+    if path.is_file():
+        return _from_official_file(path)
+    if timm.is_model(str(spec)):
+        return BackboneSource(str(spec), dict(model_args or {}), None, name=f"{spec} (random init)")
+    raise ConfigError(
+        f"backbone '{spec}' is neither an existing export / run / checkpoint path nor a timm model name "
+        f"(e.g. vit_tiny_patch16_224)"
+    )
+
+
+def build_vit(source: BackboneSource, *, num_classes: int, global_pool: str = "token",
+              drop_path_rate: float = 0.0) -> VisionTransformer:
+    """A timm ViT of ``source``'s architecture with a fresh ``num_classes`` head (0 = none).
+
+    With ``global_pool="avg"`` timm replaces the final ``norm`` by ``fc_norm`` after pooling;
+    as in the official MAE fine-tuning, the pretrained ``norm`` is then dropped and ``fc_norm``
+    starts fresh. Every other key must match exactly.
+    """
+    args = {**source.model_args, "num_classes": num_classes, "global_pool": global_pool, "drop_path_rate": drop_path_rate}
+    vit = timm.create_model(source.architecture, pretrained=False, **args)
+    if source.state is not None:
+        state = {k: v for k, v in source.state.items() if not k.startswith(_HEAD_PREFIXES)}
+        if isinstance(vit.norm, nn.Identity):
+            state = {k: v for k, v in state.items() if not k.startswith("norm.")}
+        fresh = {k: v for k, v in vit.state_dict().items() if k.startswith(_HEAD_PREFIXES)}
+        load_strict(vit, {**state, **fresh}, what=f"backbone {source.name}")
+    return vit
+
+
+def check_fits(vit: VisionTransformer, *, channels: int, img_size: int | None, data_size: tuple[int, int],
+               source: BackboneSource, data_mean: tuple[float, ...] | None = None) -> int:
+    """The image size to train at; raises a :class:`DataError` naming the mismatch and the fix."""
+    vit_chans = vit.patch_embed.proj.in_channels
+    vit_size = int(vit.patch_embed.img_size[0])
+    if vit_chans != channels:
+        raise DataError(
+            f"backbone {source.name} takes {vit_chans}-channel images but the data has {channels}: "
+            f"set data.channels={vit_chans} or use a {channels}-channel backbone"
+        )
+    if img_size is not None and img_size != vit_size:
+        raise DataError(
+            f"img_size={img_size} but backbone {source.name} is built for {vit_size}x{vit_size} images: "
+            f"set img_size={vit_size} (or leave it unset)"
+        )
+    if img_size is None and tuple(data_size) != (vit_size, vit_size):
+        raise DataError(
+            f"backbone {source.name} expects {vit_size}x{vit_size} images but the data is {data_size[0]}x{data_size[1]}: "
+            f"set img_size={vit_size} to resize the data, or use a backbone built for {data_size[0]} px"
+        )
+    if source.mean is not None and data_mean is not None and not _close(source.mean, data_mean):
+        log.warning("backbone %s was trained with mean %s, the data is normalized with %s", source.name,
+                    list(source.mean), list(data_mean))
+    return vit_size
+
+
+def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
+    return len(a) == len(b) and all(math.isclose(x, y, abs_tol=1e-3) for x, y in zip(a, b))
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _from_module(module: nn.Module) -> BackboneSource:
+    if hasattr(module, "encoder_state_dict"):
+        args = module.timm_model_args()
+        return BackboneSource(timm_architecture(args["embed_dim"]), args, module.encoder_state_dict(),
+                              name=type(module).__name__)
+    if isinstance(module, VisionTransformer):
+        args = get_model_args(module)
+        return BackboneSource(timm_architecture(module.embed_dim), args, module.state_dict(), name=type(module).__name__)
+    raise ConfigError(f"backbone module {type(module).__name__} is neither a MaskedAutoencoderViT nor a timm VisionTransformer")
+
+
+def _from_folder(path: Path) -> BackboneSource:
+    """An export folder (``timm/`` preferred over ``mae/``), or a pretraining run / checkpoint."""
+    for candidate in (path, path / "timm", path / "mae"):
+        if (candidate / "config.json").is_file():
+            return _from_export(candidate)
+    from launch.export import load_pretraining_mae  # resolves run dirs and step-* checkpoints
+
+    model, meta = load_pretraining_mae(path)
+    source = _from_module(model)
+    source.mean, source.std, source.name = meta.get("mean"), meta.get("std"), str(path)
+    return source
+
+
+def _from_export(path: Path) -> BackboneSource:
+    config = read_export_config(path)
+    if config.get("architecture") == "mae":
+        model, _ = load_full(path)
+        source = _from_module(model)
+    else:
+        state = safetensors.torch.load_file(str(path / "model.safetensors"))
+        source = BackboneSource(config["architecture"], dict(config.get("model_args", {})), state)
+    pcfg = config.get("pretrained_cfg", {})
+    source.mean = tuple(pcfg["mean"]) if "mean" in pcfg else None
+    source.std = tuple(pcfg["std"]) if "std" in pcfg else None
+    source.name = str(path)
+    return source
+
+
+def _from_official_file(path: Path) -> BackboneSource:
+    """An official MAE checkpoint: ``{"model": state}`` (or a bare state dict) in timm names;
+    the architecture is read off the tensor shapes (heads of width 64, as in every MAE ViT)."""
+    try:
+        if path.suffix == ".safetensors":
+            raw: Any = safetensors.torch.load_file(str(path))
+        else:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a foreign or truncated file: one line is the story
+        raise CheckpointError(f"cannot read backbone checkpoint {path}: {str(err).splitlines()[0]}") from None
+    state = raw.get("model", raw) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or "patch_embed.proj.weight" not in state:
+        raise CheckpointError(f"{path} holds no ViT encoder (no 'patch_embed.proj.weight'): not an MAE/timm checkpoint")
+    state = {k: v for k, v in state.items() if not k.startswith(_DECODER_PREFIXES)}
+    dim, chans, patch, _ = state["patch_embed.proj.weight"].shape
+    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
+    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
+    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
+    args = dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth,
+                num_heads=max(1, dim // 64), mlp_ratio=hidden / dim)  # fmt: skip
+    return BackboneSource(timm_architecture(dim), args, state, name=str(path))

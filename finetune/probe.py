@@ -1,0 +1,140 @@
+"""Linear probe (MAE paper, App. A.2): a frozen encoder, BatchNorm without affine + a linear head.
+
+The encoder runs in eval mode and never masks; only the head trains (LARS by default, as in
+the paper, with a cosine schedule). Features are the class token or the average of the patch
+tokens, both after the encoder's final norm. ``mae-probe`` / ``python -m finetune``::
+
+    mae-probe backbone=runs/pretrain/export/timm probe.pool=avg probe.trainer.epochs=20
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, field_validator
+from timm.layers import trunc_normal_
+from timm.models.vision_transformer import VisionTransformer
+from torch import Tensor, nn
+
+from launch.cli import config_parser, entry_point, parse_config
+from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge, save_config
+from launch.data import DataConfig, dataset_info
+from launch.task import Batch, Task
+from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone
+from finetune.heads import num_classes_of, topk_sums
+
+log = logging.getLogger(__name__)
+
+Pool = Literal["cls", "avg"]
+
+
+def _probe_trainer() -> TrainerConfig:
+    # paper: LARS, base lr 0.1, no weight decay, 10 warmup epochs of 90, batch 16384 (here: small data)
+    optim = OptimConfig(name="lars", base_lr=0.1, weight_decay=0.0, warmup_epochs=1.0, momentum=0.9)
+    # no picture grids: a probe has none, and the trainer would read an eval batch for nothing
+    return TrainerConfig(epochs=10, batch_size=256, optim=optim, log=LogConfig(images_every_epochs=0))
+
+
+class ProbeConfig(Schema):
+    pool: Pool = Field("avg", description="features: 'cls' (class token) or 'avg' (mean of patch tokens), after the final norm")
+    num_classes: int | None = Field(None, ge=2, description="must equal the dataset manifest's; None = the manifest's")
+    img_size: int | None = Field(None, ge=1, description="train/eval size; None = the backbone's (the data is resized to it)")
+    train_preset: Literal["eval", "pretrain", "finetune"] = Field("eval", description="data augmentation of the probe's training split")
+    model_args: dict[str, Any] = Field(default_factory=dict, description="architecture overrides for a timm-name backbone (e.g. {img_size: 28, in_chans: 1})")
+    trainer: TrainerConfig = Field(default_factory=_probe_trainer, description="probe training (defaults: LARS, lr 0.1 x batch/256, no weight decay)")
+
+    @field_validator("trainer", mode="before")
+    @classmethod
+    def _over_probe_defaults(cls, value: Any) -> Any:
+        """``probe.trainer.epochs=5`` changes the epochs, not the probe's optimizer back to AdamW."""
+        return merge(_probe_trainer().model_dump(), value) if isinstance(value, dict) else value
+
+
+class ProbeTask(Task):
+    """Frozen ViT encoder -> pooled features (N, D) -> BatchNorm1d(affine=False) -> Linear -> (N, K)."""
+
+    def __init__(self, encoder: VisionTransformer, num_classes: int, pool: Pool = "avg") -> None:
+        super().__init__()
+        self.encoder = encoder.requires_grad_(False).eval()
+        self.pool = pool
+        dim = encoder.embed_dim
+        self.head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=1e-6), nn.Linear(dim, num_classes))
+        trunc_normal_(self.head[1].weight, std=0.01)  # as the official linear probe
+        nn.init.zeros_(self.head[1].bias)
+
+    def train(self, mode: bool = True) -> "ProbeTask":
+        """The trainer toggles modes; the encoder stays in eval (no dropout / drop path, ever)."""
+        super().train(mode)
+        self.encoder.eval()
+        return self
+
+    @torch.no_grad()
+    def features(self, imgs: Tensor) -> Tensor:
+        """imgs: (N, C, H, W) -> (N, D) pooled encoder features; no masking, no autograd graph."""
+        tokens = self.encoder.forward_features(imgs)  # (N, prefix + L, D), final norm applied
+        if self.pool == "cls":
+            return tokens[:, 0]
+        return tokens[:, self.encoder.num_prefix_tokens :].mean(dim=1)
+
+    def logits(self, imgs: Tensor) -> Tensor:
+        return self.head(self.features(imgs).float())
+
+    def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
+        logits = self.logits(batch["image"])
+        labels = batch["label"]
+        return {"loss": F.cross_entropy(logits, labels), "acc": (logits.argmax(1) == labels).float().mean() * 100}
+
+    def phase_module(self, phase: str) -> nn.Module:
+        return self.head
+
+    @torch.no_grad()
+    def eval_step(self, batch: Batch) -> dict[str, Tensor]:
+        return topk_sums(self.logits(batch["image"]), batch["label"])
+
+
+def run_probe(cfg: ProbeConfig, *, backbone: BackboneSpec, data: DataConfig, run_dir: Path, seed: int,
+              config: dict[str, Any] | None = None) -> Any:
+    """Probe ``backbone`` on ``data`` into ``run_dir``; returns the trainer's ``FitResult``
+    (``eval`` holds ``top1`` / ``top5`` in percent and ``loss`` on the val split)."""
+    from launch.trainer import fit
+
+    info = dataset_info(data)
+    num_classes = num_classes_of(info, cfg.num_classes, "probe.num_classes")
+    source = resolve_backbone(backbone, cfg.model_args)
+    encoder = build_vit(source, num_classes=0)
+    img_size = check_fits(encoder, channels=data.channels or info.channels, img_size=cfg.img_size,
+                          data_size=info.img_size, source=source, data_mean=data.mean or info.mean)  # fmt: skip
+    task = ProbeTask(encoder, num_classes, cfg.pool)
+    log.info("linear probe of %s (%s pooling) on %d classes", source.name, cfg.pool, num_classes)
+    return fit(task, cfg.trainer, data, Path(run_dir), seed=seed, img_size=img_size,
+               train_preset=cfg.train_preset, eval_preset="eval", config=config)  # fmt: skip
+
+
+class ProbeRun(Schema):
+    """``mae-probe`` settings: what to probe, on which data, where."""
+
+    backbone: str = Field(..., description="export folder, pretraining run/checkpoint, official MAE .pth, or timm model name")
+    run_dir: str = Field("runs/probe", description="output folder (metrics, checkpoints, resolved config)")
+    seed: int = Field(0, description="random seed")
+    data: DataConfig = Field(default_factory=DataConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+
+
+def run(argv: list[str]) -> int:
+    parser = config_parser("mae-probe", ProbeRun, "Linear probe of a frozen ViT backbone (MAE paper protocol).")
+    cfg, _ = parse_config(parser, ProbeRun, argv)
+    run_dir = Path(cfg.run_dir)
+    save_config(cfg, run_dir / "config.yaml")
+    result = run_probe(cfg.probe, backbone=cfg.backbone, data=cfg.data, run_dir=run_dir, seed=cfg.seed,
+                       config=cfg.model_dump(mode="json"))  # fmt: skip
+    ev = result.eval
+    print(f"linear probe ({cfg.probe.pool}): top-1 {ev.get('top1', float('nan')):.2f}%  "
+          f"top-5 {ev.get('top5', float('nan')):.2f}%  ({result.steps} steps, {run_dir})")  # fmt: skip
+    return 0
+
+
+main = entry_point("mae-probe", run)
