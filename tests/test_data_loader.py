@@ -170,7 +170,8 @@ def test_http_and_pipe_shards_stream_like_local_files(digits: Path, http_root: s
     make = functools.partial(build_loader, preset="pretrain", batch_size=64, img_size=8, seed=0)
     local = _take(make(_cfg(str(digits)), "train"))
     _same(_take(make(_cfg(f"{http_root}/dataset.json"), "train")), local)
-    stats = {"mean": local and dataset_info(_cfg(str(digits))).mean, "std": dataset_info(_cfg(str(digits))).std}
+    info = dataset_info(_cfg(str(digits)))
+    stats = {"mean": info.mean, "std": info.std}
     bare = _take(make(_cfg(str(digits) + spec, **stats), "train"))  # no manifest: samples counted, labels kept
     _same(_take(make(_cfg(http_root + spec, **stats), "train")), bare)
     _same(_take(make(_cfg(f"pipe:cat {digits}{spec}", **stats), "train")), bare)
