@@ -63,8 +63,10 @@ def test_resume_yields_exactly_the_uninterrupted_batches(digits: Path, mode: str
         _take(first, min(stop, per_epoch))
         if stop > per_epoch:
             _take(first, stop - per_epoch)
+        state = first.state_dict()
+        _same(_take(first, 3), full[stop:stop + 3])  # a new iter() on the same loader continues too
         resumed = make()
-        resumed.load_state_dict(first.state_dict())
+        resumed.load_state_dict(state)
         rest = _take(resumed, max(per_epoch - stop, 0)) if stop < per_epoch else []
         rest += _take(resumed, per_epoch + 6 - max(stop, per_epoch))
         _same(rest, full[stop:])
