@@ -44,6 +44,18 @@ def test_batch_sizes_shrink_only_at_the_end() -> None:
     assert batch_sizes(4, 3, 1) == [2, 1, 1]  # batch 1, three ranks over 10 samples: 3, 3, 4 -> 3 batches each
 
 
+def test_one_shard_feeds_two_ranks_of_two_workers(tmp_path: Path) -> None:
+    from launch.data import DataConfig, build_loader
+
+    _write_uneven(tmp_path)
+    cfg = DataConfig(source=str(tmp_path / "part-000000.tar"), workers=2, shuffle_buffer=10)
+    ranks = [[b["key"] for b in build_loader(cfg, "train", preset="pretrain", batch_size=16, img_size=8, seed=0,
+                                             rank=r, world_size=2)] for r in range(2)]
+    assert len(ranks[0]) == len(ranks[1]) == 4  # 97 samples: 49 + 48 per rank, ceil(49 / 16) batches each
+    keys = [k for rank in ranks for batch in rank for k in batch]
+    assert len(keys) == len(set(keys)) == UNEVEN[0]
+
+
 def _write_uneven(folder: Path) -> None:
     """Digit shards of UNEVEN sizes, without a manifest (the reader counts them)."""
     from launch.data.sources import digits
