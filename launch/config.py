@@ -71,6 +71,7 @@ class TrainerConfig(Schema):
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON; must agree with this config")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
     eval_every_epochs: int = Field(1, ge=0, description="run validation every N epochs, 0 = only at the end")
+    eval_batches: int | None = Field(None, ge=1, description="validate on at most N batches per rank (None = the whole split)")
     max_bad_steps: int = Field(20, ge=1, description="stop after this many consecutive non-finite steps")
     peak_tflops: float | None = Field(None, gt=0, description="peak TFLOP/s per device for MFU; None = GPU table (CPU: no MFU)")
     optim: OptimConfig = OptimConfig()

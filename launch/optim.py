@@ -9,6 +9,7 @@ timm's ``create_optimizer_v2`` registry.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -20,6 +21,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from launch.config import OptimConfig
 from launch.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 #: fnmatch patterns never decayed, whatever the module's own ``no_weight_decay()`` says
 NO_DECAY_PATTERNS = ("*token", "*pos_embed", "*pos_embedding", "*pos_embed.*")
@@ -99,9 +102,9 @@ class WarmupCosine:
 
 def warmup_steps(cfg: OptimConfig, steps_per_epoch: int, total: int) -> int:
     steps = cfg.warmup_steps if cfg.warmup_steps is not None else round(cfg.warmup_epochs * steps_per_epoch)
-    if steps > total:
-        raise ConfigError(f"warmup of {steps} steps is longer than the run ({total} steps): lower optim.warmup_epochs")
-    return steps
+    if steps > total:  # e.g. a short max_steps debug run of a long recipe
+        log.warning("warmup of %d steps is longer than the run (%d steps): warming up over the whole run", steps, total)
+    return min(steps, total)
 
 
 def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, lr: float, *, steps_per_epoch: int, total: int) -> LambdaLR:

@@ -14,6 +14,7 @@ and the one scalar of the non-finite guard per optimizer step.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -128,13 +129,14 @@ class Trainer:
         self.eval_loader = factory(data, splits[1], preset=presets[1], **common) if has_eval else None
 
     def _check_batch_split(self, split: str) -> None:
+        """One optimizer step must fit in one epoch, on every rank."""
+        cfg, samples = self.cfg, getattr(self.train_loader.info, "splits", {}).get(split)
+        what = (f"trainer.batch_size={cfg.batch_size} x trainer.accum_steps={cfg.accum_steps} x {self.world} ranks "
+                f"= {self.global_batch} images per step")  # fmt: skip
+        if samples is not None and self.global_batch > samples:
+            raise ConfigError(f"{what}, more than the {samples} samples of split '{split}': lower the batch size or accum_steps")
         if self.steps_per_epoch == 0:
-            cfg = self.cfg
-            raise ConfigError(
-                f"trainer.batch_size={cfg.batch_size} x trainer.accum_steps={cfg.accum_steps} x {self.world} ranks "
-                f"= {self.global_batch} images per step, but split '{split}' gives each rank only "
-                f"{len(self.train_loader)} batches per epoch: lower the batch size or accum_steps"
-            )
+            raise ConfigError(f"{what}, but each rank gets only {len(self.train_loader)} batches per epoch: lower accum_steps")
 
     def _build_optimizers(self, task: Task) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         optimizers, schedulers = [], []
@@ -296,7 +298,7 @@ class Trainer:
         with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
             torch.manual_seed(self.seed + self.rank)
             self.eval_loader.set_epoch(0)
-            for batch in self.eval_loader:
+            for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
                 for name, value in self.task.eval_step(self.backend.to_device(batch)).items():
                     sums[name] = sums.get(name, 0.0) + value.float()
         self.model.train()

@@ -95,9 +95,9 @@ def test_constant_schedule_and_warmup_steps_override():
     assert lrs[4:] == pytest.approx([0.5] * 7)
 
 
-def test_impossible_schedules_fail_clearly():
-    with pytest.raises(ConfigError, match="warmup of 50 steps is longer than the run"):
-        _lrs(OptimConfig(warmup_epochs=5), 0.1, steps_per_epoch=10, total=20)
+def test_warmup_longer_than_the_run_is_clamped_and_impossible_floor_fails():
+    lrs = _lrs(OptimConfig(warmup_epochs=5), 0.1, steps_per_epoch=10, total=20)
+    assert lrs[19] == pytest.approx(0.1) and lrs[0] == pytest.approx(0.1 / 20)
     with pytest.raises(ConfigError, match="min_lr"):
         _lrs(OptimConfig(min_lr=1.0), 0.1, steps_per_epoch=10, total=20)
 
