@@ -2,7 +2,7 @@
 
 A backbone is one of:
 
-- a folder written by ``mae-export`` (its ``timm/`` or ``mae/`` part, or the parent holding both),
+- a folder written by ``mae-export`` (its ``timm/`` or ``full/`` part, or the parent holding both),
 - a pretraining run directory or one of its ``checkpoints/step-*`` (the newest complete one is used),
 - an official MAE checkpoint file (``mae_pretrain_vit_base.pth``, ``mae_visualize_vit_large.pth``, ...),
 - a timm model name such as ``vit_tiny_patch16_224`` (random init, for from-scratch comparisons),
@@ -34,7 +34,6 @@ log = logging.getLogger(__name__)
 
 BackboneSpec = str | Path | nn.Module
 _HEAD_PREFIXES = ("head.", "fc_norm.", "head_drop.")
-_DECODER_PREFIXES = ("decoder_", "mask_token")
 
 
 @dataclass
@@ -133,7 +132,7 @@ def _from_module(module: nn.Module) -> BackboneSource:
 
 def _from_folder(path: Path) -> BackboneSource:
     """An export folder (``timm/`` preferred over ``mae/``), or a pretraining run / checkpoint."""
-    for candidate in (path, path / "timm", path / "mae"):
+    for candidate in (path, path / "timm", path / "full", path / "export" / "timm"):
         if (candidate / "config.json").is_file():
             return _from_export(candidate)
     from launch.export import load_pretraining_mae  # resolves run dirs and step-* checkpoints
@@ -160,23 +159,9 @@ def _from_export(path: Path) -> BackboneSource:
 
 
 def _from_official_file(path: Path) -> BackboneSource:
-    """An official MAE checkpoint: ``{"model": state}`` (or a bare state dict) in timm names;
-    the architecture is read off the tensor shapes (heads of width 64, as in every MAE ViT)."""
-    try:
-        if path.suffix == ".safetensors":
-            raw: Any = safetensors.torch.load_file(str(path))
-        else:
-            raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a foreign or truncated file: one line is the story
-        raise CheckpointError(f"cannot read backbone checkpoint {path}: {str(err).splitlines()[0]}") from None
-    state = raw.get("model", raw) if isinstance(raw, dict) else None
-    if not isinstance(state, dict) or "patch_embed.proj.weight" not in state:
-        raise CheckpointError(f"{path} holds no ViT encoder (no 'patch_embed.proj.weight'): not an MAE/timm checkpoint")
-    state = {k: v for k, v in state.items() if not k.startswith(_DECODER_PREFIXES)}
-    dim, chans, patch, _ = state["patch_embed.proj.weight"].shape
-    grid = math.isqrt(state["pos_embed"].shape[1] - 1)
-    depth = 1 + max(int(k.split(".")[1]) for k in state if k.startswith("blocks."))
-    hidden = state["blocks.0.mlp.fc1.weight"].shape[0]
-    args = dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim, depth=depth,
-                num_heads=max(1, dim // 64), mlp_ratio=hidden / dim)  # fmt: skip
-    return BackboneSource(timm_architecture(dim), args, state, name=str(path))
+    """An official MAE checkpoint (encoder-only or with decoder) or a full export file."""
+    from pretrain.official import load_official  # architecture read from the tensor shapes
+
+    source = _from_module(load_official(path))
+    source.name = str(path)
+    return source

@@ -4,17 +4,23 @@ Layout written under ``--out DIR``::
 
     DIR/timm/config.json         timm hub config: architecture, model_args, num_classes, pretrained_cfg
     DIR/timm/model.safetensors   the encoder under timm ``VisionTransformer`` keys, no decoder
-    DIR/mae/config.json          {"architecture": "mae", "model_args": <MaskedAutoencoderViT kwargs>, ...}
-    DIR/mae/model.safetensors    encoder + decoder under the official MAE names
+    DIR/full/config.json         {"architecture": "mae", "model_args": <MaskedAutoencoderViT kwargs>, ...}
+    DIR/full/model.safetensors   encoder + decoder under the official MAE names
 
 ``timm.create_model("local-dir:DIR/timm", pretrained=True)`` loads the first with no project
 code (the folder can be pushed to the Hugging Face hub as is); :func:`load_full` rebuilds the
-second for visualization or continued pretraining. Every folder is written next to its final
+second for visualization or continued pretraining. ``mae-export RUN_DIR`` reads the newest
+complete checkpoint of a pretraining run (or the ``step-*`` directory given) and its
+resolved ``config.yaml``::
+
+    mae-export runs/mae-mnist                       # -> runs/mae-mnist/export/{timm,full}
+    mae-export runs/mae-mnist/checkpoints/step-00000300 --out /tmp/mae-step300 Every folder is written next to its final
 place and renamed at the end, so an interrupted export never looks complete.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import shutil
@@ -28,6 +34,8 @@ from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from launch.checkpoint import TRAINER_FILE, CheckpointManager, load_file
+from launch.cli import entry_point
 from launch.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -141,7 +149,7 @@ def load_full(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     path = Path(path)
     config = read_export_config(path)
     if config.get("architecture") != FULL_ARCHITECTURE:
-        raise CheckpointError(f"{path} holds a '{config.get('architecture')}' export, not a full MAE; use its mae/ folder")
+        raise CheckpointError(f"{path} holds a '{config.get('architecture')}' export, not a full MAE; use its full/ folder")
     model = MaskedAutoencoderViT(**config["model_args"])
     load_strict(model, safetensors.torch.load_file(str(path / "model.safetensors")), what=f"{path}/model.safetensors")
     return model.eval(), config
@@ -171,3 +179,85 @@ def _write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool)
     tmp.rename(out)
     log.info("exported %s", out)
     return out
+
+
+# ----------------------------------------------------------------------------- pretraining checkpoints
+
+
+def load_pretraining_mae(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+    """The MAE of a pretraining run: ``path`` is its run directory (newest complete checkpoint)
+    or a ``step-*`` checkpoint. Returns ``(model in eval mode, {"config", "checkpoint", "mean", "std"})``."""
+    from pretrain.config import PretrainConfig  # the pretrain stage depends on launch, not back
+    from pretrain.task import build_task
+
+    ckpt = _resolve_checkpoint(Path(path))
+    cfg_file = ckpt.parent.parent / "config.yaml"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"{cfg_file} is missing: cannot tell the architecture of {ckpt} (not a mae-pretrain run?)")
+    from launch.config import load_config
+
+    cfg = load_config(PretrainConfig, cfg_file)
+    task = build_task(cfg.model)
+    state = _task_state(ckpt)
+    if not any(k.startswith("model.") for k in state):
+        raise CheckpointError(f"{ckpt} holds no MAE encoder (no 'model.*' weights): not a pretraining checkpoint")
+    load_strict(task, state, what=f"checkpoint {ckpt}")
+    meta = {"config": cfg, "checkpoint": ckpt, "mean": cfg.data.mean, "std": cfg.data.std}
+    return task.model.eval(), meta
+
+
+def _resolve_checkpoint(path: Path) -> Path:
+    if not path.exists():
+        raise CheckpointError(f"{path} does not exist: give a pretraining run directory or a checkpoints/step-* directory")
+    try:
+        ckpt = CheckpointManager(path, keep=1, rank=0, agree=lambda ok: ok).resolve(str(path))
+    except CheckpointError:
+        ckpt = None
+    if ckpt is None or not (ckpt / TRAINER_FILE).is_file():
+        raise CheckpointError(f"no complete checkpoint in {path}: give a run directory with checkpoints/step-* or one of them")
+    return ckpt
+
+
+def _task_state(ckpt: Path) -> dict[str, Tensor]:
+    """The task's weights: the trainer's file, or DeepSpeed's engine files consolidated to fp32."""
+    state = load_file(ckpt / TRAINER_FILE)
+    if "model" in state:
+        return state["model"]
+    if not (ckpt / "engine").is_dir():
+        raise CheckpointError(f"{ckpt} holds no model weights (neither 'model' in {TRAINER_FILE} nor a DeepSpeed engine)")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")
+
+
+def _normalization(meta: dict[str, Any], args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """``--mean/--std``, else the run's data config, else the dataset manifest's measured values."""
+    mean, std = args.mean or meta["mean"], args.std or meta["std"]
+    if mean is None or std is None:
+        from launch.data import dataset_info
+
+        info = dataset_info(meta["config"].data)
+        mean, std = mean or info.mean, std or info.std
+    return tuple(mean), tuple(std)
+
+
+def run(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mae-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", type=Path, help="pretraining run directory or checkpoints/step-* directory")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run_dir>/export)")
+    parser.add_argument("--overwrite", action="store_true", help="replace existing export folders")
+    parser.add_argument("--mean", type=float, nargs="+", default=None, help="normalization mean per channel (default: the run's)")
+    parser.add_argument("--std", type=float, nargs="+", default=None, help="normalization std per channel (default: the run's)")
+    args = parser.parse_args(argv)
+    model, meta = load_pretraining_mae(args.source)
+    mean, std = _normalization(meta, args)
+    out = args.out or meta["checkpoint"].parent.parent / "export"
+    cfg = meta["config"]
+    extra = {"mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": cfg.model.norm_pix_loss, "checkpoint": str(meta["checkpoint"])}
+    timm_dir = export_timm(model, out / "timm", mean=mean, std=std, overwrite=args.overwrite)
+    full_dir = export_full(model, out / "full", mean=mean, std=std, extra=extra, overwrite=args.overwrite)
+    print(f"mae-export: {meta['checkpoint']} -> {timm_dir} (timm.create_model('local-dir:{timm_dir}', pretrained=True)) and {full_dir}")
+    return 0
+
+
+main = entry_point("mae-export", run)
