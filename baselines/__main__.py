@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run_cli(argv: list[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     cfg = load_baseline_config(args.name, args.config, args.overrides)
     from baselines.run import run  # the run stack is imported only once the config is valid
 

@@ -15,6 +15,7 @@ from typing import Literal
 
 import torch
 from einops import rearrange
+from einops.layers.torch import Rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
@@ -72,6 +73,10 @@ class Stack(nn.Module):
     def forward(self, pixels: Tensor) -> Tensor:
         return self.encode(pixels, len(self.layers))
 
+    def encoder(self) -> nn.Sequential:
+        """The encoders alone (shared parameters, no decoders): pixels -> top codes."""
+        return nn.Sequential(Rearrange("n c h w -> n (c h w)"), *(layer.encoder for layer in self.layers))
+
 
 class GreedyLayerTask(Task):
     """Trains layer ``level`` as a DAE on the codes below it; every other layer is frozen."""
@@ -120,7 +125,7 @@ class GreedyLayerTask(Task):
 
     def backbone(self) -> Codes:
         """The whole stack (every layer's encoder), as the probe and the classifier see it."""
-        return Codes(self.pixels, self.stack, self.stack.layers[-1].encoder[0].out_features)
+        return Codes(self.pixels, self.stack.encoder(), self.stack.layers[-1].encoder[0].out_features)
 
     def freeze(self) -> None:
         """Only this level's layer trains; the layers below stay bit-identical."""
