@@ -307,7 +307,8 @@ class CheckpointManager:
         publish = {**(meta or {}), "step": step, "world_size": dist.world_size(), "time": time.time()}
         err = self._attempt(lambda: self._publish(tmp, final, publish)) if self.rank == 0 else None
         self._require(err, what, tmp)
-        log.info("checkpoint saved: %s", final)
+        if self.rank == 0:
+            log.info("checkpoint saved: %s", final)
         return final
 
     def _prepare_main(self) -> None:

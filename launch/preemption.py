@@ -4,7 +4,8 @@ stop for preemption, save on a step or wall-clock trigger.
 * :func:`nonfinite_flag` marks a step whose loss or gradients hold NaN / inf (one fused
   norm, on device); the trainer all-reduces it (MAX) so every rank skips together, counts
   consecutive skips and raises :class:`NonFiniteError` after ``trainer.max_bad_steps``.
-* :class:`RunControl` turns SIGTERM / SIGUSR1 into a flag and, every ``check_every`` steps,
+* :class:`RunControl` turns SIGTERM / SIGUSR1 into a flag (forked DataLoader workers ignore
+  them, so a signal to the whole process group does not kill the step in flight) and, every ``check_every`` steps,
   agrees across ranks (one all-reduce of two numbers) on "stop now" and on rank 0's
   wall-clock save trigger, so every rank saves and stops after the same step.
 * After the preemption save the trainer raises :class:`Preempted`, whose exit status
@@ -16,6 +17,7 @@ stop for preemption, save on a step or wall-clock trigger.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterable
@@ -61,6 +63,20 @@ def nonfinite_flag(loss: Tensor, grads: Iterable[Tensor | None]) -> Tensor:
 
 # ----------------------------------------------------------------------------- stop and save triggers
 
+_STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_shield_children = False
+
+
+def _block_stop_signals_in_child() -> None:
+    # torchrun and Slurm signal the whole process group: forked DataLoader workers must outlive
+    # it (torch's worker SIGTERM handler would die), so the parent can finish its step with their
+    # batches, save, and then shut them down as usual
+    if _shield_children:
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+
+os.register_at_fork(after_in_child=_block_stop_signals_in_child)
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -75,7 +91,7 @@ class RunControl:
     call :meth:`poll` on every rank after every optimizer step.
     """
 
-    signals = (signal.SIGTERM, signal.SIGUSR1)
+    signals = _STOP_SIGNALS
 
     def __init__(self, *, every_steps: int | None = None, every_minutes: float | None = None,
                  check_every: int = 1) -> None:
@@ -85,14 +101,18 @@ class RunControl:
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> RunControl:
+        global _shield_children
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._on_signal)
+        _shield_children = True
         return self
 
     def __exit__(self, *exc: object) -> None:
+        global _shield_children
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        _shield_children = False
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # only a flag: the step in flight finishes, then every rank saves and stops together

@@ -110,3 +110,41 @@ def test_two_ranks_agree_on_stop_skip_and_failed_save(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
     assert lines == ["rank0 stop@4 bad=1.0 agreed published=0", "rank1 stop@4 bad=1.0 agreed published=0"]
+
+
+_GROUP_SIGNAL = r'''
+import os, time, torch
+from torch.utils.data import DataLoader, IterableDataset
+from launch.preemption import RunControl
+
+class Slow(IterableDataset):
+    def __iter__(self):
+        for i in range(40):
+            time.sleep(0.05)
+            yield torch.tensor(i)
+
+with RunControl() as control:
+    seen = []
+    for batch in DataLoader(Slow(), batch_size=None, num_workers=2):
+        seen.append(int(batch))
+        if len(seen) == 4:
+            print("ready", flush=True)
+            while control.received is None:
+                time.sleep(0.01)
+        if len(seen) == 10:
+            break
+print(control.received, len(seen), flush=True)
+'''
+
+
+def test_signal_to_the_process_group_spares_loader_workers(tmp_path):
+    """torchrun / Slurm signal every process: the step in flight still gets its batches."""
+    script = tmp_path / "group.py"
+    script.write_text(_GROUP_SIGNAL)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert out.split() == ["SIGTERM", "10"]

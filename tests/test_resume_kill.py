@@ -1,0 +1,94 @@
+"""Real processes killed and resumed: the final weights equal an uninterrupted run's, bit for bit.
+
+One process is stopped three ways in a row (SIGTERM, a SIGKILL inside a checkpoint write, a
+SIGKILL at a random step) and resumed with ``resume=auto`` each time; two processes under
+``torchrun`` lose a worker to SIGKILL and the relaunched group resumes from the latest checkpoint. The task draws random masks from the torch RNG and reads real shards
+with 2 DataLoader workers, so loader position and RNG states must both be restored exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from faults_driver import assert_same_weights, final_weights, finish, start, wait_for
+
+from launch.checkpoint import CheckpointManager, read_meta
+from launch.preemption import EXIT_REQUEUE
+
+
+def _ckpt(run: Path, step: int) -> Path:
+    return run / "checkpoints" / f"step-{step:08d}"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("digits")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root) -> dict:
+    run = tmp_path_factory.mktemp("reference") / "run"
+    code, log = finish(start(run, data_root=data_root), run)
+    assert code == 0, log[-3000:]
+    return final_weights(run)
+
+
+def test_sigterm_kill_in_save_and_kill9_resume_bit_identical(tmp_path, data_root, reference):
+    rng = random.Random()
+    run = tmp_path / "run"
+
+    # 1. SIGTERM: the step in flight finishes, every rank saves, exit status 75 (requeue)
+    proc = start(run, "--step-delay=0.1", data_root=data_root)
+    wait_for(_ckpt(run, 4), proc)
+    proc.send_signal(signal.SIGTERM)
+    code, log = finish(proc, run)
+    assert code == EXIT_REQUEUE, log[-3000:]
+    stopped = CheckpointManager(run / "checkpoints", keep=2, rank=0).latest()
+    meta = read_meta(stopped)
+    assert meta["reason"] == "preempted" and 4 < meta["step"] < 30, meta
+    assert log.strip().splitlines()[-1].startswith(f"faults_driver: error: stopped by SIGTERM after step {meta['step']}")
+
+    # 2. resumed, then SIGKILLed inside the next checkpoint write: that one stays partial
+    doomed = (meta["step"] // 4 + 1) * 4
+    code, log = finish(start(run, f"--fault=kill-in-save@{doomed}", data_root=data_root), run)
+    assert code == -signal.SIGKILL, log[-3000:]
+    assert (run / "checkpoints" / f".tmp-step-{doomed:08d}").is_dir()
+    assert CheckpointManager(run / "checkpoints", keep=2, rank=0).resolve("auto") == stopped
+
+    # 3. resumed from the previous complete checkpoint; SIGKILL at a random step after a new one
+    proc = start(run, "--step-delay=0.1", data_root=data_root)
+    wait_for(_ckpt(run, doomed), proc)
+    time.sleep(rng.uniform(0.0, 1.2))
+    proc.kill()
+    code, log = finish(proc, run)
+    assert code == -signal.SIGKILL and not (run / "final.pt").exists(), "the run ended before the kill"
+    assert f"resumed from {stopped}" in log and "removing partial checkpoint" in log
+
+    # 4. resumed to the end
+    code, log = finish(start(run, data_root=data_root), run)
+    assert code == 0, log[-3000:]
+    assert_same_weights(final_weights(run), reference)
+
+
+@pytest.mark.dist
+def test_two_processes_kill9_resume_bit_identical(tmp_path, data_root):
+    reference = tmp_path / "reference"
+    code, log = finish(start(reference, data_root=data_root, nproc=2), reference)
+    assert code == 0, log[-3000:]
+
+    run = tmp_path / "run"
+    proc = start(run, "--step-delay=0.1", data_root=data_root, nproc=2)
+    wait_for(_ckpt(run, 8), proc)
+    time.sleep(random.uniform(0.0, 1.0))
+    os.kill(int((run / "pid-1").read_text()), signal.SIGKILL)  # one worker dies: torchrun stops the other
+    code, log = finish(proc, run)
+    assert code != 0 and not (run / "final.pt").exists(), "the run ended before the kill"
+    code, log = finish(start(run, data_root=data_root, nproc=2), run)
+    assert code == 0, log[-3000:]
+    assert "resumed from" in log
+    assert_same_weights(final_weights(run), final_weights(reference))
