@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,17 +49,31 @@ def deepspeed_config(cfg: TrainerConfig, world: int) -> dict[str, Any]:
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
     }
-    if not cfg.deepspeed_config:
+    # `accelerate launch` with a DeepSpeed config file passes it through the environment
+    path = cfg.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if not path:
         return ours
-    user = _read_json(Path(cfg.deepspeed_config))
+    user = _read_json(Path(path))
     for section in ("optimizer", "scheduler"):
         if section in user:
-            raise ConfigError(
-                f"DeepSpeed config {cfg.deepspeed_config} has an '{section}' section: remove it, "
-                f"the {section} comes from trainer.optim"
-            )
-    _check_agrees(user, ours, cfg.deepspeed_config)
+            raise ConfigError(f"DeepSpeed config {path} has an '{section}' section: remove it, the {section} comes from trainer.optim")
+    _check_agrees(user, ours, path)
     return _overlay(user, ours)
+
+
+def check_launcher(cfg: TrainerConfig) -> None:
+    """The run config decides precision and backend; an `accelerate launch` config file that
+    asks for something else is refused rather than silently overridden either way."""
+    env = os.environ
+    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and cfg.backend != "deepspeed":
+        raise ConfigError("launched with a DeepSpeed Accelerate config but trainer.backend=ddp: add trainer.backend=deepspeed trainer.zero_stage=N")
+    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+    if cfg.backend == "deepspeed" and stage and int(stage) != cfg.zero_stage:
+        raise ConfigError(f"the launcher asks for ZeRO stage {stage} but trainer.zero_stage={cfg.zero_stage}: make them agree")
+    launcher = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launcher not in ("no", _MIXED[cfg.precision]):
+        raise ConfigError(f"the launcher asks mixed_precision={launcher} but trainer.precision={cfg.precision}: set trainer.precision "
+                          f"(and mixed_precision: 'no' in the Accelerate config)")  # fmt: skip
 
 
 _SETTING = {
@@ -123,6 +138,7 @@ class Backend:
         self.deepspeed = cfg.backend == "deepspeed"
         if self.deepspeed and multi_phase:
             raise ConfigError("trainer.backend=deepspeed supports one optimizer; this task has several phases: use backend=ddp")
+        check_launcher(cfg)
         plugin = None
         if self.deepspeed:
             _require_transformers()
