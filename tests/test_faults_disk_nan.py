@@ -1,0 +1,83 @@
+"""Real processes: a poisoned batch is skipped on every rank and never reaches a checkpoint;
+a full checkpoint disk gives one clear line and leaves the earlier checkpoints loadable."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from faults_driver import COMMON, finish, start
+
+from launch.checkpoint import TRAINER_FILE, CheckpointManager, load_file, nonfinite_keys, read_meta
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("digits")
+
+
+def _model(run: Path, step: int) -> dict[str, torch.Tensor]:
+    return load_file(run / "checkpoints" / f"step-{step:08d}" / TRAINER_FILE)
+
+
+def test_poisoned_batches_are_skipped_then_the_run_stops(tmp_path, data_root):
+    """Step 3 alone is poisoned (skipped, weights unchanged), then steps 6-8 in a row: with
+    max_bad_steps=3 the run stops naming step 8. Every checkpoint holds finite values."""
+    run = tmp_path / "run"
+    code, log = finish(start(run, "--fault=nan@3,6,7,8", "checkpoint.every_steps=1", "checkpoint.keep=100",
+                             "max_bad_steps=3", "log.every_steps=1", data_root=data_root), run)
+    assert code == 2, log[-3000:]
+    assert log.strip().splitlines()[-1] == (
+        "faults_driver: error: loss or gradients were NaN/inf for 3 consecutive steps up to step 8 "
+        "(trainer.max_bad_steps=3): lower the lr, enable trainer.optim.clip_grad or check the data; "
+        f"{run / 'checkpoints' / 'step-00000007'} holds finite weights")
+    assert "step 3: non-finite loss or gradients, step skipped (1 in a row)" in log
+    skipped = {r["step"]: r.get("skipped_steps") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+               if "skipped_steps" in r}
+    assert skipped == {3: 1.0, 6: 1.0, 7: 1.0}  # the run stopped inside step 8, before logging it
+    states = {step: _model(run, step) for step in range(1, 8)}
+    assert all(not nonfinite_keys(s) for s in states.values())
+    for same in [(2, 3), (5, 6), (5, 7)]:  # a skipped step changes neither weights nor optimizer state
+        a, b = (states[s] for s in same)
+        assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"]), same
+        assert torch.equal(a["optimizers"][0]["state"][0]["exp_avg"], b["optimizers"][0]["state"][0]["exp_avg"])
+    assert not torch.equal(states[3]["model"]["decoder.weight"], states[4]["model"]["decoder.weight"])
+
+
+def _can_mount_tmpfs() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-rm", "sh", "-c", "mount -t tmpfs -o size=64k tmpfs /mnt"], capture_output=True)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare + tmpfs (user namespaces) for a really full disk")
+def test_full_disk_is_one_line_error_and_earlier_checkpoints_load(tmp_path, data_root):
+    """The checkpoint directory is a small tmpfs in a private mount namespace: two
+    checkpoints fit (keep=2), the third runs out of space mid-write."""
+    probe = tmp_path / "probe"
+    code, log = finish(start(probe, "max_steps=4", data_root=data_root), probe)
+    assert code == 0, log[-3000:]
+    size = sum(-(-f.stat().st_size // 4096) * 4096 for f in (probe / "checkpoints" / "step-00000004").iterdir())
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    driver = " ".join([sys.executable, str(Path(__file__).with_name("faults_driver.py")), str(run), *COMMON,
+                       "log.every_steps=100", f"data.root={data_root}"])
+    script = (f"mount -t tmpfs -o size={2 * size + size // 2 + 4096} tmpfs {run}/checkpoints && "
+              f"{{ OMP_NUM_THREADS=1 {driver}; echo exit=$?; }}; cp -a {run}/checkpoints {run}/after")
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
+    lines = proc.stdout.strip().splitlines() + proc.stderr.strip().splitlines()
+    assert "exit=2" in lines, proc.stderr[-3000:]
+    error = next(line for line in lines if line.startswith("faults_driver: error:"))
+    assert error.startswith(f"faults_driver: error: cannot write checkpoint {run}/checkpoints/step-00000012: "
+                            "No space left on device"), error
+    assert error.endswith("earlier checkpoints are intact (latest: step-00000008)"), error
+    after = CheckpointManager(run / "after", keep=2, rank=0)
+    assert [p.name for p in after.checkpoints()] == ["step-00000004", "step-00000008"]
+    assert not list((run / "after").glob(".tmp-*"))
+    assert read_meta(after.latest())["step"] == 8 and load_file(after.latest() / TRAINER_FILE)["step"] == 8
