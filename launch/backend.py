@@ -151,6 +151,8 @@ class Backend:
             cpu=not self.deepspeed and not _has_accelerator(),
             mixed_precision=_MIXED[cfg.precision],
             deepspeed_plugin=plugin,
+            # DeepSpeed counts micro-steps itself; elsewhere `backward` scales by 1 / accum_steps
+            gradient_accumulation_steps=cfg.accum_steps if self.deepspeed else 1,
             dynamo_backend="inductor" if cfg.compile else "no",
             kwargs_handlers=[ddp],
             step_scheduler_with_optimizer=False,

@@ -106,13 +106,16 @@ def summary_line(s: dict[str, Any]) -> str:
         return "n/a" if value is None or math.isnan(value) else format(value, fmt)
 
     mfu = f" | MFU {num(s['mfu'] * 100, '.1f')}%" if s["mfu"] is not None else ""
-    return (f"mae-pretrain: final loss {num(s['final_loss'], '.4f')} | probe top-1 {num(s['probe_top1'], '.2f')}% | "
+    probe = f"{num(s['probe_top1'], '.2f')}%" if s["probe_top1"] is not None else "n/a"
+    return (f"mae-pretrain: final loss {num(s['final_loss'], '.4f')} | probe top-1 {probe} | "
             f"{num(s['images_per_s'], '.0f')} images/s{mfu} | {s['steps']} steps | {s['run_dir']}")  # fmt: skip
 
 
 def run(argv: list[str]) -> int:
     parser = config_parser("mae-pretrain", PretrainConfig, __doc__.split("\n\n")[0] + f"\nNo --config: {DEFAULT_CONFIG}")
     args = parser.parse_args(argv)
+    if not dist.is_main():  # one copy of the progress messages, from global rank 0
+        logging.getLogger().setLevel(logging.WARNING)
     path = args.config
     if path is None and DEFAULT_CONFIG.is_file():
         path = DEFAULT_CONFIG
