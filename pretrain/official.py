@@ -9,7 +9,8 @@ full exports (``.pth`` or ``.safetensors``)::
     model = load_official("mae_pretrain_vit_base.pth", img_size=112)   # sin-cos tables rebuilt
 
 The architecture is read from the tensor shapes; the head counts, which shapes cannot
-tell, come from the matching preset (else 64-dim encoder heads, 16 decoder heads).
+tell, come from the matching preset (else 64-dim encoder and 32-dim decoder heads, as
+ViT-B and the paper's decoder; pass ``num_heads=`` / ``decoder_num_heads=`` otherwise).
 """
 
 from __future__ import annotations
@@ -74,11 +75,11 @@ def infer_arch(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     if preset:
         log.info("checkpoint matches preset %s", preset)
         return {**PRESETS[preset], **arch}
-    arch["num_heads"] = max(1, dim // 64)
-    dec = arch.get("decoder_embed_dim", 512)
-    arch["decoder_num_heads"] = 16 if dec % 16 == 0 else max(1, dec // 32)
-    log.warning("no preset matches the checkpoint; assuming %d encoder / %d decoder heads",
-                arch["num_heads"], arch["decoder_num_heads"])  # fmt: skip
+    # ViT convention: 64-dim encoder heads; the paper's decoder has 32-dim heads (512 / 16)
+    arch["num_heads"] = _heads(dim, 64)
+    arch["decoder_num_heads"] = _heads(arch.get("decoder_embed_dim", 512), 32)
+    log.warning("no preset matches the checkpoint; assuming %d encoder / %d decoder heads "
+                "(pass num_heads= / decoder_num_heads= if they differ)", arch["num_heads"], arch["decoder_num_heads"])  # fmt: skip
     return arch
 
 
@@ -119,6 +120,14 @@ def _check_keys(state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
 
 def _few(keys: list[str]) -> str:
     return ", ".join(keys[:4]) + (f" ... ({len(keys)} in all)" if len(keys) > 4 else "")
+
+
+def _heads(width: int, head_dim: int) -> int:
+    """The largest head count up to ``width // head_dim`` that divides ``width``."""
+    heads = max(1, width // head_dim)
+    while width % heads:
+        heads -= 1
+    return heads
 
 
 def _count_blocks(state_dict: dict[str, Tensor], prefix: str) -> int:

@@ -105,12 +105,13 @@ class Source:
     norm_pix_loss: bool | None = None
 
 
-def load_source(path: Path) -> Source:
-    """An export folder, a run directory or an official-named ``.pth`` / ``.safetensors`` file."""
+def load_source(path: Path, arch: dict[str, Any] | None = None) -> Source:
+    """An export folder, a run directory or an official-named ``.pth`` / ``.safetensors`` file
+    (``arch``: constructor arguments its shapes cannot tell, e.g. ``num_heads``)."""
     if not path.exists():
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.is_file():
-        return Source(load_official(path))
+        return Source(load_official(path, **(arch or {})))
     for folder in (path, path / "export" / "full"):
         if (folder / "config.json").is_file():
             model, config = load_full(folder)
@@ -158,6 +159,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("source", type=Path, help="export folder, run directory, or official-named .pth / .safetensors")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="data config overrides, e.g. root=data")
     parser.add_argument("--data", type=Path, default=None, help="data config YAML (default: the run's data section)")
+    parser.add_argument("--arch", action="append", default=[], metavar="key=value",
+                        help="model argument for a plain state_dict, e.g. num_heads=12 (repeatable)")  # fmt: skip
     parser.add_argument("--split", default="val", help="split to draw images from (default: val)")
     parser.add_argument("--num-images", type=int, default=8, help="rows of the grid (default: 8)")
     parser.add_argument("--mask-ratio", type=float, default=None, help="default: the run's, else 0.75")
@@ -173,7 +176,7 @@ def run(argv: list[str]) -> int:
     args = _parser().parse_intermixed_args(argv)
     if args.num_images < 1:
         raise ConfigError(f"--num-images {args.num_images} must be at least 1")
-    src = load_source(args.source)
+    src = load_source(args.source, parse_overrides(args.arch))
     model = src.model.to(args.device).eval()
     mask_ratio = args.mask_ratio if args.mask_ratio is not None else (src.mask_ratio if src.mask_ratio is not None else 0.75)
     norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else (src.norm_pix_loss is not False)

@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from launch.checkpoint import TRAINER_FILE, CheckpointManager, save_file
 from launch.config import save_config
 from launch.data import DataConfig
 from launch.data.prepare import prepare
@@ -16,6 +17,7 @@ from launch.export import export_full
 from pretrain.config import PretrainConfig
 from pretrain.objective import normalize_patches
 from pretrain.presets import MAEConfig, create_mae
+from pretrain.task import MAETask
 from pretrain.visualize import PANELS, main, reconstruction_grid, reconstruction_panels
 
 SMALL = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -98,6 +100,24 @@ def test_cli_reads_an_export_inside_a_run_dir(model, mnist, tmp_path, capsys) ->
     assert main([str(run), "--split", "train", "--num-images", "2", "--out", str(out)]) == 0
     assert Image.open(out).size == (4 * TILE + 2, 2 * TILE + 2)
     assert "mask ratio 0.5, norm_pix_loss False" in capsys.readouterr().out
+
+
+def test_cli_reads_the_latest_checkpoint_of_a_run_without_export(model, mnist, tmp_path) -> None:
+    run = tmp_path / "run"
+    cfg = PretrainConfig(run_dir=str(run), data=DataConfig(source=str(mnist)), model=MAEConfig(preset="mae_vit_mnist_p7", **SMALL))
+    save_config(cfg, run / "config.yaml")
+    state = MAETask(model).state_dict()  # the trainer saves the task: keys "model.*"
+    CheckpointManager(run / "checkpoints", keep=1, rank=0).save(5, lambda tmp: save_file({"model": state}, tmp / TRAINER_FILE))
+    out = tmp_path / "grid.png"
+    assert main([str(run), "--num-images", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size == (4 * TILE + 2, 3 * TILE + 2)
+    # the same weights given as a plain state_dict draw the very same picture
+    torch.save(model.state_dict(), tmp_path / "mae.pth")
+    (tmp_path / "data.yaml").write_text(f"source: {mnist}\n")
+    argv = [str(tmp_path / "mae.pth"), "--data", str(tmp_path / "data.yaml"), "--num-images", "3",
+            "--arch", "num_heads=2", "--arch", "decoder_num_heads=2", "--out", str(tmp_path / "ref.png")]  # fmt: skip
+    assert main(argv) == 0
+    assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "ref.png")))
 
 
 @pytest.mark.parametrize(("args", "message"), [
