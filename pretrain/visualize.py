@@ -1,15 +1,15 @@
 """Reconstruction pictures: original | masked | prediction | prediction with visible patches pasted.
 
 ``mae-visualize SOURCE --data data.yaml --out grid.png`` draws them for a trained model.
-SOURCE is an ``mae-export`` full-model folder (its ``mae/`` folder or the export root),
-a run directory (its full export, else its latest checkpoint), or a ``.pth`` /
+SOURCE is a full-model export folder (``config.json`` + ``model.safetensors``, or an
+``mae-export`` folder holding ``mae/``), a run directory (its ``export/full``, else its
+latest checkpoint; its data section is the default data), or a ``.pth`` /
 ``.safetensors`` state_dict in the official MAE naming (e.g. ``mae_visualize_vit_large.pth``).
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +31,6 @@ from pretrain.model import MaskedAutoencoderViT
 from pretrain.objective import normalize_patches
 from pretrain.official import load_official
 
-log = logging.getLogger(__name__)
 PANELS = ("original", "masked", "reconstruction", "pasted")
 _MASKED_GRAY = 0.5  # removed patches drawn mid-gray so they stand out on dark and light images
 
@@ -112,7 +111,7 @@ def load_source(path: Path, arch: dict[str, Any] | None = None) -> Source:
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.is_file():
         return Source(load_official(path, **(arch or {})))
-    for folder in (path, path / "export" / "full"):
+    for folder in (path, path / "mae", path / "export" / "full"):
         if (folder / "config.json").is_file():
             model, config = load_full(folder)
             return Source(model, _run_data(folder), config.get("mask_ratio"), config.get("norm_pix_loss"))
@@ -178,8 +177,8 @@ def run(argv: list[str]) -> int:
         raise ConfigError(f"--num-images {args.num_images} must be at least 1")
     src = load_source(args.source, parse_overrides(args.arch))
     model = src.model.to(args.device).eval()
-    mask_ratio = args.mask_ratio if args.mask_ratio is not None else (src.mask_ratio if src.mask_ratio is not None else 0.75)
-    norm_pix = args.norm_pix_loss if args.norm_pix_loss is not None else (src.norm_pix_loss is not False)
+    mask_ratio = next(v for v in (args.mask_ratio, src.mask_ratio, 0.75) if v is not None)  # flag, run, paper
+    norm_pix = next(v for v in (args.norm_pix_loss, src.norm_pix_loss, True) if v is not None)
     try:
         num_visible(model.num_patches, mask_ratio)  # refuse a bad ratio before reading any data
     except ValueError as err:
