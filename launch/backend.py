@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as torch_dist
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -50,7 +51,7 @@ def deepspeed_config(cfg: TrainerConfig, world: int) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,
     }
     # `accelerate launch` with a DeepSpeed config file passes it through the environment
-    path = cfg.deepspeed_config or os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    path = cfg.deepspeed_config or _LAUNCH_ENV.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
     if not path:
         return ours
     user = _read_json(Path(path))
@@ -61,10 +62,17 @@ def deepspeed_config(cfg: TrainerConfig, world: int) -> dict[str, Any]:
     return _overlay(user, ours)
 
 
-def check_launcher(cfg: TrainerConfig) -> None:
+#: the launcher's settings as the process started: Accelerate writes some of these variables
+#: itself when it builds a DeepSpeed run, which must not leak into the next fit (e.g. the probe)
+_LAUNCH_KEYS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_MIXED_PRECISION",
+                "ACCELERATE_DEEPSPEED_CONFIG_FILE")  # fmt: skip
+_LAUNCH_ENV = {k: os.environ[k] for k in _LAUNCH_KEYS if k in os.environ}
+
+
+def check_launcher(cfg: TrainerConfig, env: dict[str, str] | None = None) -> None:
     """The run config decides precision and backend; an `accelerate launch` config file that
     asks for something else is refused rather than silently overridden either way."""
-    env = os.environ
+    env = _LAUNCH_ENV if env is None else env
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and cfg.backend != "deepspeed":
         raise ConfigError("launched with a DeepSpeed Accelerate config but trainer.backend=ddp: add trainer.backend=deepspeed trainer.zero_stage=N")
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
@@ -139,6 +147,14 @@ class Backend:
         if self.deepspeed and multi_phase:
             raise ConfigError("trainer.backend=deepspeed supports one optimizer; this task has several phases: use backend=ddp")
         check_launcher(cfg)
+        # Accelerate's state is a per-process singleton that refuses new settings; one process
+        # runs several fits (pretrain, then probe), each with its own precision and backend.
+        # The process group itself survives the reset.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
+        for key in _LAUNCH_KEYS:  # back to the launcher's values: Accelerate reads them in __init__
+            os.environ.pop(key, None)
+        os.environ.update(_LAUNCH_ENV)
         plugin = None
         if self.deepspeed:
             _require_transformers()

@@ -7,6 +7,7 @@ reads device tensors only at log intervals.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import time
@@ -87,9 +88,13 @@ class RunLogger:
             self.wandb.finish()
 
 
+def check_available(cfg: LogConfig) -> None:
+    """Fail before the run writes anything when an asked-for backend is not installed."""
+    if cfg.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("trainer.log.wandb=true needs wandb: pip install 'mae-pipeline[wandb]'")
+
+
 def _start_wandb(run_dir: Path, cfg: LogConfig, config: dict[str, Any]) -> Any:
-    try:
-        import wandb
-    except ImportError:
-        raise ConfigError("trainer.log.wandb=true needs wandb: pip install 'mae-pipeline[wandb]'") from None
+    import wandb
+
     return wandb.init(dir=str(run_dir), mode=cfg.wandb_mode, config=config, name=run_dir.name, resume="allow")

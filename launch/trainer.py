@@ -35,7 +35,7 @@ from launch.checkpoint import (TRAINER_FILE, CheckpointManager, check_compatible
 from launch.config import TrainerConfig
 from launch.errors import ConfigError, DataError
 from launch.flops import mfu, peak_flops
-from launch.logger import RunLogger
+from launch.logger import RunLogger, check_available
 from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config
 from launch.preemption import EXIT_REQUEUE, NonFiniteError, Preempted, RunControl, nonfinite_flag
 from launch.task import Batch, Task
@@ -93,6 +93,7 @@ class Trainer:
                  config: dict[str, Any] | None = None) -> None:
         self.cfg, self.run_dir, self.seed, self.config = cfg, run_dir, seed, config or {}
         self.phases = tuple(task.phases)
+        check_available(cfg.log)
         self.backend = Backend(cfg, multi_phase=len(self.phases) > 1)
         self.rank, self.world = dist.rank(), dist.world_size()
         self._build_loaders(data, loader_factory, img_size, presets, splits)
@@ -281,9 +282,11 @@ class Trainer:
         self.epoch, self.epoch_step = done, 0
 
     def _finish(self) -> None:
-        """Final eval (unless this step was just evaluated) and the final checkpoint."""
+        """Final eval and pictures (unless an epoch end just did them), the final checkpoint."""
         if self.eval_loader is not None and self.eval_metrics.get("step") != self.step:
             self.evaluate()
+            if self.cfg.log.images_every_epochs:
+                self._log_pictures()
         if self.checkpoint_path is None or not self.checkpoint_path.name.endswith(f"{self.step:08d}"):
             self._save_checkpoint(reason="final")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from launch import backend
 from launch.backend import check_launcher, deepspeed_config
 from launch.config import TrainerConfig, load_config
 from launch.errors import ConfigError
@@ -40,25 +41,26 @@ def test_accelerate_files_leave_precision_to_the_run_config():
         assert yaml.safe_load(path.read_text())["mixed_precision"] == "no", path.name
 
 
-def test_launcher_environment_must_agree(monkeypatch):
-    check_launcher(_cfg())
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+def test_launcher_environment_must_agree():
+    env: dict[str, str] = {}
+    check_launcher(_cfg(), env)
+    env["ACCELERATE_MIXED_PRECISION"] = "bf16"
     with pytest.raises(ConfigError, match="launcher asks mixed_precision=bf16 but trainer.precision=fp32"):
-        check_launcher(_cfg())
-    check_launcher(_cfg("precision=bf16"))
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+        check_launcher(_cfg(), env)
+    check_launcher(_cfg("precision=bf16"), env)
+    env["ACCELERATE_USE_DEEPSPEED"] = "true"
     with pytest.raises(ConfigError, match="DeepSpeed Accelerate config but trainer.backend=ddp"):
-        check_launcher(_cfg("precision=bf16"))
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
+        check_launcher(_cfg("precision=bf16"), env)
+    env["ACCELERATE_DEEPSPEED_ZERO_STAGE"] = "3"
     with pytest.raises(ConfigError, match="ZeRO stage 3 but trainer.zero_stage=2"):
-        check_launcher(_cfg("precision=bf16", "backend=deepspeed"))
-    check_launcher(_cfg("precision=bf16", "backend=deepspeed", "zero_stage=3"))
+        check_launcher(_cfg("precision=bf16", "backend=deepspeed"), env)
+    check_launcher(_cfg("precision=bf16", "backend=deepspeed", "zero_stage=3"), env)
 
 
 def test_launcher_deepspeed_file_is_read_from_the_environment(monkeypatch, tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"gradient_accumulation_steps": 8}))
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    monkeypatch.setitem(backend._LAUNCH_ENV, "ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
     with pytest.raises(ConfigError, match="sets gradient_accumulation_steps=8 but the run config gives 1"):
         deepspeed_config(_cfg("backend=deepspeed"), world=2)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -109,3 +110,27 @@ def test_deepspeed_refuses_several_optimizers(tmp_path):
         fit(TwoPhaseTask(), _trainer_cfg("backend=deepspeed"), None, tmp_path, seed=0, img_size=4,
             loader_factory=synthetic_factory())  # fmt: skip
     assert not any(tmp_path.iterdir())
+
+
+def test_precision_can_change_between_fits_in_one_process(tmp_path):
+    """pretrain then probe run in one process, each with its own precision (Accelerate's state is reset)."""
+    fp32 = run(str(tmp_path / "fp32"), ["max_steps=2", "batch_size=16"])
+    bf16 = run(str(tmp_path / "bf16"), ["max_steps=2", "batch_size=16", "precision=bf16"])
+    assert math.isfinite(fp32.final_loss) and math.isfinite(bf16.final_loss)
+    assert bf16.final_loss != fp32.final_loss  # autocast really ran in bf16
+
+
+def test_pictures_reach_tensorboard(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run(str(tmp_path), ["max_steps=2", "batch_size=16"])  # ends mid-epoch: pictures come with the final eval
+    events = EventAccumulator(str(tmp_path / "tensorboard")).Reload()
+    assert "images/input" in events.Tags()["images"] and "train/loss" in events.Tags()["scalars"]
+
+
+def test_wandb_is_optional(tmp_path):
+    if importlib.util.find_spec("wandb") is not None:
+        pytest.skip("wandb is installed: nothing to refuse")
+    with pytest.raises(ConfigError, match=r"pip install 'mae-pipeline\[wandb\]'"):
+        run(str(tmp_path), ["max_steps=1", "batch_size=16", "log.wandb=true"])
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
