@@ -42,7 +42,8 @@ ALIASES = {"mae_vit_base_patch16": "mae_vit_base", "mae_vit_large_patch16": "mae
 
 ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
                "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio")  # fmt: skip
-_MODEL_KWARGS = tuple(inspect.signature(MaskedAutoencoderViT.__init__).parameters)[1:]
+_DEFAULTS = {k: p.default for k, p in inspect.signature(MaskedAutoencoderViT.__init__).parameters.items() if k != "self"}
+_MODEL_KWARGS = tuple(_DEFAULTS)
 
 
 def register_preset(name: str, **arch: Any) -> None:
@@ -56,8 +57,7 @@ def preset_args(preset: str) -> dict[str, Any]:
     name = ALIASES.get(preset, preset)
     if name not in PRESETS:
         raise ConfigError(f"unknown model preset '{preset}'{_suggest(preset)} (available: {', '.join(PRESETS)})")
-    defaults = {k: p.default for k, p in inspect.signature(MaskedAutoencoderViT.__init__).parameters.items() if k != "self"}
-    return {**defaults, **PRESETS[name]}
+    return {**_DEFAULTS, **PRESETS[name]}
 
 
 def create_mae(preset: str, **overrides: Any) -> MaskedAutoencoderViT:
