@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import yaml
 from accelerate.utils import set_seed
-from torch import Tensor, nn
+from torch import Tensor
 
 from launch import dist
 from launch.backend import Backend
@@ -34,8 +34,9 @@ from launch.checkpoint import (TRAINER_FILE, CheckpointManager, check_compatible
                                nonfinite_keys, rank_file, rank_state, read_meta, restore_rank_state, save_file)
 from launch.config import TrainerConfig
 from launch.errors import ConfigError, DataError
-from launch.flops import mfu, peak_flops
+from launch.flops import peak_flops
 from launch.logger import RunLogger, check_available
+from launch.meter import StepMeter
 from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config
 from launch.preemption import EXIT_REQUEUE, NonFiniteError, Preempted, RunControl, nonfinite_flag
 from launch.task import Batch, Task
@@ -110,9 +111,7 @@ class Trainer:
         self.task: Task = self.backend.unwrap(self.model)
         self.step = self.epoch = self.epoch_step = 0
         self.bad_steps = 0
-        self._metric_sums: dict[str, Tensor] = {}
-        self._interval = (0, time.perf_counter())  # (step, time) at the last log point
-        self._speed: list[tuple[int, float]] = []  # (images, seconds) per log interval
+        self.meter = self._build_meter()
         self.eval_metrics: dict[str, float] = {}
         self.last_loss: float | None = None
         self.checkpoint_path: Path | None = None
@@ -151,6 +150,13 @@ class Trainer:
             log.info("phase %s: %s, peak lr %.3g (global batch %d)", phase, pcfg.name, lr, self.global_batch)
         return optimizers, schedulers
 
+    def _build_meter(self) -> StepMeter:
+        flops = self.task.flops_per_image() if hasattr(self.task, "flops_per_image") else None
+        override = self.cfg.peak_tflops * 1e12 if self.cfg.peak_tflops else None
+        peak = peak_flops(self.backend.device, self.cfg.precision, override=override)
+        return StepMeter(self.backend, global_batch=self.global_batch, flops_per_image=flops,
+                         peak_flops=peak * self.world if peak else None)  # fmt: skip
+
     # ------------------------------------------------------------------ the loop
 
     def fit(self) -> FitResult:
@@ -160,7 +166,7 @@ class Trainer:
             _write_yaml(self.config, self.run_dir / "config.yaml")
         self.logger = RunLogger(self.run_dir, self.cfg.log, total_steps=self.total_steps,
                                 enabled=dist.is_main(), config=self.config, initial_step=self.step)
-        self._interval = (self.step, time.perf_counter())
+        self.meter.restart(self.step)
         try:
             while self.step < self.total_steps:
                 self._train_epoch()
@@ -241,33 +247,14 @@ class Trainer:
     # ------------------------------------------------------------------ metrics
 
     def _accumulate_metrics(self, metrics: dict[str, Tensor], prefix: str) -> None:
-        for name, value in metrics.items():
-            key = prefix + name
-            self._metric_sums[key] = self._metric_sums.get(key, 0.0) + value
+        self.meter.add(metrics, prefix)
 
     def _log_train(self) -> None:
-        """Mean metrics over the interval and ranks, throughput, lr: the host sync point."""
-        steps = self.step - self._interval[0]
-        sums = self.backend.all_reduce({k: torch.as_tensor(v) for k, v in self._metric_sums.items()}, op="mean")
-        metrics = {k: v.item() / (1 if k == "skipped_steps" else steps) for k, v in sums.items()}
-        seconds = time.perf_counter() - self._interval[1]
-        images = steps * self.global_batch
-        self._speed.append((images, seconds))
-        metrics.update(self._throughput(images / seconds), lr=self.schedulers[0].get_last_lr()[0], epoch=self.epoch)
+        """Interval means over steps and ranks, throughput, lr: the host sync point."""
+        metrics = self.meter.read(self.step)
+        metrics.update(lr=self.schedulers[0].get_last_lr()[0], epoch=self.epoch)
         self.last_loss = metrics.get("loss", next(iter(metrics.values())))
         self.logger.scalars(self.step, {k: v for k, v in metrics.items() if v is not None})
-        self._metric_sums = {}
-        self._interval = (self.step, time.perf_counter())
-
-    def _throughput(self, images_per_s: float) -> dict[str, float | None]:
-        flops = self.task.flops_per_image() if hasattr(self.task, "flops_per_image") else None
-        override = self.cfg.peak_tflops * 1e12 if self.cfg.peak_tflops else None
-        peak = peak_flops(self.backend.device, self.cfg.precision, override=override)
-        return {
-            "images_per_s": images_per_s,
-            "flops_per_s": images_per_s * flops if flops else None,
-            "mfu": mfu(images_per_s, flops, peak * self.world if peak else None),
-        }
 
     # ------------------------------------------------------------------ epoch ends
 
@@ -330,9 +317,7 @@ class Trainer:
         return [self.backend.device.index or 0] if self.backend.device.type == "cuda" else []
 
     def _result(self) -> FitResult:
-        images = sum(i for i, _ in self._speed[1:]) or sum(i for i, _ in self._speed)
-        seconds = sum(s for _, s in self._speed[1:]) or sum(s for _, s in self._speed) or float("nan")
-        speed = self._throughput(images / seconds)
+        speed = self.meter.summary()
         task = self.task
         if self._whole is not None:
             self._whole.load_state_dict(self.backend.full_state_dict(self.model))
