@@ -95,6 +95,10 @@ class Trainer:
         self.cfg, self.run_dir, self.seed, self.config = cfg, run_dir, seed, config or {}
         self.phases = tuple(task.phases)
         check_available(cfg.log)
+        if cfg.activation_checkpointing:
+            if not hasattr(task, "set_grad_checkpointing"):
+                raise ConfigError(f"trainer.activation_checkpointing=true: {type(task).__name__} has no set_grad_checkpointing()")
+            task.set_grad_checkpointing(True)
         self.backend = Backend(cfg, multi_phase=len(self.phases) > 1)
         self.rank, self.world = dist.rank(), dist.world_size()
         self._build_loaders(data, loader_factory, img_size, presets, splits)

@@ -42,8 +42,6 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     _check_fits(cfg, info)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     task = build_task(cfg.model, image_mean=mean, image_std=std)
-    if cfg.trainer.activation_checkpointing:
-        task.set_grad_checkpointing(True)
     result = fit(task, cfg.trainer, cfg.data, run_dir, seed=cfg.seed, img_size=task.model.img_size,
                  config=cfg.model_dump(mode="json"))  # fmt: skip
     trained: MAETask = result.task
