@@ -89,4 +89,5 @@ def compare(work: Workload, device: torch.device, *, warmup: int, steps: int, re
 
 def _speedup(measured: dict[str, Measurement], mine: Settings, theirs: Settings) -> dict[str, Any]:
     ours, hf = measured[f"project {mine.label()}"], measured[f"hf {theirs.label()}"]
-    return {"project": ours.name, "hf": hf.name, "speedup": ours.images_per_s / hf.images_per_s}
+    return {"project": ours.name, "hf": hf.name, "speedup": ours.images_per_s / hf.images_per_s,
+            "speedup_cpu_time": ours.images_per_cpu_s / hf.images_per_cpu_s}

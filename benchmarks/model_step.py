@@ -92,6 +92,7 @@ class Measurement:
     images_per_s: float  # median over timed runs
     step_ms: float
     runs_images_per_s: list[float]
+    images_per_cpu_s: float  # per second of process CPU time: steadier than wall time on a shared machine
     warmup_s: float  # includes compilation
     peak_memory_mb: float
     flops_per_image: float | None
@@ -132,19 +133,20 @@ def make_step(module: nn.Module, loss_fn: Callable[[], Tensor], device: torch.de
     return step
 
 
-def _timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
+def _timed(step: Callable[[], None], steps: int, device: torch.device) -> tuple[float, float]:
+    """(wall seconds, process CPU seconds) of ``steps`` steps."""
     synchronize(device)
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
     synchronize(device)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def _warm(contender: Contender, warmup: int, device: torch.device) -> tuple[float, float]:
     """Warm up (compile, allocator, caches) and record peak memory meanwhile."""
     reset_peak_memory(device)
-    seconds = _timed(contender.step, max(warmup, 1), device)
+    seconds = _timed(contender.step, max(warmup, 1), device)[0]
     return seconds, peak_memory_mb(device)
 
 
@@ -157,18 +159,21 @@ def race(contenders: list[Contender], *, warmup: int, steps: int, repeats: int, 
          peak: float | None = None) -> list[Measurement]:
     """Time each contender ``repeats`` times (``steps`` steps each), in alternating order."""
     warm = {c.name: _warm(c, warmup, device) for c in contenders}
-    seconds: dict[str, list[float]] = {c.name: [] for c in contenders}
+    seconds: dict[str, list[tuple[float, float]]] = {c.name: [] for c in contenders}
     for contender in _turns(contenders, repeats):
         seconds[contender.name].append(_timed(contender.step, steps, device))
     return [_measure(c, seconds[c.name], steps, warm[c.name], peak) for c in contenders]
 
 
-def _measure(c: Contender, seconds: list[float], steps: int, warm: tuple[float, float], peak: float | None) -> Measurement:
-    runs = [c.batch_size * steps / s for s in seconds]
+def _measure(c: Contender, seconds: list[tuple[float, float]], steps: int, warm: tuple[float, float],
+             peak: float | None) -> Measurement:
+    runs = [c.batch_size * steps / wall for wall, _ in seconds]
     ips = statistics.median(runs)
+    per_cpu_s = statistics.median(c.batch_size * steps / cpu for _, cpu in seconds)
     achieved = ips * c.flops_per_image / 1e12 if c.flops_per_image else None
     return Measurement(
         name=c.name, images_per_s=ips, step_ms=1e3 * c.batch_size / ips, runs_images_per_s=runs,
+        images_per_cpu_s=per_cpu_s,
         warmup_s=warm[0], peak_memory_mb=warm[1], flops_per_image=c.flops_per_image,
         achieved_tflops=achieved, mfu=mfu(ips, c.flops_per_image, peak), params_m=c.params / 1e6, info=c.info,
     )  # fmt: skip

@@ -74,5 +74,6 @@ def visible_only_speedup(work: Workload, settings: Settings, device: torch.devic
         "preset": work.preset, "batch_size": work.batch_size, "mask_ratio": work.mask_ratio,
         "settings": settings.label(), "visible_only": fast.as_dict(), "mask_tokens_in_encoder": slow.as_dict(),
         "wallclock_speedup": fast.images_per_s / slow.images_per_s,
+        "cpu_time_speedup": fast.images_per_cpu_s / slow.images_per_cpu_s,
         "flops_ratio": (slow.flops_per_image or 0.0) / (fast.flops_per_image or 1.0),
     }  # fmt: skip
