@@ -206,3 +206,6 @@ def run(argv: list[str]) -> int:
 
 
 main = entry_point("mae-finetune", run)
+
+if __name__ == "__main__":
+    main()

@@ -138,3 +138,6 @@ def run(argv: list[str]) -> int:
 
 
 main = entry_point("mae-probe", run)
+
+if __name__ == "__main__":
+    main()
