@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -67,15 +68,24 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _shield_children = False
 
 
-def _block_stop_signals_in_child() -> None:
-    # torchrun and Slurm signal the whole process group: forked DataLoader workers must outlive
-    # it (torch's worker SIGTERM handler would die), so the parent can finish its step with their
-    # batches, save, and then shut them down as usual
+def _shield_forked_child() -> None:
+    # torchrun and Slurm signal every process: forked DataLoader workers must outlive that
+    # (torch's worker handler dies on SIGTERM), so the parent can finish its step with their
+    # batches and save. The signals stay blocked and a thread takes them; only the parent's
+    # own SIGTERM (its shutdown of the worker) still ends the child.
     if _shield_children:
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        threading.Thread(target=_absorb_stop_signals, args=(os.getppid(),), daemon=True).start()
 
 
-os.register_at_fork(after_in_child=_block_stop_signals_in_child)
+def _absorb_stop_signals(parent: int) -> None:
+    while True:
+        info = signal.sigwaitinfo(set(_STOP_SIGNALS))
+        if info.si_signo == signal.SIGTERM and info.si_pid == parent:
+            os._exit(0)
+
+
+os.register_at_fork(after_in_child=_shield_forked_child)
 
 
 @dataclass(frozen=True)

@@ -124,21 +124,20 @@ class Slow(IterableDataset):
             yield torch.tensor(i)
 
 with RunControl() as control:
-    seen = []
-    for batch in DataLoader(Slow(), batch_size=None, num_workers=2):
-        seen.append(int(batch))
-        if len(seen) == 4:
-            print("ready", flush=True)
-            while control.received is None:
-                time.sleep(0.01)
-        if len(seen) == 10:
-            break
+    batches = iter(DataLoader(Slow(), batch_size=None, num_workers=2, persistent_workers=True))
+    seen = [int(next(batches)) for _ in range(4)]
+    print("ready", flush=True)
+    while control.received is None:
+        time.sleep(0.01)
+    seen += [int(next(batches)) for _ in range(6)]
 print(control.received, len(seen), flush=True)
+# exit with the workers still running: multiprocessing's exit handler SIGTERMs them, which must work
 '''
 
 
 def test_signal_to_the_process_group_spares_loader_workers(tmp_path):
-    """torchrun / Slurm signal every process: the step in flight still gets its batches."""
+    """torchrun / Slurm signal every process: the step in flight still gets its batches, and
+    the workers still end when their parent stops them."""
     script = tmp_path / "group.py"
     script.write_text(_GROUP_SIGNAL)
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,

@@ -58,23 +58,27 @@ def _can_mount_tmpfs() -> bool:
 
 @pytest.mark.skipif(not _can_mount_tmpfs(), reason="needs unshare + tmpfs (user namespaces) for a really full disk")
 def test_full_disk_is_one_line_error_and_earlier_checkpoints_load(tmp_path, data_root):
-    """The checkpoint directory is a small tmpfs in a private mount namespace: two
-    checkpoints fit (keep=2), the third runs out of space mid-write."""
-    probe = tmp_path / "probe"
-    code, log = finish(start(probe, "max_steps=4", data_root=data_root), probe)
-    assert code == 0, log[-3000:]
-    size = sum(-(-f.stat().st_size // 4096) * 4096 for f in (probe / "checkpoints" / "step-00000004").iterdir())
+    """The checkpoint directory is a tmpfs in a private mount namespace; once checkpoint 8 is
+    published a ballast file fills it, so the save of step 12 runs out of space mid-write."""
     run = tmp_path / "run"
-    (run / "checkpoints").mkdir(parents=True)
+    ckpts = run / "checkpoints"
+    ckpts.mkdir(parents=True)
     driver = " ".join([sys.executable, str(Path(__file__).with_name("faults_driver.py")), str(run), *COMMON,
-                       "log.every_steps=100", f"data.root={data_root}"])
-    script = (f"mount -t tmpfs -o size={2 * size + size // 2 + 4096} tmpfs {run}/checkpoints && "
-              f"{{ OMP_NUM_THREADS=1 {driver}; echo exit=$?; }}; cp -a {run}/checkpoints {run}/after")
+                       "--step-delay=0.1", "log.every_steps=100", f"data.root={data_root}"])
+    script = f"""
+        mount -t tmpfs -o size=4m tmpfs {ckpts} || exit 9
+        OMP_NUM_THREADS=1 {driver} &
+        pid=$!
+        until grep -qs step-00000008 {ckpts}/latest; do kill -0 $pid || break; sleep 0.02; done
+        dd if=/dev/zero of={ckpts}/.ballast bs=4k 2>/dev/null
+        wait $pid; echo exit=$?
+        rm {ckpts}/.ballast; cp -a {ckpts} {run}/after
+    """
     proc = subprocess.run(["unshare", "-rm", "sh", "-c", script], capture_output=True, text=True, timeout=300)
     lines = proc.stdout.strip().splitlines() + proc.stderr.strip().splitlines()
     assert "exit=2" in lines, proc.stderr[-3000:]
     error = next(line for line in lines if line.startswith("faults_driver: error:"))
-    assert error.startswith(f"faults_driver: error: cannot write checkpoint {run}/checkpoints/step-00000012: "
+    assert error.startswith(f"faults_driver: error: cannot write checkpoint {ckpts}/step-00000012: "
                             "No space left on device"), error
     assert error.endswith("earlier checkpoints are intact (latest: step-00000008)"), error
     after = CheckpointManager(run / "after", keep=2, rank=0)
