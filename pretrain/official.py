@@ -7,6 +7,7 @@ full exports (``.pth`` or ``.safetensors``)::
 
     model = load_official("mae_visualize_vit_large.pth")       # architecture read from the shapes
     model = load_official("mae_pretrain_vit_base.pth", img_size=112)   # sin-cos tables rebuilt
+    model = load_official("vit-mae-base/model.safetensors")   # Hugging Face ViTMAE names converted
 
 The architecture is read from the tensor shapes; the head counts, which shapes cannot
 tell, come from the matching preset (else 64-dim encoder and 32-dim decoder heads, as
@@ -32,6 +33,43 @@ from pretrain.presets import PRESETS, check_model_kwargs
 
 log = logging.getLogger(__name__)
 _POS_TABLES = ("pos_embed", "decoder_pos_embed")  # fixed functions of the shape, rebuilt on resize
+
+
+# Hugging Face ViTMAE names (hub files: transformers 4 layout; in memory: transformers 5) -> official
+_HF_PREFIXES = (
+    (re.compile(r"^vit\.(?:encoder\.layer|layers)\.(\d+)\."), r"blocks.\1."),
+    (re.compile(r"^decoder\.decoder_layers\.(\d+)\."), r"decoder_blocks.\1."),
+    (re.compile(r"^vit\.embeddings\.patch_embeddings\.projection\."), "patch_embed.proj."),
+    (re.compile(r"^vit\.embeddings\.cls_token$"), "cls_token"),
+    (re.compile(r"^vit\.embeddings\.position_embeddings$"), "pos_embed"),
+    (re.compile(r"^vit\.layernorm\."), "norm."),
+    (re.compile(r"^decoder\.(?!decoder_layers)"), ""),
+)
+_HF_BLOCK = {"attention.attention.query.": "q.", "attention.q_proj.": "q.", "attention.attention.key.": "k.",
+             "attention.k_proj.": "k.", "attention.attention.value.": "v.", "attention.v_proj.": "v.",
+             "attention.output.dense.": "attn.proj.", "attention.o_proj.": "attn.proj.",
+             "layernorm_before.": "norm1.", "layernorm_after.": "norm2.", "intermediate.dense.": "mlp.fc1.",
+             "output.dense.": "mlp.fc2.", "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}  # fmt: skip
+
+
+def from_hf_vitmae(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A Hugging Face ``ViTMAEForPreTraining`` / ``ViTMAEModel`` state_dict in the official naming
+    (separate query / key / value projections fused into timm's ``qkv``)."""
+    out: dict[str, Tensor] = {}
+    for key, value in state_dict.items():
+        for pattern, repl in _HF_PREFIXES:
+            key = pattern.sub(repl, key)
+        block = re.match(r"^((?:decoder_)?blocks\.\d+\.)(.*)$", key)
+        if block:
+            rest = next((new + block[2][len(old):] for old, new in _HF_BLOCK.items() if block[2].startswith(old)), None)
+            if rest is None:
+                raise CheckpointError(f"unknown Hugging Face ViTMAE tensor '{key}'")
+            key = block[1] + rest
+        out[key] = value
+    for key in [k for k in out if re.search(r"\.q\.(weight|bias)$", k)]:
+        prefix, kind = key.rsplit(".q.", 1)
+        out[f"{prefix}.attn.qkv.{kind}"] = torch.cat([out.pop(f"{prefix}.{n}.{kind}") for n in "qkv"])
+    return out
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -61,8 +99,7 @@ def infer_arch(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     """Constructor arguments of ``MaskedAutoencoderViT`` that fit ``state_dict``'s shapes."""
     for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.mlp.fc1.weight"):
         if key not in state_dict:
-            hint = " (Hugging Face ViTMAE keys: convert first)" if any(k.startswith("vit.") for k in state_dict) else ""
-            raise CheckpointError(f"state_dict lacks '{key}': not an MAE/timm ViT state_dict{hint}")
+            raise CheckpointError(f"state_dict lacks '{key}': not an MAE/timm ViT state_dict")
     dim, chans, patch, _ = state_dict["patch_embed.proj.weight"].shape
     grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
     arch = dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim,
@@ -90,6 +127,8 @@ def load_official(source: str | Path | dict[str, Tensor], **overrides: Any) -> M
     encoder-only checkpoint leaves the decoder at its fresh (official) initialisation.
     """
     state = dict(read_state_dict(source) if isinstance(source, (str, Path)) else source)
+    if any(k.startswith("vit.") for k in state):
+        state = from_hf_vitmae(state)
     check_model_kwargs(overrides)
     model = MaskedAutoencoderViT(**{**infer_arch(state), **overrides})
     own = model.state_dict()

@@ -96,7 +96,7 @@ def test_bad_checkpoints_are_refused_with_one_line(model, tmp_path) -> None:
     no_norm = {k: v for k, v in model.encoder_state_dict().items() if not k.startswith("norm.")}
     with pytest.raises(CheckpointError, match="misses keys: norm.bias, norm.weight"):
         load_official(no_norm)
-    with pytest.raises(CheckpointError, match="Hugging Face ViTMAE keys"):
+    with pytest.raises(CheckpointError, match="lacks .patch_embed.proj.weight."):
         load_official({"vit.embeddings.cls_token": torch.zeros(1, 1, 8)})
     junk = tmp_path / "junk.pth"
     junk.write_bytes(b"not a checkpoint")
