@@ -7,6 +7,7 @@ that stop, checkpoint and resume must agree with the uninterrupted 1-process run
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,10 +48,12 @@ def test_two_processes_equal_one_process(tmp_path):
 @pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.slow)])
 def test_deepspeed_zero_trains_checkpoints_and_resumes(tmp_path, stage):
     ds = [*COMMON, "optim.schedule=constant", "batch_size=8", "backend=deepspeed", f"zero_stage={stage}"]
-    torchrun(tmp_path / "ds", *ds, "max_steps=3")
+    # a fresh engine in the same processes resumes the first run's checkpoint (saves a torchrun start)
+    resumed = torchrun(tmp_path / "ds", *ds, "max_steps=3", "--then", "max_steps=5")
     first = tmp_path / "ds" / "checkpoints" / "step-00000003"
     assert (first / "COMPLETE").is_file() and list(first.rglob("*optim_states.pt"))  # DeepSpeed's own files
-    resumed = torchrun(tmp_path / "ds", *ds, "max_steps=5")
     assert resumed["steps"] == 5
+    log = (tmp_path / "ds" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in log if '"train"' in r] == [2, 3, 4, 5]  # the second fit began at 3
     one = run(str(tmp_path / "one"), [*COMMON, "optim.schedule=constant", "batch_size=16", "max_steps=5"])
     assert_same_weights(one.task.state_dict(), resumed["state"])

@@ -1,8 +1,9 @@
 """A tiny task and a synthetic loader with the ShardLoader interface, for trainer tests.
 
-Also a script: ``torchrun --nproc_per_node 2 tests/trainer_tiny.py RUN_DIR key=value ...``
-trains the tiny task with those TrainerConfig overrides and writes the final weights to
-``RUN_DIR/final.pt`` (rank 0), so a test can compare runs across launchers.
+Also a script: ``torchrun --nproc_per_node 2 tests/trainer_tiny.py RUN_DIR key=value ... [--then k=v ...]``
+trains the tiny task with those TrainerConfig overrides (then, in the same process, resumes
+it with more overrides) and writes the final weights to ``RUN_DIR/final.pt`` (rank 0), so a
+test can compare runs across launchers.
 
 The synthetic data is a fixed sequence of samples; batch ``j`` of rank ``r`` (of ``w``,
 micro-batch ``B``) holds samples ``j*B*w + r*B + [0, B)`` of the epoch's permutation, so
@@ -127,7 +128,12 @@ if __name__ == "__main__":
     from launch import dist
 
     logging.basicConfig(level=logging.INFO)
-    result = run(sys.argv[1], sys.argv[2:])
+    # "--then k=v ...": a second fit in the same process and run dir (it resumes the first)
+    args = sys.argv[2:]
+    first, then = (args[: args.index("--then")], args[args.index("--then") + 1 :]) if "--then" in args else (args, None)
+    result = run(sys.argv[1], first)
+    if then is not None:
+        result = run(sys.argv[1], [*first, *then])
     if dist.is_main():
         state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
         torch.save({"state": state, "steps": result.steps, "loss": result.final_loss}, Path(sys.argv[1]) / "final.pt")
