@@ -109,12 +109,13 @@ main = entry_point("faults_driver", run)
 COMMON = ["max_steps=30", "batch_size=16", "checkpoint.every_steps=4", "log.every_steps=2"]
 
 
-def start(run_dir: Path, *args: str, data_root: Path, nproc: int = 1, max_restarts: int = 0) -> subprocess.Popen:
+def start(run_dir: Path, *args: str, data_root: Path, nproc: int = 1, max_restarts: int = 0,
+          torchrun_flags: list[str] | None = None) -> subprocess.Popen:
     """Launch this driver (under torchrun when ``nproc`` > 1); output goes to ``run_dir.log``."""
     script = [__file__, str(run_dir), *COMMON, f"data.root={data_root}", *args]
     launcher = [sys.executable] if nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        f"--max-restarts={max_restarts}", "--monitor-interval=0.5"]
+        f"--max-restarts={max_restarts}", "--monitor-interval=0.5", *(torchrun_flags or [])]
     # one thread per process: identical numerics in every run, and no oversubscription of 2 cores
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(f"{run_dir}.log", "a") as log:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -75,11 +76,21 @@ def test_sigterm_kill_in_save_and_kill9_resume_bit_identical(tmp_path, data_root
     assert_same_weights(final_weights(run), reference)
 
 
-@pytest.mark.dist
-def test_two_processes_kill9_resume_bit_identical(tmp_path, data_root):
-    reference = tmp_path / "reference"
-    code, log = finish(start(reference, data_root=data_root, nproc=2), reference)
+@pytest.fixture(scope="module")
+def reference2(tmp_path_factory, data_root) -> dict:
+    run = tmp_path_factory.mktemp("reference2") / "run"
+    code, log = finish(start(run, data_root=data_root, nproc=2), run)
     assert code == 0, log[-3000:]
+    return final_weights(run)
+
+
+def _process_tree(pid: int) -> list[int]:
+    children = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [p for child in children for p in _process_tree(int(child))]
+
+
+@pytest.mark.dist
+def test_two_processes_kill9_resume_bit_identical(tmp_path, data_root, reference2):
 
     run = tmp_path / "run"
     proc = start(run, "--step-delay=0.1", data_root=data_root, nproc=2)
@@ -91,4 +102,25 @@ def test_two_processes_kill9_resume_bit_identical(tmp_path, data_root):
     code, log = finish(start(run, data_root=data_root, nproc=2), run)
     assert code == 0, log[-3000:]
     assert "resumed from" in log
-    assert_same_weights(final_weights(run), final_weights(reference))
+    assert_same_weights(final_weights(run), reference2)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+def test_torchrun_preemption_like_slurm(tmp_path, data_root, reference2):
+    """What pretrain.sbatch does: SIGUSR1 to every process of the step (torchrun, workers,
+    loader workers). torchrun shuts down instead of restarting, both ranks save the same
+    step and exit 75; the relaunch ends with the uninterrupted weights."""
+    run = tmp_path / "run"
+    flags = ["--signals-to-handle=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1", "--shutdown-timeout=120"]
+    proc = start(run, "--step-delay=0.1", data_root=data_root, nproc=2, max_restarts=1, torchrun_flags=flags)
+    wait_for(_ckpt(run, 4), proc)
+    for pid in _process_tree(proc.pid):
+        os.kill(pid, signal.SIGUSR1)
+    code, log = finish(proc, run)
+    assert code != 0 and log.count("exit status 75 = requeue") == 2, log[-3000:]
+    meta = read_meta(CheckpointManager(run / "checkpoints", keep=2, rank=0).latest())
+    assert meta["reason"] == "preempted" and log.count("phase main") == 2  # no restart
+    code, log = finish(start(run, data_root=data_root, nproc=2), run)
+    assert code == 0, log[-3000:]
+    assert_same_weights(final_weights(run), reference2)
