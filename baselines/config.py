@@ -13,7 +13,7 @@ from typing import Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
-from baselines.families import FAMILIES, ModelConfig
+from baselines.families import FAMILIES, ModelConfig, check_img_size
 from finetune.probe import ProbeConfig
 from launch.config import Schema, TrainerConfig, describe_error, merge, parse_overrides, read_yaml
 from launch.data.config import DataConfig
@@ -56,7 +56,8 @@ class BaselineConfig(Schema):
             try:
                 type(self.model).model_validate(self.model.model_dump() | {"latent_dim": size})
             except ValidationError as err:
-                raise ValueError(f"latent_sweep size {size}: {_message(err.errors()[0])}") from None
+                bounds = _bounds(type(self.model), "latent_dim")
+                raise ValueError(f"latent_sweep size {size}: {_message(err.errors()[0])}{bounds}") from None
         return self
 
     @property
@@ -93,9 +94,11 @@ def load_baseline_config(name: str, path: str | Path | None = None, overrides: l
         data["probe"] = merge(ProbeConfig().model_dump(mode="json"), data["probe"])
     data["name"] = name
     try:
-        return BaselineConfig.model_validate(data)
+        cfg = BaselineConfig.model_validate(data)
     except ValidationError as err:
         raise ConfigError(describe(err)) from None
+    check_img_size(cfg.model, cfg.img_size)
+    return cfg
 
 
 def _message(error: dict[str, Any]) -> str:
@@ -118,4 +121,14 @@ def describe(err: ValidationError) -> str:
         return f"config key 'model.family': unknown family {first['input'].get('family')!r}; allowed: {', '.join(FAMILIES)}"
     if family is None:
         return describe_error(BaselineConfig, err)
-    return f"config key '{key}': {_message(first)} (got {first.get('input')!r})"
+    allowed = _bounds(FAMILIES[family][0], loc[-1])
+    return f"config key '{key}': {_message(first)} (got {first.get('input')!r}{allowed})"
+
+
+def _bounds(schema: type, field: str) -> str:
+    """``"; allowed: 1 <= latent_dim <= 1024"`` from a numeric field's constraints ('' if none)."""
+    info = schema.model_fields.get(field)
+    bound = {k: getattr(m, k) for m in (info.metadata if info else []) for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
+    low = f"{bound['ge']} <= " if "ge" in bound else f"{bound['gt']} < " if "gt" in bound else ""
+    high = f" <= {bound['le']}" if "le" in bound else f" < {bound['lt']}" if "lt" in bound else ""
+    return f"; allowed: {low}{field}{high}" if low or high else ""

@@ -8,6 +8,7 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from baselines import aae, ae, cae, dae, stacked, vae
+from baselines.nets import check_conv_size
 from baselines.pixels import Pixels
 from launch.task import Task
 
@@ -25,6 +26,12 @@ ModelConfig = Annotated[
     Union[ae.AEConfig, dae.DAEConfig, stacked.SDAEConfig, cae.CAEConfig, vae.VAEConfig, aae.AAEConfig],
     Field(discriminator="family"),
 ]
+
+
+def check_img_size(cfg: ModelConfig, img_size: int) -> None:
+    """Conv models need a side their MaxPool / Upsample pairs invert exactly (checked before any data is read)."""
+    if cfg.family in ("cae", "dae") or getattr(cfg, "arch", "mlp") == "conv":
+        check_conv_size(cfg.family, img_size, len(cfg.widths))
 
 
 def build_task(cfg: ModelConfig, pixels: Pixels, img_size: int) -> Task:
