@@ -10,11 +10,11 @@
 from pretrain.masking import random_masking
 from pretrain.model import MaskedAutoencoderViT
 from pretrain.objective import mae_loss, normalize_patches
-from pretrain.official import load_official, read_state_dict
+from pretrain.official import from_hf_vitmae, load_official, read_state_dict
 from pretrain.presets import PRESETS, MAEConfig, build_model, create_mae, register_preset
 from pretrain.task import MAETask, build_task
 
 __all__ = [
-    "PRESETS", "MAEConfig", "MAETask", "MaskedAutoencoderViT", "build_model", "build_task", "create_mae",
+    "PRESETS", "MAEConfig", "MAETask", "MaskedAutoencoderViT", "build_model", "build_task", "create_mae", "from_hf_vitmae",
     "load_official", "mae_loss", "normalize_patches", "random_masking", "read_state_dict", "register_preset",
 ]  # fmt: skip

@@ -43,20 +43,35 @@ class MAETask(Task):
         self.num_pictures = num_pictures
 
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
-        imgs = batch["image"]  # (N, C, H, W)
-        latent, mask, ids_restore = self.model.forward_encoder(imgs, self.mask_ratio)
+        return {"loss": self._loss(batch["image"])}
+
+    @torch.no_grad()
+    def eval_step(self, batch: Batch) -> dict[str, Tensor]:
+        """Loss sum on fixed masks (seed 0), so validation numbers compare across epochs and runs."""
+        imgs = batch["image"]
+        loss = self._loss(imgs, self._fixed_noise(imgs))
+        n = torch.tensor(float(imgs.shape[0]), device=loss.device)
+        return {"loss": loss * n, "count": n}
+
+    def _loss(self, imgs: Tensor, noise: Tensor | None = None) -> Tensor:
+        """imgs: (N, C, H, W) -> scalar loss on the removed patches."""
+        latent, mask, ids_restore = self.model.forward_encoder(imgs, self.mask_ratio, noise)
         pred = self.model.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
-        return {"loss": mae_loss(pred, self.model.patchify(imgs), mask, self.norm_pix_loss)}
+        return mae_loss(pred, self.model.patchify(imgs), mask, self.norm_pix_loss)
+
+    def _fixed_noise(self, imgs: Tensor) -> Tensor:
+        """(N, L) masking noise that is the same at every call (drawn on the CPU, seed 0)."""
+        noise = torch.rand(imgs.shape[0], self.model.num_patches, generator=torch.Generator().manual_seed(0))
+        return noise.to(imgs.device, non_blocking=True)
 
     @torch.no_grad()
     def pictures(self, batch: Batch) -> dict[str, Tensor]:
         """``{"reconstruction": (3, H', W')}``: per image, original / masked / prediction / prediction
         with the visible patches pasted back. The masks are the same at every call (seed 0)."""
         imgs = batch["image"][: self.num_pictures]
-        noise = torch.rand(imgs.shape[0], self.model.num_patches, generator=torch.Generator().manual_seed(0))
         grid = reconstruction_grid(
             self.model, imgs, self.mask_ratio, self.norm_pix_loss,
-            mean=self.image_mean, std=self.image_std, noise=noise.to(imgs.device),
+            mean=self.image_mean, std=self.image_std, noise=self._fixed_noise(imgs),
         )  # fmt: skip
         return {"reconstruction": grid}
 

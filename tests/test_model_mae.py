@@ -216,3 +216,20 @@ def test_compiled_step_matches_eager() -> None:
 
     compiled = torch.compile(step, fullgraph=True)
     torch.testing.assert_close(compiled(imgs, noise), step(imgs, noise), rtol=1e-5, atol=1e-6)
+
+
+def test_task_loss_eval_and_pictures() -> None:
+    task = MAETask(small(), 0.75, norm_pix_loss=True, image_mean=(0.5,), image_std=(0.5,))
+    batch = {"image": torch.randn(6, 1, 28, 28), "label": torch.zeros(6, dtype=torch.long), "key": list("abcdef")}
+    first, second = task(batch)["loss"], task(batch)["loss"]
+    assert first.ndim == 0 and first.dtype == torch.float32 and first != second  # fresh masks per step
+    evals = [task.eval_step(batch) for _ in range(2)]
+    assert torch.equal(evals[0]["loss"], evals[1]["loss"]) and evals[0]["count"] == 6  # fixed eval masks
+    noise = torch.rand(6, 49, generator=torch.Generator().manual_seed(0))
+    pred, mask = task.model(batch["image"], 0.75, noise)
+    torch.testing.assert_close(evals[0]["loss"] / 6, mae_loss(pred, task.model.patchify(batch["image"]), mask))
+    grid = task.pictures(batch)["reconstruction"]
+    assert grid.shape == (3, 6 * 30 + 2, 4 * 30 + 2) and 0 <= grid.min() and grid.max() <= 1
+    assert task.no_weight_decay() == {"model.cls_token", "model.pos_embed", "model.mask_token", "model.decoder_pos_embed"}
+    with torch.device("meta"):  # ViT-B/16 MAE, paper decoder, mask 0.75: 58.7 GFLOP per training image
+        assert MAETask(create_mae("mae_vit_base")).flops_per_image() == pytest.approx(58.7e9, rel=2e-3)
