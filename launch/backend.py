@@ -184,7 +184,8 @@ class Backend:
         return prepared[0], list(prepared[1:])
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        return self.accelerator.unwrap_model(model)
+        """The task itself: no DDP / DeepSpeed / torch.compile wrapper (state-dict keys stay plain)."""
+        return self.accelerator.unwrap_model(model, keep_torch_compile=False)
 
     @property
     def scaler(self) -> torch.amp.GradScaler | None:

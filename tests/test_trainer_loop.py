@@ -134,3 +134,13 @@ def test_wandb_is_optional(tmp_path):
     with pytest.raises(ConfigError, match=r"pip install 'mae-pipeline\[wandb\]'"):
         run(str(tmp_path), ["max_steps=1", "batch_size=16", "log.wandb=true"])
     assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_compiled_task_matches_eager(tmp_path):
+    """trainer.compile=true (Accelerate's dynamo backend, inductor) trains the same weights."""
+    eager = run(str(tmp_path / "eager"), ["max_steps=3", "batch_size=16"])
+    compiled = run(str(tmp_path / "compiled"), ["max_steps=3", "batch_size=16", "compile=true"])
+    assert type(compiled.task) is TinyTask  # unwrapped: checkpoint keys carry no _orig_mod prefix
+    for name, value in eager.task.state_dict().items():
+        torch.testing.assert_close(compiled.task.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
