@@ -26,17 +26,18 @@ def mnist(tmp_path_factory: pytest.TempPathFactory) -> DataConfig:
 @pytest.fixture(scope="module")
 def mae() -> torch.nn.Module:
     torch.manual_seed(0)
-    return create_mae("mae_vit_mnist_p4", depth=2)
+    return create_mae("mae_vit_mnist_p4", depth=1)
 
 
 @pytest.fixture(scope="module")
 def probed(mnist, mae, tmp_path_factory):
-    cfg = ProbeConfig.model_validate({"trainer": {"epochs": 4, "batch_size": 128, "optim": {"base_lr": 2.0}, **QUIET}})
+    trainer = {"max_steps": 60, "batch_size": 128, "eval_every_epochs": 0, "optim": {"base_lr": 1.0}, **QUIET}
+    cfg = ProbeConfig.model_validate({"trainer": trainer})
     return run_probe(cfg, backbone=mae, data=mnist, run_dir=tmp_path_factory.mktemp("probe"), seed=0)
 
 
 def test_short_probe_on_mnist_beats_chance_widely(probed) -> None:
-    assert probed.eval["top1"] > 60.0, probed.eval  # chance is 10 %
+    assert probed.eval["top1"] > 45.0, probed.eval  # chance is 10 %; fully converged ~80 % (random encoder)
     assert probed.eval["top5"] >= probed.eval["top1"]
 
 
