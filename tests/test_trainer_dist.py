@@ -41,6 +41,7 @@ def test_two_processes_equal_one_process(tmp_path):
     two = torchrun(tmp_path / "two", *COMMON, "batch_size=8", "accum_steps=2")
     one = run(str(tmp_path / "one"), [*COMMON, "batch_size=32"])
     assert two["steps"] == one.steps == 6
+    assert two["reductions"] == 6  # one bucket all-reduce per optimizer step, none on the first micro-batch
     assert_same_weights(one.task.state_dict(), two["state"])
     assert two["loss"] == pytest.approx(one.final_loss, rel=1e-5)
 

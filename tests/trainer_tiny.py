@@ -111,15 +111,26 @@ def synthetic_factory(**extra: Any):
     return factory
 
 
-def run(run_dir: str, overrides: list[str], two_phase: bool = False):
-    """Train TinyTask with ``overrides`` of TrainerConfig into ``run_dir``; returns the FitResult."""
+def run(run_dir: str, overrides: list[str], two_phase: bool = False, reductions: list[int] | None = None):
+    """Train TinyTask with ``overrides`` of TrainerConfig into ``run_dir``; returns the FitResult.
+    ``reductions`` (DDP only) receives one entry per gradient bucket all-reduce."""
     from launch.config import TrainerConfig, load_config
-    from launch.trainer import fit
+    from launch.trainer import Trainer
 
     cfg = load_config(TrainerConfig, None, ["log.progress=false", *overrides])
     torch.manual_seed(0)
     task = TwoPhaseTask() if two_phase else TinyTask()
-    return fit(task, cfg, None, Path(run_dir), seed=0, img_size=4, loader_factory=synthetic_factory())
+    trainer = Trainer(task, cfg, None, Path(run_dir), seed=0, img_size=4, loader_factory=synthetic_factory())
+    if reductions is not None:
+        trainer.model.register_comm_hook(reductions, _counting_allreduce)
+    return trainer.fit()
+
+
+def _counting_allreduce(calls, bucket):  # unannotated: DDP checks the annotation object itself
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+    calls.append(1)
+    return allreduce_hook(None, bucket)
 
 
 if __name__ == "__main__":
@@ -131,9 +142,12 @@ if __name__ == "__main__":
     # "--then k=v ...": a second fit in the same process and run dir (it resumes the first)
     args = sys.argv[2:]
     first, then = (args[: args.index("--then")], args[args.index("--then") + 1 :]) if "--then" in args else (args, None)
-    result = run(sys.argv[1], first)
+    ddp = dist.world_size() > 1 and "backend=deepspeed" not in args
+    reductions: list[int] | None = [] if ddp else None
+    result = run(sys.argv[1], first, reductions=reductions)
     if then is not None:
         result = run(sys.argv[1], [*first, *then])
     if dist.is_main():
         state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
-        torch.save({"state": state, "steps": result.steps, "loss": result.final_loss}, Path(sys.argv[1]) / "final.pt")
+        out = {"state": state, "steps": result.steps, "loss": result.final_loss, "reductions": len(reductions or [])}
+        torch.save(out, Path(sys.argv[1]) / "final.pt")
