@@ -201,8 +201,8 @@ def check_compatible(ckpt: Path, saved: dict[str, Any], current: dict[str, Any])
     shown = "; ".join(f"checkpoint has {k}={_show(saved.get(k, _ABSENT))}, this run has {_show(current.get(k, _ABSENT))}" for k in diffs[:3])
     more = f" (and {len(diffs) - 3} more differences)" if len(diffs) > 3 else ""
     raise CheckpointError(
-        f"cannot resume from {ckpt}: {shown}{more}. To start a new run from its weights only, set "
-        f"trainer.checkpoint.weights_only={ckpt} trainer.checkpoint.resume=none"
+        f"cannot resume from {ckpt}: {shown}{more}. To start from its weights only, use a new run_dir "
+        f"with trainer.checkpoint.weights_only={ckpt}"
     )
 
 
