@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from baselines.base import GRID, AutoencoderTask
+from baselines.base import GRID, AutoencoderTask, showcase
 from baselines.generative import generative_pictures
 from baselines.nets import mlp
 from baselines.objectives import LossKind, activate, fooling_loss, gan_losses
@@ -101,7 +101,7 @@ class AAETask(AutoencoderTask):
     @torch.no_grad()
     def pictures(self, batch: Batch) -> dict[str, Tensor]:
         pictures = super().pictures(batch)
-        codes = self.codes(self.pixels.to_unit(batch["image"][: 2 * GRID]))
+        codes = self.codes(self.pixels.to_unit(batch["image"][showcase(batch["label"], 2 * GRID)]))
         return pictures | generative_pictures(self.decode, codes, self.prior, GRID)
 
 

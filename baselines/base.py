@@ -24,6 +24,17 @@ from launch.task import Batch, Task
 GRID = 10
 
 
+def showcase(labels: Tensor, k: int) -> Tensor:
+    """Indices of ``k`` images to draw, one per label first (shards may be sorted by class,
+    and a grid of ten zeros shows little), then the rest in order."""
+    firsts: dict[int, int] = {}
+    for i, label in enumerate(labels.tolist()):
+        firsts.setdefault(label, i)
+    picked = set(firsts.values())
+    order = list(firsts.values()) + [i for i in range(len(labels)) if i not in picked]
+    return torch.tensor(order[:k], dtype=torch.long, device=labels.device)
+
+
 class Codes(nn.Module):
     """Backbone over an encoder: normalized images (N, C, H, W) -> codes (N, num_features).
 
@@ -96,7 +107,7 @@ class AutoencoderTask(Task):
     def pictures(self, batch: Batch) -> dict[str, Tensor]:
         """Reconstructions of the first images; codes of the whole batch coloured by label."""
         pixels = self.pixels.to_unit(batch["image"])
-        pictures = {"recon": image_grid(self.picture_rows(pixels[:GRID]))}
+        pictures = {"recon": image_grid(self.picture_rows(pixels[showcase(batch["label"], GRID)]))}
         labels = batch["label"]
         if bool((labels >= 0).all()) and pixels.shape[0] >= 10:
             pictures["codes"] = code_scatter(self.codes(pixels), labels, f"{type(self).__name__} codes")

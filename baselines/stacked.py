@@ -19,7 +19,7 @@ from einops.layers.torch import Rearrange
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from baselines.base import GRID, Codes
+from baselines.base import GRID, Codes, showcase
 from baselines.dae import check_noise
 from baselines.objectives import LossKind, activate, pixel_metrics, recon_per_image
 from baselines.pictures import code_scatter, image_grid
@@ -117,7 +117,8 @@ class GreedyLayerTask(Task):
     @torch.no_grad()
     def pictures(self, batch: Batch) -> dict[str, Tensor]:
         pixels = self.pixels.to_unit(batch["image"])
-        pictures = {"recon": image_grid([pixels[:GRID], self.reconstruct(pixels[:GRID])])}
+        shown = pixels[showcase(batch["label"], GRID)]
+        pictures = {"recon": image_grid([shown, self.reconstruct(shown)])}
         if bool((batch["label"] >= 0).all()) and pixels.shape[0] >= 10:
             codes = self.stack.encode(pixels, self.level + 1)
             pictures["codes"] = code_scatter(codes, batch["label"], f"stacked DAE codes, layer {self.level}")

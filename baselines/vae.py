@@ -14,7 +14,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from baselines.base import GRID, Codes, AutoencoderTask
+from baselines.base import GRID, AutoencoderTask, Codes, showcase
 from baselines.generative import generative_pictures
 from baselines.nets import check_conv_size, conv_latent_decoder, conv_latent_encoder, mlp_decoder, mlp_encoder
 from baselines.objectives import LossKind, activate, kl_standard_normal, pixel_metrics, recon_per_image
@@ -90,7 +90,7 @@ class VAETask(AutoencoderTask):
     @torch.no_grad()
     def pictures(self, batch: Batch) -> dict[str, Tensor]:
         pictures = super().pictures(batch)
-        codes = self.codes(self.pixels.to_unit(batch["image"][: 2 * GRID]))
+        codes = self.codes(self.pixels.to_unit(batch["image"][showcase(batch["label"], 2 * GRID)]))
         return pictures | generative_pictures(self.decode, codes, self.prior, GRID)
 
     def backbone(self) -> Codes:

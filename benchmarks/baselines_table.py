@@ -49,28 +49,32 @@ def probe_overlay(run_root: Path) -> Path:
     return path
 
 
-def run_baseline(name: str, run_root: Path, overlay: Path, rerun: bool) -> dict[str, Any]:
+def run_baseline(name: str, run_root: Path, overlay: Path, rerun: bool, overrides: list[str]) -> dict[str, Any]:
     results = run_root / name / "results.json"
     if rerun or not results.is_file():
-        cmd = [sys.executable, "-m", "baselines", name, "--config", str(overlay), f"run_root={run_root}"]
+        extra = ["probe=null"] if name == SWEEP else []  # the sweep reports reconstruction only
+        cmd = [sys.executable, "-m", "baselines", name, "--config", str(overlay), f"run_root={run_root}", *overrides, *extra]
         log.info("running %s", " ".join(cmd))
         with (run_root / f"{name}.log").open("w") as out:
             subprocess.run(cmd, check=True, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     return json.loads(results.read_text())
 
 
-def mae_row(run_dir: Path, finetune_dir: Path) -> dict[str, Any]:
+def mae_row(run_dir: Path, finetune_dir: Path, overrides: list[str]) -> dict[str, Any]:
     """The MAE numbers from the shared pipeline's own outputs (pretraining run if absent)."""
     summary = run_dir / "summary.json"
     if not summary.is_file():
         log.info("no %s: running mae-pretrain (the shared pipeline's MNIST run)", summary)
-        subprocess.run([sys.executable, "-m", "pretrain", f"run_dir={run_dir}"], check=True, cwd=ROOT)
+        with (run_dir.parent / f"{run_dir.name}.log").open("w") as out:
+            subprocess.run([sys.executable, "-m", "pretrain", f"run_dir={run_dir}", *overrides], check=True, cwd=ROOT,
+                           stdout=out, stderr=subprocess.STDOUT)
     s = json.loads(summary.read_text())
+    steps = s.get("steps")
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     seconds = max((r["time"] for r in records if r.get("split") == "train"), default=None)
     best = finetune_dir / "best" / "best.json"
     return {
-        "name": "mae (mnist_tiny)", "params": _mae_params(run_dir), "train_seconds": seconds,
+        "name": "mae (mnist_tiny)", "params": _mae_params(run_dir), "train_seconds": seconds, "steps": steps,
         "eval": {"mae_loss": s.get("eval_loss")}, "probe": {"top1": s.get("probe_top1")},
         "finetune": {"top1": json.loads(best.read_text())["top1"]} if best.is_file() else None,
     }
@@ -101,13 +105,13 @@ def table_row(r: dict[str, Any]) -> str:
     seconds = r.get("train_seconds")
     name = r["name"]
     return (f"| {name} | {recon} | {_num(probe.get('top1'), '.1f')} | {_num(ft.get('top1'), '.1f')} | {params} "
-            f"| {_num(seconds, '.0f')} | {REFERENCE.get(name, '')} |")
+            f"| {r.get('steps', '—')} | {_num(seconds, '.0f')} | {REFERENCE.get(name, '')} |")
 
 
 def sweep_lines(sweep: dict[str, Any]) -> list[str]:
     rows = sweep["sweep"]
     return [
-        "", "Latent-size sweep (`mae-baseline ae_sweep`, MLP AE, 5 epochs each; curve in "
+        "", "Latent-size sweep (`mae-baseline ae_sweep`, MLP AE; curve in "
         "`runs/baselines/ae_sweep/pictures/recon_vs_latent.png`):", "",
         "| latent size | " + " | ".join(str(r["latent_dim"]) for r in rows) + " |",
         "|---|" + "---|" * len(rows),
@@ -119,8 +123,8 @@ def sweep_lines(sweep: dict[str, Any]) -> list[str]:
 def render(rows: list[dict[str, Any]], sweep: dict[str, Any] | None) -> str:
     lines = [
         START,
-        "| model | val recon: MSE / BCE per pixel | linear probe top-1 % | fine-tune top-1 % | params | train s | reference (Keras, full MNIST) |",
-        "|---|---|---|---|---|---|---|",
+        "| model | val recon: MSE / BCE per pixel | linear probe top-1 % | fine-tune top-1 % | params | train steps | train s | reference (Keras, full MNIST) |",
+        "|---|---|---|---|---|---|---|---|",
         *[table_row(r) for r in rows],
     ]
     lines += sweep_lines(sweep) if sweep else []
@@ -145,14 +149,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rerun", action="store_true", help="train again even when results.json exists")
     parser.add_argument("--no-sweep", action="store_true", help="skip the latent-size sweep")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every baseline (e.g. trainer.max_steps=100)")
+    parser.add_argument("--mae-set", nargs="*", default=[], metavar="key=value", help="overrides for mae-pretrain when it has to run")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     overlay = probe_overlay(args.run_root)
     names = list(args.names) + ([] if args.no_sweep else [SWEEP])
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        done = dict(zip(names, pool.map(lambda n: run_baseline(n, args.run_root, overlay, args.rerun), names)))
+        mae = pool.submit(mae_row, args.mae_run, args.finetune_run, args.mae_set)
+        done = dict(zip(names, pool.map(lambda n: run_baseline(n, args.run_root, overlay, args.rerun, args.set), names)))
+        rows = [done[n] for n in args.names] + [mae.result()]
     sweep = done.pop(SWEEP, None)
-    rows = [done[n] for n in args.names] + [mae_row(args.mae_run, args.finetune_run)]
     block = render(rows, sweep)
     update_readme(args.readme, block)
     print(block)
