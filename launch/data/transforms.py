@@ -62,9 +62,14 @@ def build_transform(cfg: DataConfig, preset: str, img_size: int, mean: tuple[flo
 
 
 def _batch_buffer(images: list[torch.Tensor]) -> torch.Tensor:
-    out = torch.empty((len(images), *images[0].shape), dtype=torch.float32)
-    # in a worker, fill shared memory directly: the batch then crosses to the main process without a copy
-    return out.share_memory_() if get_worker_info() is not None else out
+    """float32 (B, C, H, W) to fill. In a worker it is allocated in shared memory, as torch's
+    default_collate does, so the batch reaches the main process without a copy (``share_memory_()``
+    would allocate twice and copy)."""
+    shape = (len(images), *images[0].shape)
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=torch.float32)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
+    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
 
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:
