@@ -22,12 +22,11 @@ from typing import Any
 
 import safetensors.torch
 import timm
-import torch
 from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from launch.errors import CheckpointError, ConfigError, DataError
+from launch.errors import ConfigError, DataError
 from launch.export import load_full, load_strict, read_export_config, timm_architecture
 
 log = logging.getLogger(__name__)

@@ -31,7 +31,7 @@ def mae() -> torch.nn.Module:
 
 @pytest.fixture(scope="module")
 def probed(mnist, mae, tmp_path_factory):
-    trainer = {"max_steps": 60, "batch_size": 128, "eval_every_epochs": 0, "optim": {"base_lr": 1.0}, **QUIET}
+    trainer = {"max_steps": 60, "batch_size": 128, "eval_every_epochs": 0, "optim": {"base_lr": 0.4}, **QUIET}
     cfg = ProbeConfig.model_validate({"trainer": trainer})
     return run_probe(cfg, backbone=mae, data=mnist, run_dir=tmp_path_factory.mktemp("probe"), seed=0)
 
