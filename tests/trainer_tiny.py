@@ -105,7 +105,7 @@ class SyntheticLoader:
 
 def synthetic_factory(**extra: Any):
     def factory(data: Any, split: str, *, preset: str, batch_size: int, img_size: int, seed: int,
-                rank: int = 0, world_size: int = 1) -> SyntheticLoader:
+                rank: int = 0, world_size: int = 1, shuffle: bool | None = None) -> SyntheticLoader:
         return SyntheticLoader(batch_size, seed, rank, world_size, **extra)
 
     return factory
