@@ -144,3 +144,17 @@ def test_compiled_task_matches_eager(tmp_path):
     assert type(compiled.task) is TinyTask  # unwrapped: checkpoint keys carry no _orig_mod prefix
     for name, value in eager.task.state_dict().items():
         torch.testing.assert_close(compiled.task.state_dict()[name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_training_split_is_always_shuffled(tmp_path):
+    """A probe trains with the (unshuffled) eval transform: the trainer must still ask for shuffling."""
+    calls: list[tuple[str, str, bool | None]] = []
+    inner = synthetic_factory()
+
+    def recording(data, split, *, preset, shuffle=None, **kwargs):
+        calls.append((split, preset, shuffle))
+        return inner(data, split, preset=preset, shuffle=shuffle, **kwargs)
+
+    fit(TinyTask(), _trainer_cfg("max_steps=1", "batch_size=16"), None, tmp_path, seed=0, img_size=4,
+        train_preset="eval", loader_factory=recording)  # fmt: skip
+    assert calls == [("train", "eval", True), ("val", "eval", None)]
