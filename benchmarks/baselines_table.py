@@ -95,7 +95,18 @@ def _num(value: float | None, fmt: str) -> str:
     return "—" if value is None else format(value, fmt)
 
 
-def table_row(r: dict[str, Any]) -> str:
+def probe_protocol(run_dir: Path) -> str | None:
+    """``LARS, 5 epochs, batch 256, base lr 0.1`` from a run's saved config (None if not probed)."""
+    path = run_dir / "config.yaml"
+    probe = (yaml.safe_load(path.read_text()) or {}).get("probe") if path.is_file() else None
+    if not probe:
+        return None
+    t = probe["trainer"]
+    lr = f"lr {t['optim']['lr']}" if t["optim"].get("lr") else f"base lr {t['optim']['base_lr']}"
+    return f"{t['optim']['name'].upper()}, {t['epochs']} epochs, batch {t['batch_size']}, {lr}"
+
+
+def table_row(r: dict[str, Any], mark: str = "") -> str:
     ev, probe, ft = r.get("eval", {}), r.get("probe") or {}, r.get("finetune") or {}
     if not ev:
         recon = "—"
@@ -109,7 +120,7 @@ def table_row(r: dict[str, Any]) -> str:
     seconds = r.get("train_seconds")
     name = r["name"]
     shown = f"{name} (not run yet)" if r.get("missing") else name
-    return (f"| {shown} | {recon} | {_num(probe.get('top1'), '.1f')} | {_num(ft.get('top1'), '.1f')} | {params} "
+    return (f"| {shown} | {recon} | {_num(probe.get('top1'), '.1f')}{mark} | {_num(ft.get('top1'), '.1f')} | {params} "
             f"| {r.get('steps', '—')} | {_num(seconds, '.0f')} | {REFERENCE.get(name, '')} |")
 
 
@@ -121,17 +132,21 @@ def sweep_lines(sweep: dict[str, Any]) -> list[str]:
         "| latent size | " + " | ".join(str(r["latent_dim"]) for r in rows) + " |",
         "|---|" + "---|" * len(rows),
         "| val MSE | " + " | ".join(f"{r['eval']['mse']:.4f}" for r in rows) + " |",
-        "| probe top-1 % | " + " | ".join(_num((r.get("probe") or {}).get("top1"), ".1f") for r in rows) + " |",
-    ]
+    ] + (["| probe top-1 % | " + " | ".join(_num((r.get("probe") or {}).get("top1"), ".1f") for r in rows) + " |"]
+         if any(r.get("probe") for r in rows) else [])
 
 
 def render(rows: list[dict[str, Any]], sweep: dict[str, Any] | None) -> str:
+    protocols = [r.get("probe_protocol") for r in rows]
+    letters = {p: chr(ord("a") + i) for i, p in enumerate(dict.fromkeys(p for p in protocols if p))}
+    marks = [f" ({letters[p]})" if p and r.get("probe") and len(letters) > 1 else "" for p, r in zip(protocols, rows)]
     lines = [
         START,
         "| model | val recon: MSE / BCE per pixel | linear probe top-1 % | fine-tune top-1 % | params | train steps | train s | reference (Keras, full MNIST) |",
         "|---|---|---|---|---|---|---|---|",
-        *[table_row(r) for r in rows],
+        *[table_row(r, m) for r, m in zip(rows, marks)],
     ]
+    lines += [""] + [f"Probe ({letter}): {p}." for p, letter in letters.items()]
     lines += sweep_lines(sweep) if sweep else []
     return "\n".join([*lines, END])
 
@@ -179,6 +194,8 @@ def present(run_root: Path, name: str) -> dict[str, Any] | None:
 def write_table(args: argparse.Namespace, names: list[str], done: dict[str, Any], mae: dict[str, Any]) -> int:
     sweep = done.pop(SWEEP, None)
     rows = [done.get(n) or {"name": n, "eval": {}, "missing": True} for n in args.names] + [mae]
+    for row, run_dir in zip(rows, [args.run_root / n for n in args.names] + [args.mae_run]):
+        row["probe_protocol"] = probe_protocol(run_dir)
     block = render(rows, sweep)
     update_readme(args.readme, block)
     print(block)
