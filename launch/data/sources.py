@@ -49,7 +49,9 @@ def _stratified(images: np.ndarray, labels: np.ndarray, val: int, seed: int, pre
     from sklearn.model_selection import train_test_split
 
     train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=val, stratify=labels, random_state=seed)
-    return {"train": _png_items(images, labels, np.sort(train_idx), prefix),
+    # train_test_split returns shuffled indices: keep that order, since the sources list digits class
+    # by class and sorted shards would hold 2-3 classes each (class-skewed batches after the buffer)
+    return {"train": _png_items(images, labels, train_idx, prefix),
             "val": _png_items(images, labels, np.sort(val_idx), prefix)}
 
 
