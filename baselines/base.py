@@ -123,12 +123,14 @@ class AutoencoderTask(Task):
 
 
 class ClassifierTask(Task):
-    """Supervised fine-tuning of a whole backbone with a linear classifier on top (cross-entropy)."""
+    """Supervised fine-tuning of a whole backbone with a (BatchNorm +) linear classifier on top."""
 
     def __init__(self, backbone: Codes, num_classes: int) -> None:
         super().__init__()
         self.backbone = backbone.requires_grad_(True)
-        self.head = nn.Linear(backbone.num_features, num_classes)
+        # codes can be tiny in scale (saturated sigmoid units): normalize them first, as the
+        # probe's BatchNorm and ViT fine-tuning's fc_norm do, so the head learns at any code scale
+        self.head = nn.Sequential(nn.BatchNorm1d(backbone.num_features), nn.Linear(backbone.num_features, num_classes))
 
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
         logits = self.head(self.backbone(batch["image"]))
