@@ -292,7 +292,7 @@ class Trainer:
         sums: dict[str, Tensor] = {}
         with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
             torch.manual_seed(self.seed + self.rank)
-            self.eval_loader.set_epoch(0)
+            self.eval_loader.restart(0)
             for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
                 for name, value in self.task.eval_step(self.backend.to_device(batch)).items():
                     sums[name] = sums.get(name, 0.0) + value.float()
@@ -313,7 +313,7 @@ class Trainer:
         self.model.eval()
         with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
             torch.manual_seed(self.seed)
-            loader.set_epoch(0)
+            loader.restart(0)
             pictures = self.task.pictures(self.backend.to_device(next(iter(loader))))
         self.model.train()
         self.logger.images(self.step, pictures)

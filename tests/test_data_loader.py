@@ -94,6 +94,16 @@ def test_eval_reads_every_sample_once_in_a_fixed_order(digits: Path) -> None:
     assert len({k for b in first for k in b["key"]}) == 300
 
 
+def test_restart_reads_the_whole_epoch_after_a_partial_pass(digits: Path) -> None:
+    """A picture batch taken from the eval loader must not make the next evaluation skip it."""
+    loader = build_loader(_cfg(str(digits)), "val", preset="eval", batch_size=64, img_size=8, seed=0)
+    full = _take(loader)
+    loader.restart(0)
+    _take(loader, 1)
+    loader.restart(0)
+    _same(_take(loader), full)
+
+
 def test_reading_in_the_main_process_leaves_the_trainer_rng_alone(digits: Path) -> None:
     loader = build_loader(_cfg(str(digits), workers=0), "val", preset="pretrain", batch_size=100, img_size=8, seed=0)
     torch.manual_seed(7)

@@ -183,6 +183,11 @@ class ShardLoader:
         if epoch != self._epoch:
             self._epoch, self._consumed = epoch, 0
 
+    def restart(self, epoch: int = 0) -> None:
+        """Read ``epoch`` from its first batch on the next iteration, wherever the last pass
+        stopped (evaluation passes and picture batches, which must not resume mid-epoch)."""
+        self._epoch, self._consumed = epoch, 0
+
     def corrupt_samples(self) -> int:
         return self._corrupt
 
