@@ -224,12 +224,26 @@ class Backend:
             return None
         return self.accelerator.clip_grad_norm_(params, self.cfg.optim.clip_grad)
 
-    def step(self, optimizer: Optimizer) -> None:
-        """Optimizer step (unscaled / skipped by the GradScaler under fp16), then zero grads."""
+    def skips_on_device(self, optimizer: Optimizer) -> bool:
+        """Whether ``step(found_inf=...)`` can skip a non-finite step with no host sync: torch's
+        fused Adam / AdamW / SGD kernels take the flag (the GradScaler protocol)."""
+        inner = getattr(optimizer, "optimizer", optimizer)
+        return not self.deepspeed and self.scaler is None and bool(inner.defaults.get("fused"))
+
+    def step(self, optimizer: Optimizer, found_inf: Tensor | None = None) -> None:
+        """Optimizer step (unscaled / skipped by the GradScaler under fp16), then zero grads.
+        ``found_inf`` (1.0 = skip; a device scalar) goes to a fused optimizer's kernel."""
         if self.deepspeed:
             self._engine.step()
             return
-        optimizer.step()
+        inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper forwards step()
+        if found_inf is not None:
+            inner.found_inf = found_inf.detach().float().reshape(())
+        try:
+            optimizer.step()
+        finally:
+            if found_inf is not None:
+                del inner.found_inf
         optimizer.zero_grad(set_to_none=True)
 
     def discard_grads(self, model: nn.Module, optimizer: Optimizer) -> None:
@@ -281,13 +295,6 @@ class Backend:
             if op == "mean":
                 flat /= torch_dist.get_world_size()
         return dict(zip(keys, flat.unbind(0)))
-
-    def any_rank(self, flag: Tensor) -> Tensor:
-        """True on every rank when ``flag`` is true on any rank (a device tensor, no host sync)."""
-        out = flag.detach().float().reshape(1)
-        if torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1:
-            torch_dist.all_reduce(out, op=torch_dist.ReduceOp.MAX)
-        return out[0] > 0
 
     def wait(self) -> None:
         dist.barrier()

@@ -115,6 +115,8 @@ class Trainer:
         self.task: Task = self.backend.unwrap(self.model)
         self.step = self.epoch = self.epoch_step = 0
         self.bad_steps = 0
+        self._bad_run: Tensor | None = None  # consecutive skips on device (fused optimizers)
+        self._bad_peak: Tensor | None = None  # their maximum since the last log point
         self.meter = self._build_meter()
         self.eval_metrics: dict[str, float] = {}
         self.last_loss: float | None = None
@@ -220,7 +222,11 @@ class Trainer:
                 for name, value in out.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() / k
             grad_norm = self.backend.clip(self.phase_params[phase])
-            if self._step_is_finite(sums["loss"], grad_norm):
+            bad = self._nonfinite(sums["loss"], grad_norm)
+            if self.backend.skips_on_device(optimizer):  # no host sync: the fused kernel skips
+                self.backend.step(optimizer, found_inf=bad)
+                self._count_bad_on_device(bad)
+            elif self._step_is_finite(bad):
                 self.backend.step(optimizer)
             else:
                 self.backend.discard_grads(self.model, optimizer)
@@ -229,25 +235,44 @@ class Trainer:
                 sums["grad_norm"] = grad_norm.detach().float()
             self._accumulate_metrics(sums, prefix="" if len(self.phases) == 1 else f"{phase}_")
 
-    def _step_is_finite(self, loss: Tensor, grad_norm: Tensor | None) -> bool:
-        """Non-finite guard: every rank skips when any rank saw a NaN / inf loss or gradient
-        (the flag is all-reduced on device). One scalar host sync per optimizer step."""
+    def _nonfinite(self, loss: Tensor, grad_norm: Tensor | None) -> Tensor:
+        """1.0 on every rank when any rank saw a NaN / inf loss or gradient (a device scalar,
+        all-reduced on device; fp16 overflow is the GradScaler's to skip)."""
         grads: list[Tensor | None] = []
-        if self.backend.scaler is None:  # fp16 overflow is the GradScaler's to skip
+        if self.backend.scaler is None:
             grads = [grad_norm] if grad_norm is not None else [p.grad for p in self.task.parameters()]
-        if not bool(dist.all_reduce_max(nonfinite_flag(loss, grads))):
+        return dist.all_reduce_max(nonfinite_flag(loss, grads))
+
+    def _step_is_finite(self, bad: Tensor) -> bool:
+        """Guard for optimizers that cannot skip on device: one host sync per step."""
+        if not bool(bad):
             self.bad_steps = 0
             return True
         self.bad_steps += 1
-        self._accumulate_metrics({"skipped_steps": torch.ones((), device=loss.device)}, prefix="")
+        self._accumulate_metrics({"skipped_steps": torch.ones((), device=bad.device)}, prefix="")
         log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)", self.step + 1, self.bad_steps)
         if self.bad_steps >= self.cfg.max_bad_steps:
-            raise NonFiniteError(
-                f"loss or gradients were NaN/inf for {self.bad_steps} consecutive steps up to step {self.step + 1} "
-                f"(trainer.max_bad_steps={self.cfg.max_bad_steps}): lower the lr, enable trainer.optim.clip_grad "
-                f"or check the data; {self.checkpoint_path or 'no checkpoint yet'} holds finite weights"
-            )
+            self._stop_nonfinite(self.bad_steps, f"up to step {self.step + 1}")
         return False
+
+    def _count_bad_on_device(self, bad: Tensor) -> None:
+        """Skip counters kept on device (fused optimizers); read at log points by ``_check_bad_steps``."""
+        run = self._bad_run = bad.clone() if self._bad_run is None else (self._bad_run + bad) * bad
+        self._bad_peak = run.clone() if self._bad_peak is None else torch.maximum(self._bad_peak, run)
+        self._accumulate_metrics({"skipped_steps": bad}, prefix="")
+
+    def _check_bad_steps(self) -> None:
+        """Stop when the on-device counters saw ``max_bad_steps`` consecutive skips."""
+        peak, self._bad_peak = self._bad_peak, None
+        if peak is not None and int(peak) >= self.cfg.max_bad_steps:
+            self._stop_nonfinite(int(peak), f"by step {self.step}")
+
+    def _stop_nonfinite(self, count: int, when: str) -> None:
+        raise NonFiniteError(
+            f"loss or gradients were NaN/inf for {count} consecutive steps {when} "
+            f"(trainer.max_bad_steps={self.cfg.max_bad_steps}): lower the lr, enable trainer.optim.clip_grad "
+            f"or check the data; {self.checkpoint_path or 'no checkpoint yet'} holds finite weights"
+        )
 
     # ------------------------------------------------------------------ metrics
 
@@ -256,6 +281,7 @@ class Trainer:
 
     def _log_train(self) -> None:
         """Interval means over steps and ranks, throughput, lr: the host sync point."""
+        self._check_bad_steps()
         metrics = self.meter.read(self.step)
         metrics.update(lr=self.schedulers[0].get_last_lr()[0], epoch=self.epoch)
         self.last_loss = metrics.get("loss", next(iter(metrics.values())))

@@ -82,6 +82,8 @@ class SyntheticLoader:
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.pos = epoch, 0
 
+    restart = set_epoch
+
     def __iter__(self):
         order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         while self.pos < len(self):
