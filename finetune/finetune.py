@@ -29,12 +29,13 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from launch import dist
-from launch.cli import config_parser, entry_point, parse_config
-from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge, save_config
+from launch.cli import entry_point
+from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge
 from launch.data import DataConfig, dataset_info
 from launch.errors import ConfigError
 from launch.export import export_timm
 from launch.task import Batch, Task
+from finetune.cli import percent, run_stage
 from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone
 from finetune.heads import num_classes_of, topk_sums
 
@@ -192,16 +193,12 @@ class FinetuneRun(Schema):
 
 
 def run(argv: list[str]) -> int:
-    parser = config_parser("mae-finetune", FinetuneRun, "Fine-tune a ViT backbone end to end (MAE paper recipe).")
-    cfg, _ = parse_config(parser, FinetuneRun, argv)
-    run_dir = Path(cfg.run_dir)
-    save_config(cfg, run_dir / "config.yaml")
-    result = run_finetune(cfg.finetune, backbone=cfg.backbone, data=cfg.data, run_dir=run_dir, seed=cfg.seed,
-                          config=cfg.model_dump(mode="json"))  # fmt: skip
-    ev = result.eval
-    best = json.loads((run_dir / BEST_DIR / BEST_FILE).read_text())["top1"] if (run_dir / BEST_DIR / BEST_FILE).is_file() else None
-    print(f"fine-tune: top-1 {ev.get('top1', float('nan')):.2f}%  top-5 {ev.get('top5', float('nan')):.2f}%  "
-          f"best top-1 {best if best is None else f'{best:.2f}%'}  ({result.steps} steps, {run_dir})")  # fmt: skip
+    cfg, result = run_stage("mae-finetune", FinetuneRun, "Fine-tune a ViT backbone end to end (MAE paper recipe).",
+                            argv, "finetune", run_finetune)
+    best_file = Path(cfg.run_dir) / BEST_DIR / BEST_FILE
+    best = json.loads(best_file.read_text()) if best_file.is_file() else {}
+    print(f"fine-tune: top-1 {percent(result.eval, 'top1')}  top-5 {percent(result.eval, 'top5')}  "
+          f"best top-1 {percent(best, 'top1')}  ({result.steps} steps, {cfg.run_dir})")
     return 0
 
 

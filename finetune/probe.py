@@ -20,10 +20,11 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
-from launch.cli import config_parser, entry_point, parse_config
-from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge, save_config
+from launch.cli import entry_point
+from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge
 from launch.data import DataConfig, dataset_info
 from launch.task import Batch, Task
+from finetune.cli import percent, run_stage
 from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone
 from finetune.heads import num_classes_of, topk_sums
 
@@ -128,15 +129,10 @@ class ProbeRun(Schema):
 
 
 def run(argv: list[str]) -> int:
-    parser = config_parser("mae-probe", ProbeRun, "Linear probe of a frozen ViT backbone (MAE paper protocol).")
-    cfg, _ = parse_config(parser, ProbeRun, argv)
-    run_dir = Path(cfg.run_dir)
-    save_config(cfg, run_dir / "config.yaml")
-    result = run_probe(cfg.probe, backbone=cfg.backbone, data=cfg.data, run_dir=run_dir, seed=cfg.seed,
-                       config=cfg.model_dump(mode="json"))  # fmt: skip
-    ev = result.eval
-    print(f"linear probe ({cfg.probe.pool}): top-1 {ev.get('top1', float('nan')):.2f}%  "
-          f"top-5 {ev.get('top5', float('nan')):.2f}%  ({result.steps} steps, {run_dir})")  # fmt: skip
+    cfg, result = run_stage("mae-probe", ProbeRun, "Linear probe of a frozen ViT backbone (MAE paper protocol).",
+                            argv, "probe", run_probe)
+    print(f"linear probe ({cfg.probe.pool}): top-1 {percent(result.eval, 'top1')}  "
+          f"top-5 {percent(result.eval, 'top5')}  ({result.steps} steps, {cfg.run_dir})")
     return 0
 
 

@@ -17,7 +17,6 @@ import copy
 import itertools
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -179,6 +178,7 @@ class Trainer:
                 self._train_epoch()
             self._finish()
         finally:
+            self.control.__exit__()  # SIGTERM / SIGUSR1 handlers back, also after an error
             self.logger.close()
         return self._result()
 
