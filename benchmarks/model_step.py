@@ -14,13 +14,13 @@ import statistics
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from benchmarks.memory import peak_memory_mb, reset_peak_memory
+from launch.backend import cpu_has_native_bf16
 from launch.flops import mfu
 
 Precision = Literal["fp32", "bf16"]
@@ -63,15 +63,6 @@ def default_settings(device: torch.device) -> Settings:
     if cpu_has_native_bf16():
         return Settings(precision="bf16", fused_optimizer=True, fused_attn=False)
     return Settings(fused_optimizer=True)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU multiplies bf16 in hardware (otherwise oneDNN emulates it, slower than fp32)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 @dataclass

@@ -126,6 +126,24 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def resolve_precision(precision: str) -> str:
+    """``auto`` -> bf16 where this process's device multiplies bf16 natively, else fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if not _has_accelerator() and cpu_has_native_bf16() else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU multiplies bf16 in hardware (otherwise oneDNN emulates it, slower than fp32)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def _require_transformers() -> None:
     try:
         import transformers  # noqa: F401  (Accelerate's DeepSpeed path reads its metadata)
@@ -142,7 +160,7 @@ class Backend:
     """Accelerate (+ DeepSpeed) for one run; built once, before the data loaders."""
 
     def __init__(self, cfg: TrainerConfig, *, multi_phase: bool = False) -> None:
-        self.cfg = cfg
+        self.cfg = cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision)})
         self.deepspeed = cfg.backend == "deepspeed"
         if self.deepspeed and multi_phase:
             raise ConfigError("trainer.backend=deepspeed supports one optimizer; this task has several phases: use backend=ddp")

@@ -64,7 +64,9 @@ class TrainerConfig(Schema):
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps (overrides epochs)")
     batch_size: int = Field(64, ge=1, description="micro-batch per process")
     accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
-    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype; fp16 uses loss scaling")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "fp32", description="autocast dtype; fp16 uses loss scaling; auto = bf16 where the device computes it "
+                            "natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else fp32")
     compile: bool = Field(False, description="torch.compile the task")
     backend: Literal["ddp", "deepspeed"] = Field("ddp", description="Accelerate DDP (also single process) or DeepSpeed")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (backend=deepspeed)")

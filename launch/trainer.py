@@ -159,7 +159,7 @@ class Trainer:
     def _build_meter(self) -> StepMeter:
         flops = self.task.flops_per_image() if hasattr(self.task, "flops_per_image") else None
         override = self.cfg.peak_tflops * 1e12 if self.cfg.peak_tflops else None
-        peak = peak_flops(self.backend.device, self.cfg.precision, override=override)
+        peak = peak_flops(self.backend.device, self.backend.cfg.precision, override=override)
         return StepMeter(self.backend, global_batch=self.global_batch, flops_per_image=flops,
                          peak_flops=peak * self.world if peak else None)  # fmt: skip
 
