@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+import yaml
 
 from launch.checkpoint import TRAINER_FILE, load_file, save_file
 from launch.export import load_full, load_pretraining_mae, main
@@ -35,7 +36,8 @@ def test_export_run_dir_loads_in_timm_with_trained_weights(run_dir: Path, tmp_pa
     with torch.no_grad():
         assert torch.allclose(vit.forward_features(x), mae.forward_features(x), atol=1e-6)
         assert torch.equal(full.forward_features(x), mae.forward_features(x))
-    assert config["norm_pix_loss"] is True and len(vit.pretrained_cfg["mean"]) == 1
+    run_cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert config["norm_pix_loss"] is run_cfg["model"]["norm_pix_loss"] and len(vit.pretrained_cfg["mean"]) == 1
 
 
 def test_checkpoint_without_encoder_is_one_line(run_dir: Path, tmp_path: Path, capsys) -> None:
