@@ -10,13 +10,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from pydantic import Field
+
 from launch.cli import config_parser, parse_config
 from launch.config import Schema
+from launch.data import DataConfig
 
 if TYPE_CHECKING:
     from launch.trainer import FitResult
 
-R = TypeVar("R", bound=Schema)
+R = TypeVar("R", bound="StageRun")
+
+
+class StageRun(Schema):
+    """What every downstream command takes; a stage adds its ``run_dir`` default and its section."""
+
+    backbone: str = Field(..., description="export folder, pretraining run/checkpoint, official MAE .pth, or timm model name")
+    run_dir: str = Field(..., description="output folder")
+    seed: int = Field(0, description="random seed")
+    data: DataConfig = Field(default_factory=DataConfig)
 
 
 def run_stage(prog: str, schema: type[R], description: str, argv: list[str], section: str,

@@ -35,7 +35,7 @@ from launch.data import DataConfig, dataset_info
 from launch.errors import ConfigError
 from launch.export import export_timm
 from launch.task import Batch, Task
-from finetune.cli import percent, run_stage
+from finetune.cli import StageRun, percent, run_stage
 from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone
 from finetune.heads import num_classes_of, topk_sums
 
@@ -182,13 +182,10 @@ def run_finetune(cfg: FinetuneConfig, *, backbone: BackboneSpec, data: DataConfi
     return result
 
 
-class FinetuneRun(Schema):
+class FinetuneRun(StageRun):
     """``mae-finetune`` settings: what to fine-tune, on which data, where."""
 
-    backbone: str = Field(..., description="export folder, pretraining run/checkpoint, official MAE .pth, or timm model name")
     run_dir: str = Field("runs/finetune", description="output folder (metrics, checkpoints, best/ and export/ timm folders)")
-    seed: int = Field(0, description="random seed")
-    data: DataConfig = Field(default_factory=DataConfig)
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
 

@@ -24,7 +24,7 @@ from launch.cli import entry_point
 from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge
 from launch.data import DataConfig, dataset_info
 from launch.task import Batch, Task
-from finetune.cli import percent, run_stage
+from finetune.cli import StageRun, percent, run_stage
 from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone
 from finetune.heads import num_classes_of, topk_sums
 
@@ -118,13 +118,10 @@ def run_probe(cfg: ProbeConfig, *, backbone: BackboneSpec, data: DataConfig, run
                train_preset=cfg.train_preset, eval_preset="eval", config=config)  # fmt: skip
 
 
-class ProbeRun(Schema):
+class ProbeRun(StageRun):
     """``mae-probe`` settings: what to probe, on which data, where."""
 
-    backbone: str = Field(..., description="export folder, pretraining run/checkpoint, official MAE .pth, or timm model name")
     run_dir: str = Field("runs/probe", description="output folder (metrics, checkpoints, resolved config)")
-    seed: int = Field(0, description="random seed")
-    data: DataConfig = Field(default_factory=DataConfig)
     probe: ProbeConfig = Field(default_factory=ProbeConfig)
 
 

@@ -182,7 +182,8 @@ def describe_fields(schema: type[BaseModel], prefix: str = "") -> list[str]:
             lines += describe_fields(ann, f"{prefix}{name}.")
             continue
         type_name = getattr(ann, "__name__", None) or str(ann).replace("typing.", "")
-        lines.append(f"  {prefix}{name} ({type_name}, default {field.default!r}): {field.description or ''}")
+        default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
+        lines.append(f"  {prefix}{name} ({type_name}, {default}): {field.description or ''}")
     return lines
 
 
