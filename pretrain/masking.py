@@ -31,7 +31,7 @@ def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None) ->
     and ``ids_restore`` (N, L) such that gathering the shuffled sequence with it restores
     the original order.
     """
-    n, length, dim = x.shape
+    n, length, _ = x.shape
     keep = num_visible(length, mask_ratio)
     if noise is None:
         noise = torch.rand(n, length, device=x.device)
@@ -39,8 +39,20 @@ def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None) ->
         raise ValueError(f"noise has shape {tuple(noise.shape)}; expected (batch, num_patches) = {(n, length)}")
     ids_shuffle = torch.argsort(noise, dim=1)  # ascend: small is keep, large is remove
     ids_restore = torch.argsort(ids_shuffle, dim=1)
-    ids_keep = ids_shuffle[:, :keep]
-    x_visible = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, dim))
+    x_visible = gather_tokens(x, ids_shuffle[:, :keep])
     # ids_restore[i] is the rank of patch i in the shuffle: ranks past `keep` are removed
     mask = (ids_restore >= keep).float()
     return x_visible, mask, ids_restore
+
+
+def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
+    """x: (N, L, D), ids: (N, M) token indices per sample -> (N, M, D)."""
+    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def removed_ids(ids_restore: Tensor, keep: int) -> Tensor:
+    """ids_restore: (N, L) from ``random_masking`` -> (N, L - keep) indices of the removed patches.
+
+    ``argsort`` inverts the permutation back into the shuffle order, whose tail is removed.
+    """
+    return torch.argsort(ids_restore, dim=1)[:, keep:]

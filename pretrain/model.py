@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from launch.errors import ConfigError
-from pretrain.masking import random_masking
+from pretrain.masking import gather_tokens, random_masking
 from pretrain.pos_embed import sincos_2d_pos_embed
 
 #: keys of the encoder in timm's VisionTransformer naming (everything else is decoder)
@@ -135,16 +135,23 @@ class MaskedAutoencoderViT(nn.Module):
         """imgs: (N, C, H, W) -> (N, 1 + L, D): the plain ViT encoder, never masked."""
         return self._encode(self._embed_patches(imgs))
 
-    def forward_decoder(self, latent: Tensor, ids_restore: Tensor) -> Tensor:
-        """latent: (N, 1 + L_keep, D), ids_restore: (N, L) -> pixel predictions (N, L, p*p*C)."""
+    def forward_decoder(self, latent: Tensor, ids_restore: Tensor, ids_pred: Tensor | None = None) -> Tensor:
+        """latent: (N, 1 + L_keep, D), ids_restore: (N, L) -> pixel predictions (N, L, p*p*C).
+
+        With ``ids_pred`` (N, M) patch indices, only those M patches are predicted: (N, M, p*p*C).
+        The loss needs only the removed patches, so the final norm and the wide pixel head
+        (and, in the loss, the targets) skip the visible quarter (same values, per token).
+        """
         x = self.decoder_embed(latent)
         n, length = ids_restore.shape
         mask_tokens = self.mask_token.to(x.dtype).expand(n, length + 1 - x.shape[1], -1)
         patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # visible first, as shuffled
-        patches = torch.gather(patches, 1, ids_restore.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+        patches = gather_tokens(patches, ids_restore)
         x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        x = self.decoder_norm(self._run_blocks(self.decoder_blocks, x))
-        return self.decoder_pred(x[:, 1:])
+        x = self._run_blocks(self.decoder_blocks, x)[:, 1:]
+        if ids_pred is not None:
+            x = gather_tokens(x, ids_pred)
+        return self.decoder_pred(self.decoder_norm(x))
 
     def forward(self, imgs: Tensor, mask_ratio: float = 0.75, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """imgs: (N, C, H, W) -> ``pred`` (N, L, p*p*C), ``mask`` (N, L). The loss is the caller's."""

@@ -11,7 +11,8 @@ from launch.errors import ConfigError
 from launch.flops import mae_flops
 from launch.task import Batch, Task
 from pretrain.model import MaskedAutoencoderViT
-from pretrain.objective import mae_loss
+from pretrain.masking import gather_tokens, removed_ids
+from pretrain.objective import removed_patch_loss
 from pretrain.presets import MAEConfig, build_model
 from pretrain.visualize import reconstruction_grid
 
@@ -55,9 +56,11 @@ class MAETask(Task):
 
     def _loss(self, imgs: Tensor, noise: Tensor | None = None) -> Tensor:
         """imgs: (N, C, H, W) -> scalar loss on the removed patches."""
-        latent, mask, ids_restore = self.model.forward_encoder(imgs, self.mask_ratio, noise)
-        pred = self.model.forward_decoder(latent, ids_restore)  # (N, L, p*p*C)
-        return mae_loss(pred, self.model.patchify(imgs), mask, self.norm_pix_loss)
+        latent, _, ids_restore = self.model.forward_encoder(imgs, self.mask_ratio, noise)
+        # only the removed patches are scored: predict and compare just those (same loss as mae_loss)
+        ids = removed_ids(ids_restore, latent.shape[1] - 1)
+        pred = self.model.forward_decoder(latent, ids_restore, ids)  # (N, L - L_keep, p*p*C)
+        return removed_patch_loss(pred, gather_tokens(self.model.patchify(imgs), ids), self.norm_pix_loss)
 
     def _fixed_noise(self, imgs: Tensor) -> Tensor:
         """(N, L) masking noise that is the same at every call (drawn on the CPU, seed 0)."""

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from launch.errors import CheckpointError
-from pretrain.objective import mae_loss
+from pretrain.masking import gather_tokens, removed_ids
+from pretrain.objective import mae_loss, removed_patch_loss
 from pretrain.official import from_hf_vitmae, load_official
 
 transformers = pytest.importorskip("transformers")
@@ -55,6 +56,12 @@ def test_same_weights_and_noise_give_the_same_prediction_and_loss(hf_model, layo
     assert torch.equal(mask, out.mask)
     torch.testing.assert_close(pred, out.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(mae_loss(pred, ours.patchify(imgs), mask, norm_pix_loss=True), out.loss, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the training path: only the removed patches are predicted and scored
+        latent, _, ids_restore = ours.forward_encoder(imgs, 0.75, noise)
+        ids = removed_ids(ids_restore, latent.shape[1] - 1)
+        pred_removed = ours.forward_decoder(latent, ids_restore, ids)
+    loss = removed_patch_loss(pred_removed, gather_tokens(ours.patchify(imgs), ids), norm_pix_loss=True)
+    torch.testing.assert_close(loss, out.loss, rtol=1e-5, atol=1e-6)
     # HF's patchify is the official (p, q, c) layout too
     torch.testing.assert_close(ours.patchify(imgs), hf_model.patchify(imgs), rtol=0, atol=0)
 

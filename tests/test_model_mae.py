@@ -13,6 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from launch.config import load_config
 from launch.errors import ConfigError
+from pretrain.masking import gather_tokens
 from pretrain.objective import mae_loss
 from pretrain.pos_embed import sincos_2d_pos_embed
 from pretrain.presets import PRESETS, MAEConfig, build_model, create_mae
@@ -65,6 +66,9 @@ def test_decoder_unshuffles_into_original_patch_order() -> None:
             rank = int(ids_restore[n, i])
             token = model.decoder_embed(latent[n, 1 + rank]) if mask[n, i] == 0 else model.mask_token[0, 0]
             torch.testing.assert_close(pred[n, i], head(token + dpos[i]), rtol=1e-5, atol=1e-6)
+    # predicting only chosen patches (the loss's removed ones) gives those rows of the full prediction
+    ids = torch.tensor([[3, 0, 48], [7, 7, 1]])
+    torch.testing.assert_close(model.forward_decoder(latent, ids_restore, ids), gather_tokens(pred, ids))
 
 
 def test_forward_features_match_timm_vit_and_unmasked_encoder() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launch.errors import ConfigError
-from pretrain.masking import num_visible, random_masking
+from pretrain.masking import num_visible, random_masking, removed_ids
 from pretrain.pos_embed import sincos_2d_pos_embed
 
 
@@ -35,6 +35,15 @@ def test_visible_tokens_are_exactly_the_unmasked_positions() -> None:
         kept_positions = sorted((visible[i, :, 0] - 1000 * i).long().tolist())
         assert kept_positions == torch.nonzero(mask[i] == 0).flatten().tolist()
 
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.75])
+def test_removed_ids_are_exactly_the_masked_positions(ratio: float) -> None:
+    visible, mask, ids_restore = random_masking(_tokens(), ratio)
+    ids = removed_ids(ids_restore, visible.shape[1])
+    assert ids.shape == (6, 49 - visible.shape[1])
+    for i in range(6):
+        assert sorted(ids[i].tolist()) == torch.nonzero(mask[i] == 1).flatten().tolist()
 
 def test_restore_indices_invert_the_shuffle() -> None:
     x = _tokens()

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pretrain.objective import mae_loss, normalize_patches
+from pretrain.masking import gather_tokens
+from pretrain.objective import mae_loss, normalize_patches, removed_patch_loss
 from pretrain.presets import create_mae
 
 
@@ -35,6 +36,25 @@ def test_loss_matches_a_hand_computation(norm: bool) -> None:
     assert mae_loss(pred, target, mask, norm_pix_loss=norm).item() == pytest.approx(expected, rel=1e-5)
 
 
+
+@pytest.mark.filterwarnings("ignore:var\\(\\): degrees of freedom")
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("pixels", [1, 12])
+def test_removed_only_loss_equals_the_masked_loss(norm: bool, pixels: int) -> None:
+    """The training path scores just the gathered removed patches; same value and gradient as mae_loss."""
+    gen = torch.Generator().manual_seed(1)
+    pred = torch.randn(3, 10, pixels, generator=gen, requires_grad=True)
+    target = torch.randn(3, 10, pixels, generator=gen) * 3 + 1
+    ids = torch.argsort(torch.rand(3, 10, generator=gen), dim=1)[:, 4:]  # 6 removed per sample
+    mask = torch.zeros(3, 10).scatter_(1, ids, 1.0)
+    full = mae_loss(pred, target, mask, norm_pix_loss=norm)
+    part = removed_patch_loss(gather_tokens(pred, ids), gather_tokens(target, ids), norm_pix_loss=norm)
+    torch.testing.assert_close(part, full, rtol=1e-6, atol=1e-7, equal_nan=True)
+    if full.isfinite():  # one pixel per patch has no unbiased variance (NaN, as the official code)
+        torch.testing.assert_close(*(torch.autograd.grad(loss, pred)[0] for loss in (part, full)), rtol=1e-5, atol=1e-8)
+    nothing_removed = removed_patch_loss(pred[:, :0], target[:, :0], norm_pix_loss=norm)
+    assert nothing_removed.item() == 0.0 and nothing_removed.requires_grad
+
 def test_loss_ignores_predictions_at_visible_positions() -> None:
     pred, target = torch.randn(4, 16, 49), torch.randn(4, 16, 49)
     mask = torch.zeros(4, 16)
@@ -55,6 +75,9 @@ def test_loss_is_fp32_under_low_precision_inputs() -> None:
     loss = mae_loss(pred, target, mask)
     assert loss.dtype == torch.float32
     assert loss.item() == pytest.approx(mae_loss(pred.float(), target, mask).item(), rel=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        part = removed_patch_loss(pred, target.bfloat16())
+    assert part.dtype == torch.float32
 
 
 def test_constant_patch_normalizes_to_zero_without_nan() -> None:
