@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from baselines.base import ClassifierTask
+from baselines.base import ClassifierTask, Codes
 from baselines.config import BaselineConfig
 from baselines.families import build_task
 from baselines.pictures import line_plot, save_pictures
@@ -91,13 +91,32 @@ class CodeProbeTask(ProbeTask):
 
 def probe(cfg: BaselineConfig, task: Task, run_dir: Path) -> dict[str, Any]:
     """Linear-probe accuracy (top-1, %) of the frozen codes on the val split."""
-    info = dataset_info(cfg.data)
-    probe_task = CodeProbeTask(task.backbone(), num_classes_of(info, cfg.probe.num_classes, "probe.num_classes"))
-    start = time.perf_counter()
-    result = _fit(cfg, probe_task, cfg.probe.trainer, run_dir / "probe", cfg.probe.train_preset)
+    results = probe_backbone(cfg, task.backbone(), run_dir / "probe")
     task.train()  # the probe left the shared encoder in eval mode
+    return results
+
+
+def probe_backbone(cfg: BaselineConfig, backbone: Codes, run_dir: Path) -> dict[str, Any]:
+    """``cfg.probe`` on the frozen ``backbone``: top-1 (%) and loss on the val split."""
+    info = dataset_info(cfg.data)
+    probe_task = CodeProbeTask(backbone, num_classes_of(info, cfg.probe.num_classes, "probe.num_classes"))
+    start = time.perf_counter()
+    result = _fit(cfg, probe_task, cfg.probe.trainer, run_dir, cfg.probe.train_preset)
     return {"top1": result.eval.get("top1"), "loss": result.eval.get("loss"), "steps": result.steps,
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def probe_pixels(cfg: BaselineConfig, run_dir: Path) -> dict[str, Any]:
+    """The same linear probe on the raw [0, 1] pixels (no encoder): the floor a code should reach.
+    Writes ``run_dir/results.json``; ``cfg.model`` is not used."""
+    info = dataset_info(cfg.data)
+    flat = Codes(Pixels(info.mean, info.std), nn.Flatten(), info.channels * cfg.img_size**2)
+    results = {"name": "raw pixels", "family": None, "params": 0, "eval": {},
+               "probe": probe_backbone(cfg, flat, run_dir / "probe")}
+    if dist.is_main():
+        save_config(cfg, run_dir / "config.yaml")
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    return results
 
 
 def finetune(cfg: BaselineConfig, task: Task, info: DatasetInfo, run_dir: Path) -> dict[str, Any]:

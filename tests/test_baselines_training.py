@@ -1,17 +1,22 @@
 """Baselines learn on the real MNIST shards: every model's loss drops clearly in a short run,
 the AAE's discriminator leaves chance while its codes approach the prior, and the stacked
-AE's greedy stage (through the shared trainer) leaves the lower layers bit-identical."""
+AE's greedy stage (through the shared trainer) leaves the lower layers bit-identical; the
+raw-pixel probe (the comparison table's floor row) runs through the same trainer."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from baselines import aae, ae, cae, dae, stacked, vae
+from baselines.config import load_baseline_config
 from baselines.families import build_task
 from baselines.pixels import Pixels
+from baselines.run import probe_pixels
 from launch.config import TrainerConfig
 from launch.data import DataConfig, build_loader, dataset_info
 from launch.task import Task
@@ -126,3 +131,15 @@ def test_greedy_stage_keeps_lower_layers_bit_identical(data: DataConfig, mnist, 
         assert all(torch.equal(before[k], after[k]) for k in lower + upper), f"{name} moved a frozen layer"
         assert all(not torch.equal(before[k], after[k]) for k in own), f"{name} did not train its own layer"
         assert [p.requires_grad for p in layers[i].parameters()] == [True] * 4
+
+
+def test_probe_pixels_probes_the_flat_pixels_through_the_trainer(data: DataConfig, tmp_path: Path) -> None:
+    """The table's floor row: the codes' linear probe with the raw pixels as the code."""
+    overrides = [f"run_root={tmp_path}", f"data.root={data.root}", "data.workers=0", "probe.trainer.max_steps=6",
+                 "probe.trainer.eval_every_epochs=0", "probe.trainer.log.progress=false"]
+    cfg = load_baseline_config("ae", None, overrides).model_copy(update={"name": "pixels"})
+    results = probe_pixels(cfg, tmp_path / "pixels")
+    saved = json.loads((tmp_path / "pixels" / "results.json").read_text())
+    assert saved == results and saved["params"] == 0 and saved["probe"]["steps"] == 6
+    assert 0 <= saved["probe"]["top1"] <= 100
+    assert yaml.safe_load((tmp_path / "pixels" / "config.yaml").read_text())["probe"]["trainer"]["optim"]["name"] == "lars"
