@@ -46,8 +46,14 @@ def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None) ->
 
 
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
-    """x: (N, L, D), ids: (N, M) token indices per sample -> (N, M, D)."""
-    return torch.gather(x, 1, ids.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    """x: (N, L, D), ids: (N, M) token indices per sample -> (N, M, D).
+
+    Whole-row copies by ``index_select`` on the flattened (N * L, D) tokens: on CPU several
+    times faster, forward and backward, than ``gather`` with an index expanded over D.
+    """
+    n, length, dim = x.shape
+    rows = ids + torch.arange(n, device=ids.device).unsqueeze(1) * length
+    return x.reshape(n * length, dim).index_select(0, rows.flatten()).view(n, ids.shape[1], dim)
 
 
 def removed_ids(ids_restore: Tensor, keep: int) -> Tensor:

@@ -145,12 +145,12 @@ class MaskedAutoencoderViT(nn.Module):
         x = self.decoder_embed(latent)
         n, length = ids_restore.shape
         mask_tokens = self.mask_token.to(x.dtype).expand(n, length + 1 - x.shape[1], -1)
-        patches = torch.cat([x[:, 1:], mask_tokens], dim=1)  # visible first, as shuffled
-        patches = gather_tokens(patches, ids_restore)
-        x = torch.cat([x[:, :1], patches], dim=1) + self.decoder_pos_embed
-        x = self._run_blocks(self.decoder_blocks, x)[:, 1:]
-        if ids_pred is not None:
-            x = gather_tokens(x, ids_pred)
+        x = torch.cat([x, mask_tokens], dim=1)  # cls, the visible patches as shuffled, mask tokens
+        # unshuffle in one gather: cls stays first, patch i takes shuffled slot ids_restore[:, i]
+        order = torch.cat([ids_restore.new_zeros(n, 1), ids_restore + 1], dim=1)
+        x = gather_tokens(x, order) + self.decoder_pos_embed
+        x = self._run_blocks(self.decoder_blocks, x)
+        x = x[:, 1:] if ids_pred is None else gather_tokens(x, ids_pred + 1)  # +1: past the cls token
         return self.decoder_pred(self.decoder_norm(x))
 
     def forward(self, imgs: Tensor, mask_ratio: float = 0.75, noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
