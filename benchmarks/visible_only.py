@@ -17,9 +17,9 @@ from torch import Tensor, nn
 from benchmarks.model_step import Contender, Settings, count_params, make_step, race
 from benchmarks.project import Workload, project_contender
 from launch.flops import mae_flops
-from pretrain.masking import random_masking
+from pretrain.masking import gather_tokens, random_masking, removed_ids
 from pretrain.model import MaskedAutoencoderViT
-from pretrain.objective import mae_loss
+from pretrain.objective import removed_patch_loss
 
 
 class MaskTokensInEncoder(nn.Module):
@@ -32,10 +32,14 @@ class MaskTokensInEncoder(nn.Module):
         nn.init.normal_(self.encoder_mask_token, std=0.02)
 
     def forward(self, imgs: Tensor, mask_ratio: float) -> tuple[Tensor, Tensor]:
-        """imgs: (N, C, H, W) -> pred (N, L, p*p*C), mask (N, L) with 1 = removed."""
+        """imgs: (N, C, H, W) -> pred (N, M, p*p*C) of the M removed patches, their indices (N, M).
+
+        Like ``MAETask``, only the removed patches are predicted, so the two variants
+        differ in the encoder alone.
+        """
         m = self.model
         x = m.patch_embed(imgs)  # (N, L, D)
-        _, mask, _ = random_masking(x, mask_ratio)
+        visible, mask, ids_restore = random_masking(x, mask_ratio)
         x = torch.where(mask.unsqueeze(-1).bool(), self.encoder_mask_token.to(x.dtype), x) + m.pos_embed[:, 1:]
         cls = (m.cls_token + m.pos_embed[:, :1]).expand(x.shape[0], -1, -1)
         x = torch.cat([cls.to(x.dtype), x], dim=1)
@@ -44,7 +48,8 @@ class MaskTokensInEncoder(nn.Module):
         x = m.decoder_embed(m.norm(x)) + m.decoder_pos_embed
         for blk in m.decoder_blocks:
             x = blk(x)
-        return m.decoder_pred(m.decoder_norm(x)[:, 1:]), mask
+        ids = removed_ids(ids_restore, visible.shape[1])
+        return m.decoder_pred(m.decoder_norm(gather_tokens(x, ids + 1))), ids  # +1: past the cls token
 
 
 def mask_tokens_contender(work: Workload, settings: Settings, device: torch.device) -> Contender:
@@ -52,8 +57,8 @@ def mask_tokens_contender(work: Workload, settings: Settings, device: torch.devi
     imgs = work.images(ablation.model, device)
 
     def objective(x: Tensor) -> Tensor:
-        pred, mask = ablation(x, work.mask_ratio)
-        return mae_loss(pred, ablation.model.patchify(x), mask, work.norm_pix_loss)
+        pred, ids = ablation(x, work.mask_ratio)
+        return removed_patch_loss(pred, gather_tokens(ablation.model.patchify(x), ids), work.norm_pix_loss)
 
     run = torch.compile(objective) if settings.compile else objective
     flops = mae_flops(**work.arch(), mask_ratio=work.mask_ratio, visible_only=False).train
