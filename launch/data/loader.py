@@ -28,7 +28,7 @@ from launch.data.config import DataConfig
 from launch.data.dataset import DatasetInfo, dataset_info, resolve_parts
 from launch.data.plan import RankPlan, Segment, exact_plan, mix, resampled_plan, resampled_shards, worker_batches
 from launch.data.shards import BROKEN, Sample, count_samples, read_samples
-from launch.data.transforms import IMAGE_KEYS, PRESETS, build_transform, decode, seeded
+from launch.data.transforms import IMAGE_KEYS, PRESETS, build_transform, decode
 from launch.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -131,8 +131,7 @@ class ShardStream(IterableDataset):
             image = decode(data, self.info.channels)
         except (RuntimeError, ValueError) as err:  # ValueError: an empty member
             raise _Corrupt(f"undecodable image ({str(err).splitlines()[0]})") from None
-        with seeded(seed, all_rngs=self.preset == "finetune", restore=get_worker_info() is None):
-            return self.preset_fns.sample(image), label
+        return self.preset_fns.sample(image, seed), label
 
     def _label(self, sample: Sample) -> int:
         classes = self.info.num_classes
