@@ -222,7 +222,8 @@ def render(rows: list[dict[str, Any]], sweep: dict[str, Any] | None) -> str:
         "|---|---|---|---|---|---|---|---|---|",
         *[table_row(r, m) for r, m in zip(rows, marks)],
     ]
-    lines += [""] + [f"Probe ({letter}): {p}." for p, letter in letters.items()]
+    lines += [""] + [f"Probe ({letter}): {p}." if len(letters) > 1 else f"Linear probe (every row): {p}."
+                     for p, letter in letters.items()]
     lines += sweep_lines(sweep) if sweep else []
     lines += cost_lines([*rows, *([sweep] if sweep else [])])
     return "\n".join([*lines, END])

@@ -54,7 +54,8 @@ def test_layers_merge_in_order(tmp_path: Path) -> None:
     extra.write_text("trainer:\n  epochs: 2\nmodel:\n  latent_dim: 12\n")
     cfg = load_baseline_config("vae_conv", extra, ["model.beta=0.5"])
     assert (cfg.model.arch, cfg.model.latent_dim, cfg.model.beta) == ("conv", 12, 0.5)  # recipe, file, override
-    assert cfg.trainer.epochs == 2 and cfg.trainer.optim.lr == 1e-3 and cfg.data.hflip == 0.0  # baseline defaults kept
+    assert cfg.trainer.epochs == 2 and cfg.trainer.optim.lr == 3e-3  # file: epochs; recipe: lr
+    assert (cfg.trainer.optim.name, cfg.trainer.optim.weight_decay, cfg.data.hflip) == ("adamw", 0.0, 0.0)  # baseline defaults kept
     assert cfg.probe is not None and cfg.probe.trainer.optim.name == "lars"  # the MAE probe protocol
     assert load_baseline_config("sdae", None, ["finetune.epochs=1"]).finetune.optim.lr == 1e-3
     assert {"ae", "ae_relu", "ae_sweep", "dae", "dae_mask", "sdae", "cae", "vae", "vae_conv", "aae", "aae_mog"} <= set(recipe_names())
