@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -61,6 +62,7 @@ def run_baseline(name: str, run_root: Path, overlay: Path, rerun: bool, override
     """``mae-baseline name`` in a subprocess (unless its results exist); results + what the run cost."""
     results = run_root / name / "results.json"
     if rerun or not results.is_file():
+        set_aside(run_root / name)
         extra = ["probe=null"] if name == SWEEP else []  # the sweep reports reconstruction only
         cmd = [sys.executable, "-m", "baselines", name, "--config", str(overlay), f"run_root={run_root}", *overrides, *extra]
         log.info("running %s", " ".join(cmd))
@@ -68,6 +70,17 @@ def run_baseline(name: str, run_root: Path, overlay: Path, rerun: bool, override
             cost = measured(lambda: _run_child(cmd, out))
         (run_root / name / COST).write_text(json.dumps(cost) + "\n")
     return json.loads(results.read_text()) | {"cost": read_cost(run_root / name)}
+
+
+def set_aside(run_dir: Path) -> None:
+    """Move a previous run of this row to ``run_root/.previous/NAME`` (replacing an older one),
+    so the new run starts from scratch instead of resuming the old run's checkpoints."""
+    if run_dir.exists():
+        previous = run_dir.parent / ".previous" / run_dir.name
+        shutil.rmtree(previous, ignore_errors=True)
+        previous.parent.mkdir(parents=True, exist_ok=True)
+        run_dir.rename(previous)
+        log.info("previous run moved to %s", previous)
 
 
 def _run_child(cmd: list[str], out: IO[str]) -> float:
@@ -97,6 +110,7 @@ def pixels_row(run_root: Path, overlay: Path, rerun: bool) -> dict[str, Any]:
     """The same linear probe on the raw pixels (in this process: no model to train)."""
     run_dir = run_root / PIXELS
     if rerun or not (run_dir / "results.json").is_file():
+        set_aside(run_dir)
         from baselines.config import load_baseline_config
         from baselines.run import probe_pixels
 

@@ -56,3 +56,15 @@ def test_child_cpu_seconds_are_measured_and_failures_raise(tmp_path: Path) -> No
         assert cost["cpu_seconds"] > 0.05 and cost["wall_seconds"] >= cost["cpu_seconds"] * 0.5
         with pytest.raises(subprocess.CalledProcessError):
             bt._run_child([sys.executable, "-c", "raise SystemExit(3)"], out)
+
+
+def test_rerun_sets_the_previous_run_aside_instead_of_resuming_it(tmp_path: Path) -> None:
+    """A rerun with changed budgets must not resume the old run's checkpoints (resume=auto)."""
+    for generation in ("first", "second"):
+        old = tmp_path / "ae" / "train" / "checkpoints" / "latest"
+        old.parent.mkdir(parents=True)
+        old.write_text(generation)
+        bt.set_aside(tmp_path / "ae")
+        assert not (tmp_path / "ae").exists()
+        assert (tmp_path / ".previous" / "ae" / "train" / "checkpoints" / "latest").read_text() == generation
+    bt.set_aside(tmp_path / "never-run")  # nothing to move
