@@ -37,6 +37,8 @@ def levers(device: torch.device) -> list[Lever]:
         Lever("torch.compile (model + loss)", base.with_(compile=True)),
         Lever("fused AdamW", base.with_(fused_optimizer=True)),
         Lever("loss.item() every step", base.with_(sync_every_step=True), note="a host sync; costs most on GPU"),
+        Lever("predict all patches, where-masked loss", base.with_(full_prediction_loss=True),
+              note="the official step; MAETask predicts and scores only the removed patches"),
         Lever("boolean-mask loss", base.with_(boolean_mask_loss=True), note="dynamic shape; syncs on GPU"),
         Lever("paper decoder 512 x 8", base, {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16},
               note="architecture, not a setting: cost of a wider/deeper decoder"),

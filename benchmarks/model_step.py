@@ -36,6 +36,7 @@ class Settings:
     fused_attn: bool = True
     sync_every_step: bool = False  # read the loss on the host every step (what to avoid)
     boolean_mask_loss: bool = False  # loss via boolean indexing (dynamic shape) instead of a where-sum
+    full_prediction_loss: bool = False  # predict every patch, mask the loss (mae_loss) instead of removed-only
 
     def label(self) -> str:
         parts = [self.precision, "compile" if self.compile else "eager"]
@@ -43,6 +44,7 @@ class Settings:
         parts += [] if self.fused_attn else ["explicit-attn"]
         parts += ["sync-each-step"] if self.sync_every_step else []
         parts += ["bool-mask-loss"] if self.boolean_mask_loss else []
+        parts += ["full-pred-loss"] if self.full_prediction_loss else []
         return " ".join(parts)
 
     def with_(self, **changes: Any) -> Settings:

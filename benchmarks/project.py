@@ -11,7 +11,7 @@ from torch import Tensor
 
 from benchmarks.model_step import Contender, Settings, count_params, make_step
 from pretrain.model import MaskedAutoencoderViT
-from pretrain.objective import normalize_patches
+from pretrain.objective import mae_loss, normalize_patches
 from pretrain.presets import ARCH_FIELDS, create_mae, preset_args
 from pretrain.task import MAETask
 
@@ -57,11 +57,12 @@ def _objective(task: MAETask, imgs: Tensor, settings: Settings) -> Callable[[], 
     (the trainer compiles the whole task too)."""
 
     def loss(x: Tensor) -> Tensor:
-        if not settings.boolean_mask_loss:
+        if not (settings.boolean_mask_loss or settings.full_prediction_loss):
             return task({"image": x})["loss"]
         latent, mask, ids_restore = task.model.forward_encoder(x, task.mask_ratio)
-        pred = task.model.forward_decoder(latent, ids_restore)
-        return boolean_mask_loss(pred, task.model.patchify(x), mask, task.norm_pix_loss)
+        pred = task.model.forward_decoder(latent, ids_restore)  # every patch, visible ones too
+        masked = boolean_mask_loss if settings.boolean_mask_loss else mae_loss
+        return masked(pred, task.model.patchify(x), mask, task.norm_pix_loss)
 
     run = torch.compile(loss) if settings.compile else loss
     return lambda: run(imgs)

@@ -23,7 +23,7 @@ MEASUREMENT = {"name", "images_per_s", "images_per_cpu_s", "step_ms", "runs_imag
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    code = main([*TINY, "presets=[mae_vit_tiny]", "visible_presets=[mae_vit_tiny]", "levers=[bf16,boolean,item]",
+    code = main([*TINY, "presets=[mae_vit_tiny]", "visible_presets=[mae_vit_tiny]", "levers=[bf16,boolean,item,where-masked]",
                  "loader_workers=[0]", "loader_images=8", f"out={out}"])  # fmt: skip
     assert code == 0
     return json.loads(out.read_text())
@@ -56,7 +56,8 @@ def test_visible_only_and_levers_sections(result: dict) -> None:
     assert vis["flops_ratio"] > 1 and vis["wallclock_speedup"] > 0
     levers = result["levers"]["rows"]
     assert levers[0]["lever"].startswith("baseline") and levers[0]["speedup"] == 1.0
-    assert {"bf16 autocast", "boolean-mask loss", "loss.item() every step"} <= {r["lever"] for r in levers}
+    assert {"bf16 autocast", "boolean-mask loss", "loss.item() every step",
+            "predict all patches, where-masked loss"} <= {r["lever"] for r in levers}  # fmt: skip
     assert all({"speedup", "pays", "images_per_s", "settings"} <= set(r) for r in levers)
 
 
