@@ -49,36 +49,45 @@ def decode(data: bytes, channels: int) -> torch.Tensor:
 class Preset(NamedTuple):
     sample: Transform                                    # one image, with its seed; contiguous output
     batch: Callable[[list[torch.Tensor]], torch.Tensor]  # B samples -> float32 (B, C, img_size, img_size), normalized
+    stack: Callable[[list[torch.Tensor]], torch.Tensor]  # B samples -> (B, C, img_size, img_size) as they are (uint8)
+    normalize: Callable[[torch.Tensor], torch.Tensor]    # a ``stack`` batch, on any device -> what ``batch`` gives
 
 
 def build_transform(cfg: DataConfig, preset: str, img_size: int, mean: tuple[float, ...],
                     std: tuple[float, ...]) -> Preset:
     """Per-sample augmentation, then batch assembly. pretrain / eval stay uint8 per sample and are
-    normalized once per batch, straight into shared memory (4x less per-sample float work)."""
+    normalized while the batch is assembled, straight into shared memory (``batch``), or later on the
+    training device (``stack`` in the worker, ``normalize`` on the device)."""
     interp = v2.InterpolationMode.BICUBIC if cfg.interpolation == "bicubic" else v2.InterpolationMode.BILINEAR
     if preset == "pretrain":
-        return Preset(RandomResizedCropFlip(img_size, cfg.crop_scale, interp, cfg.hflip), _Normalize(mean, std))
+        norm = _Normalize(mean, std)
+        return Preset(RandomResizedCropFlip(img_size, cfg.crop_scale, interp, cfg.hflip), norm, _stack, norm.on_device)
     if preset == "eval":
+        norm = _Normalize(mean, std)
         return Preset(_Fixed(v2.Compose([v2.Resize(math.floor(img_size / cfg.eval_crop_pct), interpolation=interp,
-                                                   antialias=True), v2.CenterCrop(img_size)])), _Normalize(mean, std))
-    if preset == "finetune":
-        return Preset(_TimmTrainTransform(cfg, img_size, mean, std), _stack)
+                                                   antialias=True), v2.CenterCrop(img_size)])), norm, _stack, norm.on_device)
+    if preset == "finetune":  # timm's transform ends with its own normalize (RandomErasing works on normalized pixels)
+        return Preset(_TimmTrainTransform(cfg, img_size, mean, std), _stack, _stack, _as_is)
     raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")
 
 
-def _batch_buffer(images: list[torch.Tensor]) -> torch.Tensor:
-    """float32 (B, C, H, W) to fill. In a worker it is allocated in shared memory, as torch's
+def _batch_buffer(images: list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """(B, C, H, W) of ``dtype`` to fill. In a worker it is allocated in shared memory, as torch's
     default_collate does, so the batch reaches the main process without a copy (``share_memory_()``
     would allocate twice and copy)."""
     shape = (len(images), *images[0].shape)
     if get_worker_info() is None:
-        return torch.empty(shape, dtype=torch.float32)
-    storage = torch.UntypedStorage._new_shared(math.prod(shape) * 4)
-    return torch.empty(0, dtype=torch.float32).set_(storage, 0, shape)
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.UntypedStorage._new_shared(math.prod(shape) * dtype.itemsize)
+    return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
 
 
 def _stack(images: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(images, out=_batch_buffer(images))
+    return torch.stack(images, out=_batch_buffer(images, images[0].dtype))
+
+
+def _as_is(images: torch.Tensor) -> torch.Tensor:
+    return images
 
 
 class _Normalize:
@@ -88,12 +97,20 @@ class _Normalize:
     def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
         self.shift = torch.tensor(mean).mul(255).view(-1, 1, 1)
         self.scale = torch.tensor(std).mul(255).reciprocal().view(-1, 1, 1)
+        self.moved: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, images: list[torch.Tensor]) -> torch.Tensor:
         out = _batch_buffer(images)
         for row, image in zip(out, images):
             row.copy_(image).sub_(self.shift).mul_(self.scale)
         return out
+
+    def on_device(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, C, H, W) on any device -> float32 (B, C, H, W), the same operations as ``__call__``."""
+        if images.device not in self.moved:
+            self.moved[images.device] = (self.shift.to(images.device), self.scale.to(images.device))
+        shift, scale = self.moved[images.device]
+        return images.float().sub_(shift).mul_(scale)
 
 
 class RandomResizedCropFlip:
