@@ -173,6 +173,7 @@ class Backend:
         for key in _LAUNCH_KEYS:  # back to the launcher's values: Accelerate reads them in __init__
             os.environ.pop(key, None)
         os.environ.update(_LAUNCH_ENV)
+        dist.init_process_group()  # before Accelerate / DeepSpeed, which then reuse it
         plugin = None
         if self.deepspeed:
             _require_transformers()

@@ -3,14 +3,21 @@
 Accelerate's ``process_index`` / ``num_processes`` read 0 / 1 on every rank when it
 drives DeepSpeed on CPU, so rank-0-only writes and per-rank data splits use these
 instead (``torch.distributed`` first, the launcher's environment before init).
+
+:func:`init_process_group` joins the group before Accelerate does when torchrun's
+restarts need it (see there); otherwise Accelerate / DeepSpeed create it as usual.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 
 import torch
 import torch.distributed as dist
+
+log = logging.getLogger(__name__)
 
 
 def rank() -> int:
@@ -55,3 +62,43 @@ def all_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is true on every rank (also a barrier)."""
     failed = torch.tensor([0.0 if flag else 1.0], device=agreement_device())
     return all_reduce_max(failed).item() == 0.0
+
+
+def init_process_group() -> None:
+    """Create the default process group in a namespace of this torchrun attempt, when needed.
+
+    torchrun's agent hosts one TCPStore for the whole job (``TORCHELASTIC_USE_AGENT_STORE=True``:
+    static and c10d rendezvous, torch 2.14) and keeps it across ``--max-restarts``. gloo and
+    NCCL publish each rank's address / unique id there under fixed keys
+    (``default_pg/0//cpu//0/RANK``), so after a restart a rank can read the *dead* attempt's
+    entry and fail (``Gloo connectFullMesh failed ... Connection refused``) or wait until the
+    timeout. Keys therefore go under ``attempt-{TORCHELASTIC_RESTART_COUNT}/``, a count that is
+    exact for one agent (one node). Several agents count restarts each on its own (a node that
+    restarts for a membership change does not count it), so multi-node runs need a fresh store
+    per attempt from torchrun: ``--rdzv-backend c10d`` with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
+    (``launch/slurm/pretrain.sbatch`` sets it); Accelerate then creates the group as usual.
+    """
+    if world_size() == 1 or dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return
+    agents, restarts = int(os.environ.get("GROUP_WORLD_SIZE", 1)), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
+    if agents > 1:
+        if restarts and is_main():
+            log.warning("torchrun --max-restarts %d on %d nodes keeps one rendezvous store across restarts, so a restarted "
+                        "group can read the dead group's addresses and fail to connect: launch torchrun with "
+                        "--rdzv-backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", restarts, agents)  # fmt: skip
+        return
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=dist.default_pg_timeout)  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    backend = dist.get_default_backend_for_device(accelerator or torch.device("cpu"))
+    # the backend's default timeout, as when Accelerate creates the group
+    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{attempt}/", store), rank=rank(), world_size=world_size())
+    # while the interpreter still runs: gloo's work threads take the GIL as they stop, and doing
+    # that during interpreter finalization aborts the process ("terminate called ...", exit -6)
+    atexit.register(_destroy_process_group)
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
