@@ -7,11 +7,14 @@ Trains :class:`MaskedTiny` (random patch masking drawn from the torch RNG, like 
 built-in ``digits`` shards through ``launch.trainer.fit`` with the real ``ShardLoader``
 (2 DataLoader workers). Overrides are ``TrainerConfig`` keys, or ``data.KEY=...``. Rank 0
 writes ``RUN_DIR/final.pt`` at the end; each rank writes ``RUN_DIR/pid-RANK`` at start so a
-test can ``kill -9`` it. Faults exist only here, never in the product:
+test can ``kill -9`` it, and ``RUN_DIR/attempt-A-rank-RANK`` (A: torchrun's restart count).
+Faults exist only here, never in the product:
 
 * ``kill-in-save@N``: SIGKILL inside the save of step ``N``, after every file was written and
   fsync'd, just before ``meta.json`` and the completion marker.
 * ``nan@N,M,...``: rank 0's batches of optimizer steps ``N``, ``M``... are poisoned (NaN pixels).
+* ``crash@N``: rank 1 SIGKILLs itself in the forward of step ``N`` of torchrun's first attempt
+  (``TORCHELASTIC_RESTART_COUNT=0``), so ``--max-restarts`` restarts the group once.
 * ``--step-delay S``: sleep S seconds per forward, so a test can kill at a random step.
 """
 
@@ -41,14 +44,16 @@ PATCH = 2
 class MaskedTiny(Task):
     """Reconstruct randomly masked 2x2 patches of 8x8 digits: MAE in miniature."""
 
-    def __init__(self, poison: set[int] | None = None, delay: float = 0.0) -> None:
+    def __init__(self, poison: set[int] | None = None, delay: float = 0.0, crash: int | None = None) -> None:
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(PATCH * PATCH + 16, 32), nn.GELU(), nn.Linear(32, 32))
         self.decoder = nn.Linear(32, PATCH * PATCH)
-        self.poison, self.delay, self.calls = poison or set(), delay, 0
+        self.poison, self.delay, self.crash, self.calls = poison or set(), delay, crash, 0
 
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
         self.calls += 1
+        if self.calls == self.crash:
+            os.kill(os.getpid(), signal.SIGKILL)
         imgs = batch["image"]  # (N, 1, 8, 8)
         if self.calls in self.poison and dist.rank() == 0:
             imgs = imgs * float("nan")
@@ -86,6 +91,8 @@ def run(argv: list[str]) -> int:
     args = parser.parse_intermixed_args(argv)
     args.run_dir.mkdir(parents=True, exist_ok=True)
     (args.run_dir / f"pid-{dist.rank()}").write_text(str(os.getpid()))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    (args.run_dir / f"attempt-{attempt}-rank-{dist.rank()}").touch()
     kind, _, at = args.fault.partition("@")
     if kind == "kill-in-save":
         _kill_in_save(int(at))
@@ -94,7 +101,8 @@ def run(argv: list[str]) -> int:
     cfg = load_config(TrainerConfig, None, ["log.progress=false", "log.tensorboard=false", "eval_every_epochs=0",
                                             "log.images_every_epochs=0", *[o for o in args.overrides if not o.startswith("data.")]])
     torch.manual_seed(0)
-    task = MaskedTiny(poison={int(n) for n in at.split(",")} if kind == "nan" else None, delay=args.step_delay)
+    crash = int(at) if kind == "crash" and dist.rank() == 1 and attempt == "0" else None
+    task = MaskedTiny(poison={int(n) for n in at.split(",")} if kind == "nan" else None, delay=args.step_delay, crash=crash)
     result = fit(task, cfg, data, args.run_dir, seed=0, img_size=8)
     if dist.is_main():
         torch.save({k: v.detach().clone() for k, v in result.task.state_dict().items()}, args.run_dir / "final.pt")

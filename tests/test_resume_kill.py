@@ -2,7 +2,9 @@
 
 One process is stopped three ways in a row (SIGTERM, a SIGKILL inside a checkpoint write, a
 SIGKILL at a random step) and resumed with ``resume=auto`` each time; two processes under
-``torchrun`` lose a worker to SIGKILL and the relaunched group resumes from the latest checkpoint. The task draws random masks from the torch RNG and reads real shards
+``torchrun`` lose a worker to SIGKILL and the relaunched group resumes from the latest
+checkpoint, and so does the group ``torchrun --max-restarts`` restarts by itself. The task
+draws random masks from the torch RNG and reads real shards
 with 2 DataLoader workers, so loader position and RNG states must both be restored exactly.
 """
 
@@ -102,6 +104,23 @@ def test_two_processes_kill9_resume_bit_identical(tmp_path, data_root, reference
     code, log = finish(start(run, data_root=data_root, nproc=2), run)
     assert code == 0, log[-3000:]
     assert "resumed from" in log
+    assert_same_weights(final_weights(run), reference2)
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(420)
+def test_torchrun_max_restarts_resumes_bit_identical(tmp_path, data_root, reference2):
+    """``torchrun --max-restarts 1``: rank 1 SIGKILLs itself mid-run in the first attempt;
+    torchrun stops rank 0, restarts both, they rebuild the gloo group (``launch.dist``
+    namespaces its store keys per attempt) and resume from the latest checkpoint."""
+    crash = random.randint(5, 29)  # the forward of this step dies; step 4's checkpoint exists
+    run = tmp_path / "run"
+    code, log = finish(start(run, f"--fault=crash@{crash}", data_root=data_root, nproc=2, max_restarts=1), run)
+    latest = _ckpt(run, (crash - 1) // 4 * 4)
+    assert code == 0, f"crash at step {crash}: {log[-3000:]}"
+    assert "exitcode: -9" in log, log[-3000:]
+    assert sorted(f.name for f in run.glob("attempt-*")) == [f"attempt-{a}-rank-{r}" for a in (0, 1) for r in (0, 1)]
+    assert log.count(f"resumed from {latest} ") == 2, f"crash at step {crash}: {log[-3000:]}"
     assert_same_weights(final_weights(run), reference2)
 
 
