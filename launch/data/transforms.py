@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import get_worker_info
 from torch.nn.functional import interpolate
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
@@ -36,14 +36,18 @@ PRESETS = ("pretrain", "eval", "finetune")
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 Transform = Callable[[torch.Tensor, int], torch.Tensor]  # (uint8 (C, H, W), seed) -> (C, img_size, img_size)
 JPEG_MAGIC = b"\xff\xd8\xff"
+_DECODE_JPEG = torch.ops.image.decode_jpeg  # registered when torchvision.io is imported (above)
 
 
 def decode(data: bytes, channels: int) -> torch.Tensor:
     """Encoded JPEG/PNG/WebP bytes -> uint8 (C, H, W), converted to ``channels``; raises on bad bytes."""
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    # decode_jpeg skips decode_image's format sniffing, measured ~10% faster on 500x375 photos
-    return decode_jpeg(encoded, mode=mode) if data[:3] == JPEG_MAGIC else decode_image(encoded, mode=mode)
+    if data[:3] == JPEG_MAGIC:
+        # the op behind torchvision.io.decode_jpeg: no format sniffing, logging or deprecation warning per
+        # call (~10 % of decode_image's time on 500x375 photos); exif orientation ignored, as decode_image does
+        return _DECODE_JPEG(encoded, mode.value, False)
+    return decode_image(encoded, mode=mode)
 
 
 class Preset(NamedTuple):
