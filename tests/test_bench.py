@@ -101,3 +101,18 @@ def test_bad_device_is_a_one_line_error(capsys: pytest.CaptureFixture[str], tmp_
         main(["--device", "cuda", f"out={tmp_path / 'x.json'}"])
     assert exc.value.code == 2 and "CUDA is not available" in capsys.readouterr().err
     assert not (tmp_path / "x.json").exists()
+
+
+def test_op_profile_tables_both_steps_per_operator() -> None:
+    from benchmarks.hf_compare import hf_contender
+    from benchmarks.model_step import Settings
+    from benchmarks.op_profile import profile_steps, render
+    from benchmarks.project import project_contender
+
+    work, cpu = Workload("mae_vit_tiny", 2, 32, overrides=(("depth", 1), ("decoder_depth", 1))), torch.device("cpu")
+    steps = {"project": project_contender(work, Settings(), cpu).step, "hf": hf_contender(work, Settings(), cpu).step}
+    tables = profile_steps(steps, rounds=2)
+    for table in tables.values():  # every step multiplies matrices and takes one AdamW step
+        assert table["aten::mm"][0] > 0 and table["Optimizer.step#AdamW.step"][1] == 1
+    text = render(tables, rows=5)
+    assert len(text.splitlines()) == 2 + 5 + 1 and "project" in text and "hf" in text
