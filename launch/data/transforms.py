@@ -1,7 +1,8 @@
-"""Decode (torchvision.io) and augment (transforms.v2 on uint8 tensors) one sample.
+"""Decode (torchvision.io) and augment (on uint8 tensors) one sample.
 
 Presets (normalization with the dataset mean/std always comes last):
-- ``pretrain`` (MAE): RandomResizedCrop(img_size, scale=crop_scale, bicubic) + horizontal flip + normalize.
+- ``pretrain`` (MAE): RandomResizedCrop(img_size, scale=crop_scale, bicubic) + horizontal flip + normalize,
+  torchvision's crop sampling with torch's uint8 antialiased resize (``RandomResizedCropFlip``).
 - ``eval``: resize the short side to ``img_size / eval_crop_pct`` + center crop + normalize.
 - ``finetune``: timm's own ``create_transform(is_training=True)`` (RandomResizedCrop 0.08-1, flip,
   RandAugment ``auto_augment``, RandomErasing ``re_prob``), fed a PIL view of the decoded tensor,
