@@ -89,7 +89,8 @@ def _steady_pass(loader: Iterable[Any]) -> tuple[float, float, float]:
     return wall, main_end - main, workers_end - workers
 
 
-def shard_loader(shards: Path, workers: int, batch_size: int, img_size: int, normalize: str = "worker") -> Iterable[Any]:
+def shard_loader(shards: Path, workers: int, batch_size: int, img_size: int,
+                 normalize: str = "worker") -> Iterable[Any]:
     """This repo's loader, MAE pretraining preset; ``normalize`` "device" normalizes in the main process here."""
     from launch.data import DataConfig, build_loader
 
@@ -128,8 +129,9 @@ def loader_rates(pipeline: str, data: tuple[Path, Path], workers: int, batch_siz
     threads = torch.get_num_threads()
     torch.set_num_threads(1 if workers == 0 else threads)  # workers run one thread each (DataLoader's doing)
     try:
-        loader = (pil_loader(folder, workers, batch_size, img_size) if pipeline == "pil" else
-                  shard_loader(shards, workers, batch_size, img_size, "device" if pipeline == "shards-device" else "worker"))
+        normalize = "device" if pipeline == "shards-device" else "worker"
+        loader = (pil_loader(folder, workers, batch_size, img_size) if pipeline == "pil"
+                  else shard_loader(shards, workers, batch_size, img_size, normalize))
         wall, main, worker = _steady_pass(loader)
     finally:
         torch.set_num_threads(threads)
@@ -181,7 +183,8 @@ def _cpu_name() -> str:
 
 
 def format_table(result: dict[str, Any]) -> str:
-    heads, widths = ("per worker, img/s", "per worker CPU-s", "per CPU-s, all", "per CPU-s, in-process"), (18, 17, 16, 22)
+    heads = ("per worker, img/s", "per worker CPU-s", "per CPU-s, all", "per CPU-s, in-process")
+    widths = (18, 17, 16, 22)
     rows = [f"{'pipeline':<34}" + "".join(f" {h:>{w}}" for h, w in zip(heads, widths))]
     for key, name in result["pipelines"].items():
         rows.append(f"{name:<34}" + "".join(f" {result[c][key]:>{w}.1f}" for c, w in zip(COLUMNS, widths)))

@@ -125,7 +125,7 @@ class ShardStream(IterableDataset):
         return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys, "corrupt": lost}
 
     def _sample(self, sample: Sample, seed: int) -> tuple[torch.Tensor, int]:
-        """-> (float (C, img_size, img_size), label); raises _Corrupt for a bad image or label."""
+        """-> ((C, img_size, img_size) uint8, float for finetune; label); raises _Corrupt for a bad image or label."""
         label = self._label(sample)
         data = next((sample[k] for k in IMAGE_KEYS if k in sample), None)
         if data is None:
@@ -229,7 +229,8 @@ class ShardLoader:
         try:
             for batch in self._loader:
                 if self.device is not None:
-                    batch["image"] = self._stream.preset_fns.normalize(batch["image"].to(self.device, non_blocking=True))
+                    image = batch["image"].to(self.device, non_blocking=True)
+                    batch["image"] = self._stream.preset_fns.normalize(image)
                 self._corrupt += batch.pop("corrupt")
                 self._consumed += 1
                 yield batch

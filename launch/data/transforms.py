@@ -69,8 +69,8 @@ def build_transform(cfg: DataConfig, preset: str, img_size: int, mean: tuple[flo
         return Preset(RandomResizedCropFlip(img_size, cfg.crop_scale, interp, cfg.hflip), norm, _stack, norm.on_device)
     if preset == "eval":
         norm = _Normalize(mean, std)
-        return Preset(_Fixed(v2.Compose([v2.Resize(math.floor(img_size / cfg.eval_crop_pct), interpolation=interp,
-                                                   antialias=True), v2.CenterCrop(img_size)])), norm, _stack, norm.on_device)
+        resize = v2.Resize(math.floor(img_size / cfg.eval_crop_pct), interpolation=interp, antialias=True)
+        return Preset(_Fixed(v2.Compose([resize, v2.CenterCrop(img_size)])), norm, _stack, norm.on_device)
     if preset == "finetune":  # timm's transform ends with its own normalize (RandomErasing works on normalized pixels)
         return Preset(_TimmTrainTransform(cfg, img_size, mean, std), _stack, _stack, _as_is)
     raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")
