@@ -1,13 +1,16 @@
 """The baselines-vs-MAE comparison table on the shipped MNIST, written into README ``## Baselines``.
 
-    python -m benchmarks.baselines_table              # run what is missing, then rewrite the table
-    python -m benchmarks.baselines_table --rerun --jobs 2
+    python -m benchmarks.baselines_table                              # run what is missing, then rewrite the table
+    OMP_NUM_THREADS=1 python -m benchmarks.baselines_table --rerun --jobs 1   # train every row again
 
 Each baseline is ``mae-baseline NAME`` (its recipe in ``configs/baselines/``) with the MAE
 run's own linear-probe settings (``probe:`` of ``configs/pretrain/mnist_tiny.yaml``), so the
-probe protocol is identical. The MAE row reads ``runs/mae-mnist/summary.json`` (written by
-``mae-pretrain``; run here if absent) and, if present, the fine-tune helper's
-``runs/finetune/best/best.json``. Existing ``results.json`` files are reused unless ``--rerun``.
+probe protocol is identical; the first row is that probe on the raw pixels (no model). The MAE
+row reads ``runs/mae-mnist/summary.json`` (written by ``mae-pretrain``; run here if absent,
+unless ``--no-mae-run``) and, if present, the fine-tune helper's ``runs/finetune/best/best.json``.
+Existing ``results.json`` files are reused unless ``--rerun``, which first moves each previous
+run to ``run_root/.previous/``. Every run this script starts records its CPU seconds, wall
+seconds and load average in ``run_root/NAME/table_cost.json``; the table sums them.
 """
 
 from __future__ import annotations
