@@ -14,7 +14,9 @@ Faults exist only here, never in the product:
   fsync'd, just before ``meta.json`` and the completion marker.
 * ``nan@N,M,...``: rank 0's batches of optimizer steps ``N``, ``M``... are poisoned (NaN pixels).
 * ``crash@N``: rank 1 SIGKILLs itself in the forward of step ``N`` of torchrun's first attempt
-  (``TORCHELASTIC_RESTART_COUNT=0``), so ``--max-restarts`` restarts the group once.
+  (``TORCHELASTIC_RESTART_COUNT=0``), so ``--max-restarts`` restarts the group once; in later
+  attempts rank 0 starts 1 s late, so rank 1 looks up rank 0's process-group address first
+  (the dead attempt's, were the store keys not per attempt).
 * ``--step-delay S``: sleep S seconds per forward, so a test can kill at a random step.
 """
 
@@ -102,6 +104,8 @@ def run(argv: list[str]) -> int:
                                             "log.images_every_epochs=0", *[o for o in args.overrides if not o.startswith("data.")]])
     torch.manual_seed(0)
     crash = int(at) if kind == "crash" and dist.rank() == 1 and attempt == "0" else None
+    if kind == "crash" and dist.rank() == 0 and attempt != "0":
+        time.sleep(1.0)
     task = MaskedTiny(poison={int(n) for n in at.split(",")} if kind == "nan" else None, delay=args.step_delay, crash=crash)
     result = fit(task, cfg, data, args.run_dir, seed=0, img_size=8)
     if dist.is_main():

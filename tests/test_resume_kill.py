@@ -107,6 +107,7 @@ def test_two_processes_kill9_resume_bit_identical(tmp_path, data_root, reference
     assert_same_weights(final_weights(run), reference2)
 
 
+@pytest.mark.slow
 @pytest.mark.dist
 @pytest.mark.timeout(420)
 def test_torchrun_max_restarts_resumes_bit_identical(tmp_path, data_root, reference2):

@@ -1,0 +1,53 @@
+"""``torchrun --max-restarts``: the restarted group rebuilds its gloo process group.
+
+torchrun's agent keeps one TCPStore across restarts and gloo publishes each rank's address
+there under fixed keys, so a restarted rank could read its dead predecessor's address
+(``connectFullMesh failed ... Connection refused``). ``launch.dist.init_process_group`` puts
+the keys under the restart attempt. Here rank 1 dies in attempt 0 and, in attempt 1, rank 0
+joins 1 s late, so rank 1 looks rank 0 up first: with shared keys it would find the dead
+attempt's address every time. The whole trainer restart (resume, bit-identical weights) is
+``test_resume_kill.py::test_torchrun_max_restarts_resumes_bit_identical`` (slow).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+WORKER = '''
+import os, signal, sys, time
+from pathlib import Path
+import torch, torch.distributed as dist
+from launch import dist as launch_dist
+
+attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+if attempt == 1 and rank == 0:
+    time.sleep(1.0)  # rank 1 reads rank 0's address first
+launch_dist.init_process_group()
+total = torch.ones(1)
+for step in range(5):
+    dist.all_reduce(total)
+    if attempt == 0 and rank == 1 and step == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+Path(sys.argv[1], f"done-{attempt}-{rank}").write_text(str(int(total.item())))
+'''
+
+
+@pytest.mark.dist
+@pytest.mark.timeout(180)
+def test_restarted_group_rebuilds_gloo_mesh(tmp_path: Path) -> None:
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
+           "--monitor-interval=0.5", str(script), str(tmp_path)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-3000:]  # also: no abort while the interpreter shuts down
+    assert "exitcode: -9" in log and "connectFullMesh failed" not in log, log[-3000:]
+    done = {f.name: f.read_text() for f in tmp_path.glob("done-*")}
+    assert done == {"done-1-0": str(2**5), "done-1-1": str(2**5)}, log[-3000:]
