@@ -16,7 +16,7 @@ Faults exist only here, never in the product:
 * ``crash@N``: rank 1 SIGKILLs itself in the forward of step ``N`` of torchrun's first attempt
   (``TORCHELASTIC_RESTART_COUNT=0``), so ``--max-restarts`` restarts the group once; in later
   attempts rank 0 starts 1 s late, so rank 1 looks up rank 0's process-group address first
-  (the dead attempt's, were the store keys not per attempt).
+  (with store keys shared across attempts: the dead attempt's, fatal when rank 1 dials).
 * ``--step-delay S``: sleep S seconds per forward, so a test can kill at a random step.
 """
 

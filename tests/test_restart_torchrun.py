@@ -4,8 +4,9 @@ torchrun's agent keeps one TCPStore across restarts and gloo publishes each rank
 there under fixed keys, so a restarted rank could read its dead predecessor's address
 (``connectFullMesh failed ... Connection refused``). ``launch.dist.init_process_group`` puts
 the keys under the restart attempt. Here rank 1 dies in attempt 0 and, in attempt 1, rank 0
-joins 1 s late, so rank 1 looks rank 0 up first: with shared keys it would find the dead
-attempt's address every time. The whole trainer restart (resume, bit-identical weights) is
+joins 1 s late, so with shared keys rank 1 would always read the dead attempt's address for
+rank 0 (then fail or hang whenever rank 1 is the side of the pair that dials: 3 of 4 runs
+without per-attempt keys). The whole trainer restart (resume, bit-identical weights) is
 ``test_resume_kill.py::test_torchrun_max_restarts_resumes_bit_identical`` (slow).
 """
 
