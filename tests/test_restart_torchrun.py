@@ -12,12 +12,16 @@ without per-attempt keys). The whole trainer restart (resume, bit-identical weig
 
 from __future__ import annotations
 
+import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch.distributed as torch_dist
+
+from launch import dist
 
 WORKER = '''
 import os, signal, sys, time
@@ -52,3 +56,22 @@ def test_restarted_group_rebuilds_gloo_mesh(tmp_path: Path) -> None:
     assert "exitcode: -9" in log and "connectFullMesh failed" not in log, log[-3000:]
     done = {f.name: f.read_text() for f in tmp_path.glob("done-*")}
     assert done == {"done-1-0": str(2**5), "done-1-1": str(2**5)}, log[-3000:]
+
+
+@pytest.mark.parametrize(("agent_store", "agents", "warns"), [("True", "2", True), ("False", "2", False), ("False", "1", False)])
+def test_process_group_left_to_accelerate_unless_one_agent_shares_its_store(monkeypatch, caplog, agent_store, agents, warns):
+    """Several agents count restarts apart (no per-attempt keys possible: warn unless torchrun
+    gives each attempt a fresh store); without the agent's store there is nothing to namespace."""
+    env = {"WORLD_SIZE": "2", "RANK": "0", "GROUP_WORLD_SIZE": agents, "TORCHELASTIC_MAX_RESTARTS": "3",
+           "TORCHELASTIC_USE_AGENT_STORE": agent_store, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}  # fmt: skip
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+
+    def no_store(*args: object, **kwargs: object) -> None:
+        raise AssertionError("init_process_group connected to the agent's store")
+
+    monkeypatch.setattr(torch_dist, "TCPStore", no_store)
+    with caplog.at_level(logging.WARNING, logger="launch.dist"):
+        dist.init_process_group()
+    assert not torch_dist.is_initialized()
+    assert ("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in caplog.text) == warns
