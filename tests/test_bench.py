@@ -24,7 +24,7 @@ MEASUREMENT = {"name", "images_per_s", "images_per_cpu_s", "step_ms", "runs_imag
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
     code = main([*TINY, "presets=[mae_vit_tiny]", "visible_presets=[mae_vit_tiny]", "levers=[bf16,boolean,item,where-masked]",
-                 "loader_workers=[0]", "loader_images=8", f"out={out}"])  # fmt: skip
+                 "loader_workers=[0]", "loader_images=32", f"out={out}"])  # fmt: skip
     assert code == 0
     return json.loads(out.read_text())
 
