@@ -135,7 +135,9 @@ def loader_rates(pipeline: str, data: tuple[Path, Path], workers: int, batch_siz
         wall, main, worker = _steady_pass(loader)
     finally:
         torch.set_num_threads(threads)
-    return images / wall / max(workers, 1), images / (worker or main), images / (main + worker)
+    # CPU time comes in scheduler ticks (10 ms): a pass shorter than a tick must not divide by zero
+    tick = 0.01
+    return images / wall / max(workers, 1), images / max(worker or main, tick), images / max(main + worker, tick)
 
 
 def loader_rate(pipeline: str, data: tuple[Path, Path], workers: int, batch_size: int = 64,
