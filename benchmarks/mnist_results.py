@@ -6,12 +6,15 @@ fixed val split. Everything runs through the project's own pipeline (``pretrain`
 export -> ``run_probe`` / ``run_finetune``, the shared trainer and data stack)::
 
     python -m benchmarks.mnist_results                     # -> runs/mnist-results/{results.md,results.json}
+    python -m benchmarks.mnist_results trainer.epochs=200  # the README's table: MAE pretrained 200 epochs
     python -m benchmarks.mnist_results --skip-finetune     # probes only (faster)
     python -m benchmarks.mnist_results trainer.epochs=30 --finetune-set trainer.epochs=4
 
 The pretraining, probe and fine-tune recipes are ``configs/pretrain/mnist_tiny.yaml`` and
 ``configs/finetune/mnist.yaml`` (``--pretrain-config`` / ``--finetune-config`` to change them;
-trailing ``key=value`` items override the pretraining config).
+trailing ``key=value`` items override the pretraining config). Every stage resumes from its run
+folder under ``--out`` (``trainer.checkpoint.resume=auto``), so an interrupted script continues
+where it stopped and finished stages are only re-evaluated.
 """
 
 from __future__ import annotations
