@@ -89,3 +89,14 @@ def test_normalizing_on_the_device_gives_the_worker_batches(digits: Path, preset
         for a, b in zip(worker, device):
             assert a["key"] == b["key"] and b["image"].dtype == torch.float32
             assert torch.equal(a["image"], b["image"]) and torch.equal(a["label"], b["label"])
+
+
+def test_normalize_auto_hands_uint8_to_a_gpu_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch.data.loader import normalize_where
+
+    cpu = DataConfig(source="mnist", workers=2)
+    assert cpu.normalize == "auto" and normalize_where(cpu) == "worker"  # no CUDA here: the workers normalize
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert normalize_where(cpu) == "device"
+    assert normalize_where(cpu.model_copy(update={"workers": 0})) == "worker"  # no workers to relieve
+    assert normalize_where(cpu.model_copy(update={"normalize": "worker"})) == "worker"

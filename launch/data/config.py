@@ -28,9 +28,10 @@ class DataConfig(Schema):
     shuffle_buffer: int = Field(2000, ge=0, description="samples held by each worker's shuffle buffer (0 = off)")
     workers: int = Field(2, ge=0, description="DataLoader worker processes per rank (0 = read in the main process)")
     prefetch: int = Field(2, ge=1, description="batches prefetched by each worker")
-    normalize: Literal["worker", "device"] = Field(
-        "worker", description="where uint8 pixels become normalized floats: in the DataLoader workers, or on the "
-        "training device after a 4x smaller uint8 hand-over (recommended on GPUs; on a CPU-only machine the main process)")
+    normalize: Literal["auto", "worker", "device"] = Field(
+        "auto", description="where uint8 pixels become normalized floats: in the DataLoader workers, or on the "
+        "training device after a 4x smaller uint8 hand-over (on a CPU-only machine: the main process); "
+        "auto = device when CUDA is present and workers > 0, else worker")
     channels: Literal[1, 3] | None = Field(None, description="decode to 1 (gray) or 3 (RGB) channels; None = the dataset's")
     mean: tuple[float, ...] | None = Field(None, description="normalization mean per channel; None = the dataset's measured mean")
     std: tuple[float, ...] | None = Field(None, description="normalization std per channel; None = the dataset's measured std")
