@@ -140,12 +140,6 @@ def loader_rates(pipeline: str, data: tuple[Path, Path], workers: int, batch_siz
     return images / wall / max(workers, 1), images / max(worker or main, tick), images / max(main + worker, tick)
 
 
-def loader_rate(pipeline: str, data: tuple[Path, Path], workers: int, batch_size: int = 64,
-                img_size: int = 224) -> float:
-    """Steady-state images/s per worker (per process when ``workers`` is 0) of a pipeline of ``PIPELINES``."""
-    return loader_rates(pipeline, data, workers, batch_size, img_size)[0]
-
-
 PIPELINES = {"shards": "shards, normalize in workers", "shards-device": "shards, normalize on device (*)",
              "pil": "PIL + torchvision ImageFolder"}
 COLUMNS = ("images_per_s_per_worker", "images_per_worker_cpu_s", "images_per_cpu_s_all", "images_per_cpu_s")

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.data_loader import loader_rate, photo_dataset
+from benchmarks.data_loader import loader_rates, photo_dataset
 from benchmarks.gpu_table import LOADER_MARGIN, expected_table
 from launch.data import DataConfig
 
@@ -28,7 +28,7 @@ def measure_loader(workers: list[int], images: int, batch_size: int, img_size: i
     with tempfile.TemporaryDirectory() as tmp:
         data = photo_dataset(Path(tmp), images)
         for n in workers:
-            per_worker = loader_rate("shards", data, n, batch_size, img_size)
+            per_worker = loader_rates("shards", data, n, batch_size, img_size)[0]
             rows.append({"workers": n, "images_per_s": per_worker * max(n, 1), "images_per_s_per_worker": per_worker})
     return rows
 
