@@ -9,6 +9,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from launch.errors import ConfigError
 from launch.flops import gpu_peak_flops, mae_flops, mfu, peak_flops, vit_flops
+from pretrain.model import MaskedAutoencoderViT
 
 PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mask_ratio=0.75)
 
@@ -55,10 +56,9 @@ def test_vit_flops_equal_flop_counter_mode() -> None:
 
 
 def test_mae_flops_equal_flop_counter_mode_on_the_project_model() -> None:
-    pretrain = pytest.importorskip("pretrain.model")
     arch = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0,
                 decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4)
-    model = _explicit_attention(pretrain.MaskedAutoencoderViT(**arch)).eval()
+    model = _explicit_attention(MaskedAutoencoderViT(**arch)).eval()
 
     def forward(imgs: torch.Tensor) -> torch.Tensor:
         latent, _, ids_restore = model.forward_encoder(imgs, 0.75)

@@ -7,13 +7,12 @@ import re
 
 import pytest
 import torch
+import transformers
 
 from launch.errors import CheckpointError
 from pretrain.masking import gather_tokens, removed_ids
 from pretrain.objective import mae_loss, removed_patch_loss
 from pretrain.official import from_hf_vitmae, load_official
-
-transformers = pytest.importorskip("transformers")
 
 # transformers 5 in-memory names -> the transformers 4 names stored in hub checkpoints
 _V4 = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
