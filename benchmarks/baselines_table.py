@@ -1,4 +1,4 @@
-"""The baselines-vs-MAE comparison table on the shipped MNIST, written into README ``## Baselines``.
+"""The baselines-vs-MAE comparison table on the shipped MNIST, written into ``benchmarks/results/baselines.md``.
 
     python -m benchmarks.baselines_table                              # run what is missing, then rewrite the table
     OMP_NUM_THREADS=1 python -m benchmarks.baselines_table --rerun --jobs 1   # train every row again
@@ -258,12 +258,13 @@ def cost_lines(rows: list[dict[str, Any]]) -> list[str]:
             f"1-minute load average {min(loads):.1f}-{max(loads):.1f} on 2 cores."]
 
 
-def update_readme(readme: Path, block: str) -> None:
-    text = readme.read_text()
+def update_block(page: Path, block: str) -> None:
+    """Replace the START ... END block of ``page``; the text around it is the page's own."""
+    text = page.read_text()
     if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} block in its ## Baselines section")
+        raise SystemExit(f"{page} has no {START} ... {END} block")
     head, rest = text.split(START, 1)
-    readme.write_text(head + block + rest.split(END, 1)[1])
+    page.write_text(head + block + rest.split(END, 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="baselines trained at once")
     parser.add_argument("--rerun", action="store_true", help="train again even when results.json exists")
     parser.add_argument("--no-sweep", action="store_true", help="skip the latent-size sweep")
-    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "baselines.md",
+                        help="the page whose table block is rewritten")
     parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every baseline (e.g. trainer.max_steps=100)")
     parser.add_argument("--render-only", action="store_true", help="train nothing: tabulate the results.json files present")
     parser.add_argument("--no-mae-run", action="store_true", help="do not pretrain MAE when its summary is missing")
@@ -307,7 +309,7 @@ def write_table(args: argparse.Namespace, done: dict[str, Any], mae: dict[str, A
     for row, run_dir in zip(rows, [args.run_root / n for n in names] + [args.mae_run]):
         row["probe_protocol"] = probe_protocol(run_dir)
     block = render(rows, sweep)
-    update_readme(args.readme, block)
+    update_block(args.out, block)
     print(block)
     return 0
 

@@ -1,4 +1,4 @@
-"""Does MAE pretraining help? The README's results table, on the shipped MNIST (4,000 / 1,000 split).
+"""Does MAE pretraining help? The results table of docs/results.md, on the shipped MNIST (4,000 / 1,000 split).
 
 Rows: (a) the MAE-pretrained tiny ViT, (b) the same ViT from random init, (c) logistic
 regression on raw pixels (scikit-learn). Columns: linear-probe and fine-tune top-1 on the
@@ -6,7 +6,7 @@ fixed val split. Everything runs through the project's own pipeline (``pretrain`
 export -> ``run_probe`` / ``run_finetune``, the shared trainer and data stack)::
 
     python -m benchmarks.mnist_results                     # -> runs/mnist-results/{results.md,results.json}
-    python -m benchmarks.mnist_results trainer.epochs=200  # the README's table: MAE pretrained 200 epochs
+    python -m benchmarks.mnist_results trainer.epochs=200  # the table in docs/results.md: MAE pretrained 200 epochs
     python -m benchmarks.mnist_results --skip-finetune     # probes only (faster)
     python -m benchmarks.mnist_results trainer.epochs=30 --finetune-set trainer.epochs=4
 

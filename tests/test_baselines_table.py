@@ -1,5 +1,5 @@
-"""The README comparison table: rows from results.json files, the raw-pixel probe row, the
-cost of each run (CPU seconds of the child, load average), and the README block rewrite."""
+"""The baselines comparison table: rows from results.json files, the raw-pixel probe row, the
+cost of each run (CPU seconds of the child, load average), and the rewrite of its block in the results page."""
 
 from __future__ import annotations
 
@@ -23,16 +23,16 @@ def write_run(root: Path, name: str, results: dict, cost: dict | None = None) ->
 COST = {"cpu_seconds": 90.0, "wall_seconds": 150.0, "load_start": 1.5, "load_end": 3.25}
 
 
-def test_render_only_fills_the_readme_block_with_pixels_baselines_mae_and_cost(tmp_path: Path) -> None:
+def test_render_only_fills_the_table_block_with_pixels_baselines_mae_and_cost(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     write_run(root, bt.PIXELS, {"name": "raw pixels", "params": 0, "eval": {}, "probe": {"top1": 85.4}}, COST)
     write_run(root, "ae", {"name": "ae", "params": 419120, "eval": {"mse": 0.0104, "bce": 0.0969}, "steps": 2500,
                            "train_seconds": 68.1, "probe": {"top1": 89.0}}, COST)
-    readme = tmp_path / "README.md"
-    readme.write_text(f"# x\n\n## Baselines\n\n{bt.START}\nold table\n{bt.END}\n\n## Next\nkept\n")
+    page = tmp_path / "baselines.md"
+    page.write_text(f"# x\n\n## Baselines\n\n{bt.START}\nold table\n{bt.END}\n\n## Next\nkept\n")
     assert bt.main(["--render-only", "--names", "ae", "cae", "--no-sweep", "--run-root", str(root),
-                    "--mae-run", str(tmp_path / "no-mae"), "--readme", str(readme)]) == 0
-    text = readme.read_text()
+                    "--mae-run", str(tmp_path / "no-mae"), "--out", str(page)]) == 0
+    text = page.read_text()
     assert "old table" not in text and text.endswith("## Next\nkept\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert len({line.count("|") for line in rows}) == 1, "every row has the header's columns"

