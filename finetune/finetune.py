@@ -36,7 +36,7 @@ from launch.errors import ConfigError
 from launch.export import export_timm
 from launch.task import Batch, Task
 from finetune.cli import StageRun, percent, run_stage
-from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone
+from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
 from finetune.heads import num_classes_of, topk_sums
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def _finetune_trainer() -> TrainerConfig:
 class FinetuneConfig(Schema):
     pool: Literal["cls", "avg"] = Field("avg", description="head input: 'avg' (global pool + fc_norm, paper default) or 'cls'")
     num_classes: int | None = Field(None, ge=2, description="must equal the dataset manifest's; None = the manifest's")
-    img_size: int | None = Field(None, ge=1, description="train/eval size; None = the backbone's (the data is resized to it)")
+    img_size: int | None = Field(None, ge=1, description="train/eval size, a multiple of the patch size (position embeddings are resampled); None = the backbone's. The data is resized to it")
     model_args: dict[str, Any] = Field(default_factory=dict, description="architecture overrides for a timm-name backbone")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate of the last block (linear ramp)")
     mixup: float = Field(0.8, ge=0, description="mixup alpha, 0 = off")
@@ -168,8 +168,9 @@ def run_finetune(cfg: FinetuneConfig, *, backbone: BackboneSpec, data: DataConfi
     model = build_vit(source, num_classes=num_classes, global_pool="avg" if cfg.pool == "avg" else "token",
                       drop_path_rate=cfg.drop_path)  # fmt: skip
     mean, std = tuple(data.mean or info.mean), tuple(data.std or info.std)
-    img_size = check_fits(model, channels=data.channels or info.channels, img_size=cfg.img_size,
+    img_size = check_fits(model, channels=data.channels or info.channels, img_size=cfg.img_size, key="finetune.img_size",
                           data_size=info.img_size, source=source, data_mean=mean)  # fmt: skip
+    set_input_size(model, img_size)  # the exports record this size: timm rebuilds them at it
     best = BestKeeper(run_dir, mean, std, info.class_names) if whole else None
     task = FinetuneTask(model, mixup=build_mixup(cfg, num_classes), smoothing=cfg.smoothing,
                         ema_decay=cfg.ema_decay if cfg.ema else None, best=best)  # fmt: skip

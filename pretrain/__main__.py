@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
+from finetune.backbone import check_patch_multiple
 from finetune.probe import run_probe
 from launch import dist
 from launch.cli import config_parser, entry_point
@@ -71,6 +72,8 @@ def _check_fits(cfg: PretrainConfig, info: DatasetInfo) -> None:
         raise ConfigError(f"model has in_chans={in_chans} but the data has {channels} channels: set model.in_chans={channels} or data.channels={in_chans}")
     if cfg.linear_probe and "val" not in info.splits:
         raise ConfigError("linear_probe=true needs a 'val' split in the data: prepare one or set linear_probe=false")
+    if cfg.linear_probe:  # the probe runs after pretraining: refuse its size now, not hours later
+        check_patch_multiple(cfg.probe.img_size, cfg.model.model_args()["patch_size"], "probe.img_size")
 
 
 @torch.no_grad()
