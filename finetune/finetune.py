@@ -7,7 +7,8 @@ the head and final norm at ``lr``; timm's ``param_groups_layer_decay`` over the 
 ``SoftTargetCrossEntropy``, RandAugment + RandomErasing (data preset ``finetune``), an optional
 EMA of the weights (timm ``ModelEmaV3``), a global-pool or class-token head, top-1 / top-5
 every epoch, the best weights exported to ``run_dir/best`` and the final classifier to
-``run_dir/export`` (timm folders, ``timm.create_model("local-dir:...", pretrained=True)``)::
+``run_dir/export`` (timm folders with a ``README.md`` model card, rebuilt at the trained
+``finetune.img_size`` by ``timm.create_model("local-dir:...", pretrained=True)``)::
 
     mae-finetune --config configs/finetune/mnist.yaml backbone=runs/pretrain/export/timm
 """
