@@ -128,7 +128,13 @@ def set_input_size(vit: VisionTransformer, img_size: int) -> VisionTransformer:
     model args record the new size, so an export of it is rebuilt at that size. No-op at its own size."""
     old = tuple(vit.patch_embed.grid_size)
     if int(vit.patch_embed.img_size[0]) != img_size:
-        vit.set_input_size(img_size=(img_size, img_size))
+        timm_log = logging.getLogger("timm.layers.pos_embed")  # timm logs the resize too (verbose=True is fixed):
+        level = timm_log.level
+        timm_log.setLevel(logging.WARNING)  # one line, ours, says how
+        try:
+            vit.set_input_size(img_size=(img_size, img_size))
+        finally:
+            timm_log.setLevel(level)
         log.info("position embeddings resampled (bicubic) from a %dx%d to a %dx%d patch grid for %d px images",
                  *old, *vit.patch_embed.grid_size, img_size)
     return vit

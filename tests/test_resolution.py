@@ -5,6 +5,7 @@ resampled, the export rebuilt by plain timm at 56 px), and sizes that cannot wor
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,12 @@ def mae() -> torch.nn.Module:
     return create_mae("mae_vit_mnist_p4", depth=1).eval()  # 28 px, 7x7 patches of 4 px
 
 
-def test_resampled_position_embeddings_keep_the_class_token(mae) -> None:
+def test_resampled_position_embeddings_keep_the_class_token(mae, caplog) -> None:
     source = resolve_backbone(mae)
-    vit = set_input_size(build_vit(source, num_classes=0), 56)
+    with caplog.at_level(logging.INFO):
+        vit = set_input_size(build_vit(source, num_classes=0), 56)
+    assert [r.getMessage() for r in caplog.records if "position embedding" in r.getMessage().lower()] == [
+        "position embeddings resampled (bicubic) from a 7x7 to a 14x14 patch grid for 56 px images"]  # logged once
     native = source.state["pos_embed"]  # (1, 1 + 7 * 7, D)
     assert vit.pos_embed.shape == (1, 1 + 14 * 14, native.shape[-1])
     assert torch.equal(vit.pos_embed[:, :1], native[:, :1])
