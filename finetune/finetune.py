@@ -31,11 +31,11 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from launch import dist
+from launch.card import CardFacts, dataset_id, trainer_recipe, write_card
 from launch.cli import entry_point
 from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge
 from launch.data import DataConfig, dataset_info
 from launch.errors import ConfigError
-from launch.card import CardFacts, dataset_id, trainer_recipe, write_card
 from launch.export import export_timm
 from launch.task import Batch, Task
 from finetune.cli import StageRun, percent, run_stage

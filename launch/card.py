@@ -108,7 +108,7 @@ def render_card(export_dir: Path, facts: CardFacts) -> str:
 def _model_lines(export_dir: Path, config: dict[str, Any]) -> list[str]:
     args, pcfg = config.get("model_args", {}), config.get("pretrained_cfg", {})
     with safetensors.safe_open(str(export_dir / "model.safetensors"), "pt") as weights:
-        params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
+        params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118 (safe_open is no dict)
     size = pcfg.get("input_size", [args.get("in_chans", 3), *([args.get("img_size", 224)] * 2)])
     head = f"{config['num_classes']} classes ({config.get('global_pool', 'token')} pooling)" if config.get("num_classes") else "none (features)"
     return [

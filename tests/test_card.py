@@ -29,7 +29,7 @@ TINY = ["data.source=digits", "data.workers=0", "model.img_size=8", "model.depth
 
 
 def header(card: str) -> dict:
-    match = re.match(r"---\n(.*?)\n---\n", card, re.S)
+    match = re.match(r"---\n(.*?)\n---\n", card, re.DOTALL)
     assert match, card[:200]
     return yaml.safe_load(match.group(1))
 
@@ -61,7 +61,7 @@ def test_pretrain_card_parses_and_names_every_summary_figure(run: Path) -> None:
 
 def test_loading_example_runs_as_printed(run: Path) -> None:
     card = (run / "export" / "timm" / CARD_FILE).read_text()
-    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", card, re.DOTALL).group(1)
     assert len(code.strip().splitlines()) == 3
     scope: dict = {}
     exec(code.replace("hf-hub:<user>/<repo>", f"local-dir:{run / 'export' / 'timm'}"), scope)  # noqa: S102

@@ -16,7 +16,8 @@ from PIL import Image
 from timm.layers import resample_abs_pos_embed
 
 from finetune.backbone import build_vit, resolve_backbone, set_input_size
-from finetune.finetune import FinetuneConfig, main as finetune_main, run_finetune
+from finetune.finetune import FinetuneConfig, run_finetune
+from finetune.finetune import main as finetune_main
 from launch.data import DataConfig
 from launch.data.prepare import prepare
 from launch.export import export_timm
@@ -66,8 +67,8 @@ def test_probe_size_that_is_no_patch_multiple_stops_before_pretraining(photos: P
         pretrain_main([f"run_dir={tmp_path / 'run'}", f"data.source={photos}", "probe.img_size=36", *TINY_MAE, *SHORT])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["mae-pretrain: error: probe.img_size=36 is not a multiple of the patch size 8: "
-                   "set probe.img_size=32 or 40, or leave it unset for the backbone's own size"]  # fmt: skip
+    assert err == [("mae-pretrain: error: probe.img_size=36 is not a multiple of the patch size 8: "
+                    "set probe.img_size=32 or 40, or leave it unset for the backbone's own size")]
     assert not (tmp_path / "run").exists()
 
 
@@ -126,6 +127,6 @@ def test_finetune_size_that_is_no_patch_multiple_is_one_line(tmp_path: Path, cap
                        f"data.root={tmp_path / 'data'}", "finetune.img_size=100", "finetune.model_args.in_chans=1"])  # fmt: skip
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["mae-finetune: error: finetune.img_size=100 is not a multiple of the patch size 16: "
-                   "set finetune.img_size=96 or 112, or leave it unset for the backbone's own size"]  # fmt: skip
+    assert err == [("mae-finetune: error: finetune.img_size=100 is not a multiple of the patch size 16: "
+                    "set finetune.img_size=96 or 112, or leave it unset for the backbone's own size")]
     assert not (tmp_path / "run").exists()
