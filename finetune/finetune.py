@@ -210,8 +210,8 @@ def finetune_card(cfg: FinetuneConfig, *, backbone: str, dataset: str, num_class
         *trainer_recipe(t, world),
     ]
     figures = {**figures, "images_seen": figures["steps"] * t.batch_size * t.accum_steps * world}
-    description = (f"A Vision Transformer classifier ({num_classes} classes of {dataset_id(dataset)}) fine-tuned with "
-                   f"mae-pipeline's MAE-paper recipe (AdamW, layer-wise lr decay, mixup / cutmix) from `{backbone}`.")
+    description = (f"A Vision Transformer classifier ({num_classes} classes of {dataset_id(dataset)}) fine-tuned end to "
+                   f"end from `{backbone}` with mae-pipeline's `mae-finetune` (recipe below).")
     return CardFacts(f"ViT classifier fine-tuned on {dataset_id(dataset)}", description, dataset, recipe, figures)
 
 
