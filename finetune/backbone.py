@@ -85,30 +85,59 @@ def build_vit(source: BackboneSource, *, num_classes: int, global_pool: str = "t
     return vit
 
 
-def check_fits(vit: VisionTransformer, *, channels: int, img_size: int | None, data_size: tuple[int, int],
+def check_fits(vit: VisionTransformer, *, channels: int, img_size: int | None, key: str, data_size: tuple[int, int],
                source: BackboneSource, data_mean: tuple[float, ...] | None = None) -> int:
-    """The image size to train at; raises a :class:`DataError` naming the mismatch and the fix."""
+    """The image size to train at: ``img_size`` (the config value ``key``), else the backbone's own.
+
+    Images of any size are resized to it by the data presets (eval: short side + center crop), so
+    a dataset whose (median) ``data_size`` differs only gets a log line. Raises a one-line
+    :class:`ConfigError` / :class:`DataError` for what cannot work: a size that is not a multiple of
+    the patch size, or a channel count the backbone does not take.
+    """
     vit_chans = vit.patch_embed.proj.in_channels
-    vit_size = int(vit.patch_embed.img_size[0])
+    vit_size, patch = int(vit.patch_embed.img_size[0]), int(vit.patch_embed.patch_size[0])
     if vit_chans != channels:
         raise DataError(
             f"backbone {source.name} takes {vit_chans}-channel images but the data has {channels}: "
             f"set data.channels={vit_chans} or use a {channels}-channel backbone"
         )
-    if img_size is not None and img_size != vit_size:
-        raise DataError(
-            f"img_size={img_size} but backbone {source.name} is built for {vit_size}x{vit_size} images: "
-            f"set img_size={vit_size} (or leave it unset)"
-        )
-    if img_size is None and tuple(data_size) != (vit_size, vit_size):
-        raise DataError(
-            f"backbone {source.name} expects {vit_size}x{vit_size} images but the data is {data_size[0]}x{data_size[1]}: "
-            f"set img_size={vit_size} to resize the data, or use a backbone built for {data_size[0]} px"
-        )
+    check_patch_multiple(img_size, patch, key)
+    size = img_size or vit_size
+    if tuple(data_size) != (size, size):
+        upscale = max(data_size) < size  # typical images get bigger: more compute, no more detail
+        log.log(logging.WARNING if upscale else logging.INFO,
+                "images (median %dx%d) are resized to %d px for backbone %s%s", *data_size, size, source.name,
+                f"; set {key} to train nearer the data's size" if upscale else "")  # fmt: skip
     if source.mean is not None and data_mean is not None and not _close(source.mean, data_mean):
         log.warning("backbone %s was trained with mean %s, the data is normalized with %s", source.name,
                     list(source.mean), list(data_mean))
-    return vit_size
+    return size
+
+
+def check_patch_multiple(img_size: int | None, patch: int, key: str) -> None:
+    """A :class:`ConfigError` naming ``key`` unless ``img_size`` (None = unset) is a multiple of ``patch``."""
+    if img_size is not None and img_size % patch:
+        lower = max(patch, img_size // patch * patch)
+        raise ConfigError(f"{key}={img_size} is not a multiple of the patch size {patch}: "
+                          f"set {key}={lower} or {lower + patch}, or leave it unset for the backbone's own size")
+
+
+def set_input_size(vit: VisionTransformer, img_size: int) -> VisionTransformer:
+    """Rebuild ``vit`` for ``img_size`` px inputs: its position embeddings are resampled bicubically
+    to the new patch grid (timm ``resample_abs_pos_embed``; the class token's is kept), and its
+    model args record the new size, so an export of it is rebuilt at that size. No-op at its own size."""
+    old = tuple(vit.patch_embed.grid_size)
+    if int(vit.patch_embed.img_size[0]) != img_size:
+        timm_log = logging.getLogger("timm.layers.pos_embed")  # timm logs the resize too (verbose=True is fixed):
+        level = timm_log.level
+        timm_log.setLevel(logging.WARNING)  # one line, ours, says how
+        try:
+            vit.set_input_size(img_size=(img_size, img_size))
+        finally:
+            timm_log.setLevel(level)
+        log.info("position embeddings resampled (bicubic) from a %dx%d to a %dx%d patch grid for %d px images",
+                 *old, *vit.patch_embed.grid_size, img_size)
+    return vit
 
 
 def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:

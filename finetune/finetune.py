@@ -7,7 +7,8 @@ the head and final norm at ``lr``; timm's ``param_groups_layer_decay`` over the 
 ``SoftTargetCrossEntropy``, RandAugment + RandomErasing (data preset ``finetune``), an optional
 EMA of the weights (timm ``ModelEmaV3``), a global-pool or class-token head, top-1 / top-5
 every epoch, the best weights exported to ``run_dir/best`` and the final classifier to
-``run_dir/export`` (timm folders, ``timm.create_model("local-dir:...", pretrained=True)``)::
+``run_dir/export`` (timm folders with a ``README.md`` model card, rebuilt at the trained
+``finetune.img_size`` by ``timm.create_model("local-dir:...", pretrained=True)``)::
 
     mae-finetune --config configs/finetune/mnist.yaml backbone=runs/pretrain/export/timm
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -29,6 +31,7 @@ from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
 from launch import dist
+from launch.card import CardFacts, dataset_id, trainer_recipe, write_card
 from launch.cli import entry_point
 from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge
 from launch.data import DataConfig, dataset_info
@@ -36,7 +39,7 @@ from launch.errors import ConfigError
 from launch.export import export_timm
 from launch.task import Batch, Task
 from finetune.cli import StageRun, percent, run_stage
-from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone
+from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
 from finetune.heads import num_classes_of, topk_sums
 
 log = logging.getLogger(__name__)
@@ -54,7 +57,7 @@ def _finetune_trainer() -> TrainerConfig:
 class FinetuneConfig(Schema):
     pool: Literal["cls", "avg"] = Field("avg", description="head input: 'avg' (global pool + fc_norm, paper default) or 'cls'")
     num_classes: int | None = Field(None, ge=2, description="must equal the dataset manifest's; None = the manifest's")
-    img_size: int | None = Field(None, ge=1, description="train/eval size; None = the backbone's (the data is resized to it)")
+    img_size: int | None = Field(None, ge=1, description="train/eval size, a multiple of the patch size (position embeddings are resampled); None = the backbone's. The data is resized to it")
     model_args: dict[str, Any] = Field(default_factory=dict, description="architecture overrides for a timm-name backbone")
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate of the last block (linear ramp)")
     mixup: float = Field(0.8, ge=0, description="mixup alpha, 0 = off")
@@ -123,8 +126,9 @@ class BestKeeper:
     """Exports the weights with the best val top-1 so far to ``run_dir/best`` (rank 0, atomic);
     ``best.json`` records which, so a resumed run keeps competing against it."""
 
-    def __init__(self, run_dir: Path, mean: tuple[float, ...], std: tuple[float, ...], labels: list[str]) -> None:
-        self.dir, self.mean, self.std, self.labels = Path(run_dir) / BEST_DIR, mean, std, labels
+    def __init__(self, run_dir: Path, mean: tuple[float, ...], std: tuple[float, ...], labels: list[str],
+                 card: Callable[[dict[str, Any]], CardFacts]) -> None:
+        self.dir, self.mean, self.std, self.labels, self.card = Path(run_dir) / BEST_DIR, mean, std, labels, card
         record = self.dir / BEST_FILE
         self.top1 = json.loads(record.read_text())["top1"] if record.is_file() else float("-inf")
 
@@ -135,6 +139,8 @@ class BestKeeper:
         if dist.is_main():
             export_timm(model, self.dir, mean=self.mean, std=self.std, label_names=self.labels, tag="mae-ft", overwrite=True)
             (self.dir / BEST_FILE).write_text(json.dumps({"top1": top1, "step": step, "weights": which, "eval": metrics}))
+            prefix = "ema_" if which == "ema" else ""
+            write_card(self.dir, self.card({"steps": step, "top1": top1, "top5": metrics.get(f"{prefix}top5")}))
         log.info("new best top-1 %.2f%% at step %d (%s weights) -> %s", top1, step, which, self.dir)
 
 
@@ -168,18 +174,45 @@ def run_finetune(cfg: FinetuneConfig, *, backbone: BackboneSpec, data: DataConfi
     model = build_vit(source, num_classes=num_classes, global_pool="avg" if cfg.pool == "avg" else "token",
                       drop_path_rate=cfg.drop_path)  # fmt: skip
     mean, std = tuple(data.mean or info.mean), tuple(data.std or info.std)
-    img_size = check_fits(model, channels=data.channels or info.channels, img_size=cfg.img_size,
+    img_size = check_fits(model, channels=data.channels or info.channels, img_size=cfg.img_size, key="finetune.img_size",
                           data_size=info.img_size, source=source, data_mean=mean)  # fmt: skip
-    best = BestKeeper(run_dir, mean, std, info.class_names) if whole else None
+    set_input_size(model, img_size)  # the exports record this size: timm rebuilds them at it
+
+    def card(figures: dict[str, Any]) -> CardFacts:
+        return finetune_card(cfg, backbone=source.name, dataset=info.source, num_classes=num_classes, img_size=img_size,
+                             figures=figures)  # fmt: skip
+
+    best = BestKeeper(run_dir, mean, std, info.class_names, card) if whole else None
     task = FinetuneTask(model, mixup=build_mixup(cfg, num_classes), smoothing=cfg.smoothing,
                         ema_decay=cfg.ema_decay if cfg.ema else None, best=best)  # fmt: skip
     log.info("fine-tuning %s (%s head) on %d classes", source.name, cfg.pool, num_classes)
     result = fit(task, cfg.trainer, data, Path(run_dir), seed=seed, img_size=img_size,
                  train_preset=cfg.train_preset, eval_preset="eval", config=config)  # fmt: skip
     if dist.is_main():
-        export_timm(result.task.model, Path(run_dir) / EXPORT_DIR, mean=mean, std=std, label_names=info.class_names,
-                    tag="mae-ft", overwrite=True)  # fmt: skip
+        export = export_timm(result.task.model, Path(run_dir) / EXPORT_DIR, mean=mean, std=std,
+                             label_names=info.class_names, tag="mae-ft", overwrite=True)  # fmt: skip
+        write_card(export, card({"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval.get("loss"),
+                                 "top1": result.eval.get("top1"), "top5": result.eval.get("top5")}))  # fmt: skip
     return result
+
+
+def finetune_card(cfg: FinetuneConfig, *, backbone: str, dataset: str, num_classes: int, img_size: int,
+                  figures: dict[str, Any]) -> CardFacts:
+    """Card facts of a classifier fine-tuned with ``cfg``; ``figures`` hold steps, losses, top-1 / top-5."""
+    t = cfg.trainer
+    world = dist.world_size()
+    mixing = (f"mixup {cfg.mixup} / cutmix {cfg.cutmix} (prob {cfg.mixup_prob}, switch {cfg.mixup_switch_prob})"
+              if cfg.mixes() else "no mixup / cutmix")  # fmt: skip
+    recipe = [
+        f"fine-tuned end to end from `{backbone}` at {img_size} px, {cfg.pool} head, drop path {cfg.drop_path}",
+        f"augmentation: preset {cfg.train_preset}, {mixing}, label smoothing {cfg.smoothing}"
+        + (f", EMA of the weights (decay {cfg.ema_decay})" if cfg.ema else ""),
+        *trainer_recipe(t, world),
+    ]
+    figures = {**figures, "images_seen": figures["steps"] * t.batch_size * t.accum_steps * world}
+    description = (f"A Vision Transformer classifier ({num_classes} classes of {dataset_id(dataset)}) fine-tuned end to "
+                   f"end from `{backbone}` with mae-pipeline's `mae-finetune` (recipe below).")
+    return CardFacts(f"ViT classifier fine-tuned on {dataset_id(dataset)}", description, dataset, recipe, figures)
 
 
 class FinetuneRun(StageRun):

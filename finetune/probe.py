@@ -25,7 +25,7 @@ from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge
 from launch.data import DataConfig, dataset_info
 from launch.task import Batch, Task
 from finetune.cli import StageRun, percent, run_stage
-from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone
+from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
 from finetune.heads import num_classes_of, topk_sums
 
 log = logging.getLogger(__name__)
@@ -46,7 +46,7 @@ def _probe_trainer() -> TrainerConfig:
 class ProbeConfig(Schema):
     pool: Pool = Field("avg", description="features: 'cls' (class token) or 'avg' (mean of patch tokens), after the final norm")
     num_classes: int | None = Field(None, ge=2, description="must equal the dataset manifest's; None = the manifest's")
-    img_size: int | None = Field(None, ge=1, description="train/eval size; None = the backbone's (the data is resized to it)")
+    img_size: int | None = Field(None, ge=1, description="train/eval size, a multiple of the patch size (position embeddings are resampled); None = the backbone's. The data is resized to it")
     train_preset: Literal["eval", "pretrain", "finetune"] = Field("eval", description="data augmentation of the probe's training split")
     model_args: dict[str, Any] = Field(default_factory=dict, description="architecture overrides for a timm-name backbone (e.g. {img_size: 28, in_chans: 1})")
     trainer: TrainerConfig = Field(default_factory=_probe_trainer, description="probe training (defaults: LARS, lr 1.0 x batch/256, no weight decay)")
@@ -110,9 +110,9 @@ def run_probe(cfg: ProbeConfig, *, backbone: BackboneSpec, data: DataConfig, run
     num_classes = num_classes_of(info, cfg.num_classes, "probe.num_classes")
     source = resolve_backbone(backbone, cfg.model_args)
     encoder = build_vit(source, num_classes=0)
-    img_size = check_fits(encoder, channels=data.channels or info.channels, img_size=cfg.img_size,
+    img_size = check_fits(encoder, channels=data.channels or info.channels, img_size=cfg.img_size, key="probe.img_size",
                           data_size=info.img_size, source=source, data_mean=data.mean or info.mean)  # fmt: skip
-    task = ProbeTask(encoder, num_classes, cfg.pool)
+    task = ProbeTask(set_input_size(encoder, img_size), num_classes, cfg.pool)
     log.info("linear probe of %s (%s pooling) on %d classes", source.name, cfg.pool, num_classes)
     return fit(task, cfg.trainer, data, Path(run_dir), seed=seed, img_size=img_size,
                train_preset=cfg.train_preset, eval_preset="eval", config=config)  # fmt: skip

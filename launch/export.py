@@ -4,6 +4,7 @@ Layout written under ``--out DIR``::
 
     DIR/timm/config.json         timm hub config: architecture, model_args, num_classes, pretrained_cfg
     DIR/timm/model.safetensors   the encoder under timm ``VisionTransformer`` keys, no decoder
+    DIR/timm/README.md           Hub model card: what the model is, its recipe, steps, losses (launch/card.py)
     DIR/full/config.json         {"architecture": "mae", "model_args": <MaskedAutoencoderViT kwargs>, ...}
     DIR/full/model.safetensors   encoder + decoder under the official MAE names
 
@@ -34,6 +35,7 @@ from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from launch.card import write_card
 from launch.checkpoint import TRAINER_FILE, CheckpointManager, load_file
 from launch.cli import entry_point
 from launch.errors import CheckpointError
@@ -248,6 +250,7 @@ def run(argv: list[str]) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace existing export folders")
     parser.add_argument("--mean", type=float, nargs="+", default=None, help="normalization mean per channel (default: the run's)")
     parser.add_argument("--std", type=float, nargs="+", default=None, help="normalization std per channel (default: the run's)")
+    parser.add_argument("--license", default="unknown", help="Hub license id for the model card (default: unknown)")
     args = parser.parse_args(argv)
     model, meta = load_pretraining_mae(args.source)
     mean, std = _normalization(meta, args)
@@ -255,6 +258,11 @@ def run(argv: list[str]) -> int:
     cfg = meta["config"]
     extra = {"mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": cfg.model.norm_pix_loss, "checkpoint": str(meta["checkpoint"])}
     timm_dir = export_timm(model, out / "timm", mean=mean, std=std, overwrite=args.overwrite)
+    from pretrain.card import checkpoint_card  # the pretrain stage depends on launch, not back
+
+    facts = checkpoint_card(cfg, meta["checkpoint"])
+    facts.license = args.license
+    write_card(timm_dir, facts)
     full_dir = export_full(model, out / "full", mean=mean, std=std, extra=extra, overwrite=args.overwrite)
     print(f"mae-export: {meta['checkpoint']} -> {timm_dir} (timm.create_model('local-dir:{timm_dir}', pretrained=True)) and {full_dir}")
     return 0

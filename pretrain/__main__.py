@@ -20,14 +20,17 @@ from typing import Any
 import torch
 from torchvision.utils import save_image
 
+from finetune.backbone import check_patch_multiple
 from finetune.probe import run_probe
 from launch import dist
+from launch.card import write_card
 from launch.cli import config_parser, entry_point
 from launch.config import load_config
 from launch.data import DataConfig, DatasetInfo, build_loader, dataset_info
 from launch.errors import ConfigError
 from launch.export import export_full, export_timm
 from launch.trainer import FitResult, fit
+from pretrain.card import pretrain_card
 from pretrain.config import DEFAULT_CONFIG, PretrainConfig
 from pretrain.task import MAETask, build_task
 
@@ -45,11 +48,13 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     result = fit(task, cfg.trainer, cfg.data, run_dir, seed=cfg.seed, img_size=task.model.img_size,
                  config=cfg.model_dump(mode="json"))  # fmt: skip
     trained: MAETask = result.task
+    images_seen = result.steps * cfg.trainer.batch_size * cfg.trainer.accum_steps * dist.world_size()
     if dist.is_main():
         if cfg.export:
             export_timm(trained.model, run_dir / "export" / "timm", mean=mean, std=std, label_names=info.class_names, overwrite=True)
             export_full(trained.model, run_dir / "export" / "full", mean=mean, std=std, overwrite=True,
                         extra={"mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": cfg.model.norm_pix_loss})  # fmt: skip
+            _write_card(cfg, _summary(result, None, info, images_seen))
         if cfg.picture:
             _save_picture(trained, cfg.data, run_dir / "reconstruction.png", seed=cfg.seed)
     dist.barrier()  # the probe of rank > 0 reads the export written by rank 0
@@ -58,10 +63,16 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         backbone: Any = run_dir / "export" / "timm" if cfg.export else trained.model
         probe = run_probe(cfg.probe, backbone=backbone, data=cfg.data, run_dir=run_dir / "probe", seed=cfg.seed,
                           config=cfg.probe.model_dump(mode="json"))  # fmt: skip
-    summary = _summary(result, probe)
+    summary = _summary(result, probe, info, images_seen)
     if dist.is_main():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        if cfg.export and probe is not None:
+            _write_card(cfg, summary)  # now with the probe's top-1
     return summary
+
+
+def _write_card(cfg: PretrainConfig, summary: dict[str, Any]) -> None:
+    write_card(Path(cfg.run_dir) / "export" / "timm", pretrain_card(cfg, summary["dataset"], summary, dist.world_size()))
 
 
 def _check_fits(cfg: PretrainConfig, info: DatasetInfo) -> None:
@@ -71,6 +82,8 @@ def _check_fits(cfg: PretrainConfig, info: DatasetInfo) -> None:
         raise ConfigError(f"model has in_chans={in_chans} but the data has {channels} channels: set model.in_chans={channels} or data.channels={in_chans}")
     if cfg.linear_probe and "val" not in info.splits:
         raise ConfigError("linear_probe=true needs a 'val' split in the data: prepare one or set linear_probe=false")
+    if cfg.linear_probe:  # the probe runs after pretraining: refuse its size now, not hours later
+        check_patch_multiple(cfg.probe.img_size, cfg.model.model_args()["patch_size"], "probe.img_size")
 
 
 @torch.no_grad()
@@ -86,10 +99,12 @@ def _save_picture(task: MAETask, data: DataConfig, path: Path, *, seed: int) -> 
     save_image(grid.float().cpu(), str(path))
 
 
-def _summary(result: FitResult, probe: FitResult | None) -> dict[str, Any]:
+def _summary(result: FitResult, probe: FitResult | None, info: DatasetInfo, images_seen: int) -> dict[str, Any]:
     return {
         "run_dir": str(result.run_dir),
+        "dataset": info.source,
         "steps": result.steps,
+        "images_seen": images_seen,
         "final_loss": result.final_loss,
         "eval_loss": result.eval.get("loss"),
         "probe_top1": probe.eval.get("top1") if probe else None,

@@ -10,12 +10,14 @@ latest checkpoint; its data section is the default data), or a ``.pth`` /
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import ValidationError
 from torch import Tensor
 from torchvision.utils import make_grid, save_image
@@ -32,6 +34,9 @@ from pretrain.objective import normalize_patches
 from pretrain.official import load_official
 
 PANELS = ("original", "masked", "reconstruction", "pasted")
+#: cells smaller than this are enlarged by a whole factor with nearest-neighbour: a 28-px digit is
+#: drawn 4x, each image pixel a crisp square, so patches and errors stay visible
+MIN_CELL_PX = 112
 _MASKED_GRAY = 0.5  # removed patches drawn mid-gray so they stand out on dark and light images
 
 
@@ -73,9 +78,14 @@ def reconstruction_panels(
 
 
 def reconstruction_grid(model: MaskedAutoencoderViT, imgs: Tensor, mask_ratio: float, norm_pix_loss: bool, **kwargs: Any) -> Tensor:
-    """One row per image, the four ``PANELS`` as columns: (3, rows, cols) in [0, 1], 2-px white gaps."""
+    """One row per image, the four ``PANELS`` as columns: (3, rows, cols) in [0, 1], 2-px white gaps.
+
+    imgs (N, C, H, W) -> cells of (k*H, k*W), k = ceil(MIN_CELL_PX / min(H, W)) (nearest-neighbour)."""
     panels = reconstruction_panels(model, imgs, mask_ratio, norm_pix_loss, **kwargs)
     tiles = torch.stack([panels[name] for name in PANELS], dim=1).flatten(0, 1)  # image-major, panel-minor
+    scale = math.ceil(MIN_CELL_PX / min(tiles.shape[-2:]))
+    if scale > 1:
+        tiles = F.interpolate(tiles, scale_factor=scale, mode="nearest")
     return make_grid(tiles.cpu(), nrow=len(PANELS), padding=2, pad_value=1.0)
 
 

@@ -233,7 +233,7 @@ def test_task_loss_eval_and_pictures() -> None:
     pred, mask = task.model(batch["image"], 0.75, noise)
     torch.testing.assert_close(evals[0]["loss"] / 6, mae_loss(pred, task.model.patchify(batch["image"]), mask))
     grid = task.pictures(batch)["reconstruction"]
-    assert grid.shape == (3, 6 * 30 + 2, 4 * 30 + 2) and 0 <= grid.min() and grid.max() <= 1
+    assert grid.shape == (3, 6 * 114 + 2, 4 * 114 + 2) and 0 <= grid.min() and grid.max() <= 1
     assert task.no_weight_decay() == {"model.cls_token", "model.pos_embed", "model.mask_token", "model.decoder_pos_embed"}
     with torch.device("meta"):  # ViT-B/16 MAE, paper decoder, mask 0.75: 58.7 GFLOP per training image
         assert MAETask(create_mae("mae_vit_base")).flops_per_image() == pytest.approx(58.7e9, rel=2e-3)

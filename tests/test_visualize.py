@@ -22,7 +22,9 @@ from pretrain.visualize import PANELS, main, reconstruction_grid, reconstruction
 
 SMALL = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 MEAN, STD = (0.1307,), (0.3081,)
-TILE = 28 + 2  # make_grid: 2-px gaps
+SCALE = 4  # 28-px images are drawn at 112 px per cell (MIN_CELL_PX), nearest-neighbour
+CELL = 28 * SCALE
+TILE = CELL + 2  # make_grid: 2-px gaps
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +67,21 @@ def test_grid_layout_and_unknown_normalization(model) -> None:
     assert torch.all(grid[:, :2] == 1.0)  # white gaps
 
 
+def test_small_images_are_drawn_with_whole_nearest_neighbour_pixels(model) -> None:
+    imgs = torch.randn(2, 1, 28, 28)
+    grid = reconstruction_grid(model, imgs, 0.75, False, mean=MEAN, std=STD)
+    original = grid[0, 2 : 2 + CELL, 2 : 2 + CELL]  # first row, first column
+    shown = (imgs[0, 0] * STD[0] + MEAN[0]).clamp(0, 1)
+    assert torch.equal(original, shown.repeat_interleave(SCALE, 0).repeat_interleave(SCALE, 1))
+    big = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        mae224 = create_mae("mae_vit_tiny", depth=1, decoder_depth=1, decoder_embed_dim=16, decoder_num_heads=1)
+        assert reconstruction_grid(mae224.eval(), big, 0.75, True).shape == (3, 224 + 4, 4 * 226 + 2)  # no upscale
+
+
 def _png_tile(png: np.ndarray, row: int, col: int) -> np.ndarray:
     top, left = 2 + row * TILE, 2 + col * TILE
-    return png[top : top + 28, left : left + 28]
+    return png[top : top + CELL, left : left + CELL]
 
 
 def test_cli_draws_a_checkpoint_on_real_digits(model, mnist, tmp_path) -> None:
@@ -86,9 +100,9 @@ def test_cli_draws_a_checkpoint_on_real_digits(model, mnist, tmp_path) -> None:
         assert original.max() > 200  # a real digit, not a blank tile
         for patch in visible[row].tolist():
             r, c = divmod(patch, 4)
-            block = np.s_[7 * r : 7 * r + 7, 7 * c : 7 * c + 7]
+            block = np.s_[7 * SCALE * r : 7 * SCALE * (r + 1), 7 * SCALE * c : 7 * SCALE * (c + 1)]
             assert np.array_equal(pasted[block], original[block]) and np.array_equal(masked[block], original[block])
-        assert (masked == 128).sum() >= 12 * 49  # removed patches drawn gray
+        assert (masked == 128).sum() >= 12 * 49 * SCALE**2  # removed patches drawn gray
 
 
 def test_cli_reads_an_export_inside_a_run_dir(model, mnist, tmp_path, capsys) -> None:
