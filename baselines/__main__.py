@@ -14,7 +14,7 @@ from baselines.config import DEFAULTS, BaselineConfig, load_baseline_config, rec
 from baselines.families import FAMILIES
 from launch import dist
 from launch.cli import entry_point
-from launch.config import describe_fields
+from launch.config import describe_fields, flatten
 
 PROG = "mae-baseline"
 
@@ -29,21 +29,13 @@ def build_parser() -> argparse.ArgumentParser:
         "optionally fine-tune it, and write run_root/NAME/results.json.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"names: {', '.join(recipe_names())}\n\nsettings (override any with key=value):\n"
-        + "\n".join(settings) + "\n\nbaseline defaults replacing the schema's: " + " ".join(_flat(DEFAULTS))
+        + "\n".join(settings) + "\n\nbaseline defaults replacing the schema's: " + " ".join(f"{k}={v}" for k, v in flatten(DEFAULTS).items())
         + "\n\n" + families,
     )
     parser.add_argument("name", help="recipe (configs/baselines/NAME.yaml) or model family")
     parser.add_argument("--config", type=Path, default=None, help="YAML applied on top of the recipe")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. model.latent_dim=16")
     return parser
-
-
-def _flat(tree: dict, prefix: str = "") -> list[str]:
-    """``{"a": {"b": 1}}`` -> ``["a.b=1"]``."""
-    out: list[str] = []
-    for key, value in tree.items():
-        out += _flat(value, f"{prefix}{key}.") if isinstance(value, dict) else [f"{prefix}{key}={value}"]
-    return out
 
 
 def run_cli(argv: list[str]) -> int:

@@ -9,13 +9,13 @@ baseline defaults of the keys it does not name.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, model_validator
 
 from baselines.families import FAMILIES, ModelConfig, check_img_size
 from finetune.probe import ProbeConfig
-from launch.config import Schema, TrainerConfig, describe_error, merge, parse_overrides, read_yaml
+from launch.config import Schema, TrainerConfig, describe_error, load_config, merge, over_defaults, read_yaml
 from launch.data.config import DataConfig
 from launch.errors import ConfigError
 
@@ -45,7 +45,8 @@ class BaselineConfig(Schema):
     run_root: str = Field("runs/baselines", description="results go to run_root/<name>")
     latent_sweep: list[int] = Field([], description="train once per latent size (e.g. [5, 10, 16, 20, 32]) and plot the error curve")
     probe: ProbeConfig | None = Field(default_factory=ProbeConfig, description="linear probe of the codes, the MAE probe's protocol (null = skip)")
-    finetune: TrainerConfig | None = Field(None, description="supervised fine-tuning of encoder + linear head (None = skip)")
+    finetune: Annotated[TrainerConfig | None, over_defaults(lambda: DEFAULTS["trainer"])] = Field(
+        None, description="supervised fine-tuning of encoder + linear head (None = skip)")
 
     @model_validator(mode="after")
     def _sweep_needs_latent(self) -> BaselineConfig:
@@ -56,8 +57,7 @@ class BaselineConfig(Schema):
             try:
                 type(self.model).model_validate(self.model.model_dump() | {"latent_dim": size})
             except ValidationError as err:
-                bounds = _bounds(type(self.model), "latent_dim")
-                raise ValueError(f"latent_sweep size {size}: {_message(err.errors()[0])}{bounds}") from None
+                raise ValueError(f"latent_sweep size {size}: {describe_error(type(self.model), err)}") from None
         return self
 
     @property
@@ -83,52 +83,7 @@ def recipe(name: str) -> dict[str, Any]:
 
 def load_baseline_config(name: str, path: str | Path | None = None, overrides: list[str] | None = None) -> BaselineConfig:
     """Defaults <- recipe ``name`` <- file ``path`` <- ``overrides``; validated, one-line errors."""
-    data = merge(DEFAULTS, recipe(name))
-    if path is not None:
-        data = merge(data, read_yaml(path))
-    data = merge(data, parse_overrides(overrides or []))
-    # partial sections start from their stage's defaults, not from the bare schema's
-    if isinstance(data.get("finetune"), dict):
-        data["finetune"] = merge(DEFAULTS["trainer"], data["finetune"])
-    if isinstance(data.get("probe"), dict):
-        data["probe"] = merge(ProbeConfig().model_dump(mode="json"), data["probe"])
-    data["name"] = name
-    try:
-        cfg = BaselineConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(describe(err)) from None
+    cfg = load_config(BaselineConfig, path, overrides, defaults=merge(DEFAULTS, recipe(name)))
+    cfg.name = name
     check_img_size(cfg.model, cfg.img_size)
     return cfg
-
-
-def _message(error: dict[str, Any]) -> str:
-    return error["msg"].removeprefix("Value error, ")
-
-
-def describe(err: ValidationError) -> str:
-    """One line for the first error, with the model family's tag dropped from the key
-    (``model.latent_dim``, not ``model.vae.latent_dim``) and the family's valid keys listed."""
-    first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    family = loc.pop(1) if len(loc) > 1 and loc[0] == "model" and loc[1] in FAMILIES else None
-    key = ".".join(loc)
-    if first["type"] == "extra_forbidden" and family is not None:
-        valid = ", ".join(FAMILIES[family][0].model_fields)
-        return f"unknown config key '{key}' for model.family={family} (valid keys: {valid})"
-    if first["type"] == "value_error":
-        return f"config key '{key}': {_message(first)}" if key else _message(first)
-    if first["type"] == "union_tag_invalid":
-        return f"config key 'model.family': unknown family {first['input'].get('family')!r}; allowed: {', '.join(FAMILIES)}"
-    if family is None:
-        return describe_error(BaselineConfig, err)
-    allowed = _bounds(FAMILIES[family][0], loc[-1])
-    return f"config key '{key}': {_message(first)} (got {first.get('input')!r}{allowed})"
-
-
-def _bounds(schema: type, field: str) -> str:
-    """``"; allowed: 1 <= latent_dim <= 1024"`` from a numeric field's constraints ('' if none)."""
-    info = schema.model_fields.get(field)
-    bound = {k: getattr(m, k) for m in (info.metadata if info else []) for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
-    low = f"{bound['ge']} <= " if "ge" in bound else f"{bound['gt']} < " if "gt" in bound else ""
-    high = f" <= {bound['le']}" if "le" in bound else f" < {bound['lt']}" if "lt" in bound else ""
-    return f"; allowed: {low}{field}{high}" if low or high else ""

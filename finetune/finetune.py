@@ -19,11 +19,11 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from timm.data import Mixup
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from launch import dist
 from launch.card import CardFacts, dataset_id, trainer_recipe, write_card
 from launch.cli import entry_point
-from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge
+from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, over_defaults
 from launch.data import DataConfig, dataset_info
 from launch.errors import ConfigError
 from launch.export import export_timm
@@ -68,12 +68,8 @@ class FinetuneConfig(Schema):
     ema: bool = Field(False, description="keep an exponential moving average of the weights (evaluated as ema_top1)")
     ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimizer step")
     train_preset: Literal["finetune", "pretrain", "eval"] = Field("finetune", description="training augmentation preset")
-    trainer: TrainerConfig = Field(default_factory=_finetune_trainer, description="fine-tune training (defaults: AdamW, layer decay 0.65)")
-
-    @field_validator("trainer", mode="before")
-    @classmethod
-    def _over_finetune_defaults(cls, value: Any) -> Any:
-        return merge(_finetune_trainer().model_dump(), value) if isinstance(value, dict) else value
+    trainer: Annotated[TrainerConfig, over_defaults(_finetune_trainer)] = Field(
+        default_factory=_finetune_trainer, description="fine-tune training (defaults: AdamW, layer decay 0.65)")
 
     def mixes(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0

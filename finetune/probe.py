@@ -11,17 +11,17 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator
+from pydantic import Field
 from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from launch.cli import entry_point
-from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, merge
+from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, over_defaults
 from launch.data import DataConfig, dataset_info
 from launch.task import Batch, Task
 from finetune.cli import StageRun, percent, run_stage
@@ -49,13 +49,8 @@ class ProbeConfig(Schema):
     img_size: int | None = Field(None, ge=1, description="train/eval size, a multiple of the patch size (position embeddings are resampled); None = the backbone's. The data is resized to it")
     train_preset: Literal["eval", "pretrain", "finetune"] = Field("eval", description="data augmentation of the probe's training split")
     model_args: dict[str, Any] = Field(default_factory=dict, description="architecture overrides for a timm-name backbone (e.g. {img_size: 28, in_chans: 1})")
-    trainer: TrainerConfig = Field(default_factory=_probe_trainer, description="probe training (defaults: LARS, lr 1.0 x batch/256, no weight decay)")
-
-    @field_validator("trainer", mode="before")
-    @classmethod
-    def _over_probe_defaults(cls, value: Any) -> Any:
-        """``probe.trainer.epochs=5`` changes the epochs, not the probe's optimizer back to AdamW."""
-        return merge(_probe_trainer().model_dump(), value) if isinstance(value, dict) else value
+    trainer: Annotated[TrainerConfig, over_defaults(_probe_trainer)] = Field(
+        default_factory=_probe_trainer, description="probe training (defaults: LARS, lr 1.0 x batch/256, no weight decay)")
 
 
 class ProbeTask(Task):

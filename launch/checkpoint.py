@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from launch import dist
+from launch.config import flatten
 from launch.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -168,17 +169,6 @@ def _as_tuples(x: Any) -> Any:
 
 
 # ----------------------------------------------------------------------------- compatibility
-
-
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"model": {"embed_dim": 192}}`` -> ``{"model.embed_dim": 192}`` (JSON-safe leaves)."""
-    out: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
-    return out
 
 
 def fingerprint(model: nn.Module, settings: dict[str, Any] | None = None) -> dict[str, Any]:

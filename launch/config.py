@@ -8,12 +8,16 @@ for a typo, the closest valid key.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from launch.errors import ConfigError
 
@@ -123,6 +127,32 @@ def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"model": {"embed_dim": 192}}`` -> ``{"model.embed_dim": 192}`` (JSON-safe leaves)."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def over_defaults(defaults: Callable[[], Schema | dict[str, Any]]) -> BeforeValidator:
+    """Validator of a section with stage defaults of its own (``Annotated[TrainerConfig,
+    over_defaults(_probe_trainer)]``): a partial section given as a dict starts from
+    ``defaults()``, so ``probe.trainer.epochs=5`` changes the epochs, not the probe's optimizer
+    back to the bare schema's. Anything else (``None``, a built section) passes unchanged."""
+
+    def fill(value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        base = defaults()
+        return merge(base.model_dump() if isinstance(base, BaseModel) else base, value)
+
+    return BeforeValidator(fill)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
@@ -136,9 +166,11 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(schema: type[S], path: str | Path | None = None, overrides: list[str] | None = None) -> S:
-    """Defaults of ``schema`` <- YAML at ``path`` <- dotted ``overrides``; validated."""
-    data = read_yaml(path) if path else {}
+def load_config(schema: type[S], path: str | Path | None = None, overrides: list[str] | None = None, *,
+                defaults: dict[str, Any] | None = None) -> S:
+    """``defaults`` (a stage's layer over the schema's own, e.g. a recipe) <- YAML at ``path``
+    <- dotted ``overrides``; validated, any failure one :class:`ConfigError` line."""
+    data = merge(defaults or {}, read_yaml(path) if path else {})
     data = merge(data, parse_overrides(overrides or []))
     try:
         return schema.model_validate(data)
@@ -146,31 +178,82 @@ def load_config(schema: type[S], path: str | Path | None = None, overrides: list
         raise ConfigError(describe_error(schema, err)) from None
 
 
-def describe_error(schema: type[Schema], err: ValidationError) -> str:
-    """One line for the first validation error: the dotted key, what is wrong, a suggestion."""
+def describe_error(schema: type[BaseModel], err: ValidationError) -> str:
+    """One line for the first validation error: the dotted key, what is wrong, a suggestion.
+
+    Inside a discriminated union (``model.family`` selects the schema) the key is written
+    without pydantic's tag (``model.latent_dim``, not ``model.vae.latent_dim``) and the
+    selected member's keys and bounds are the ones offered.
+    """
     first = err.errors()[0]
-    loc = [str(p) for p in first["loc"]]
-    key = ".".join(loc)
+    where = _locate(schema, [str(p) for p in first["loc"]])
+    key = ".".join(where.loc)
     if first["type"] == "extra_forbidden":
-        valid = [f for f in _fields_at(schema, loc[:-1])]
-        close = difflib.get_close_matches(loc[-1], valid, n=1, cutoff=0.5)
-        hint = f" (did you mean '{'.'.join(loc[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
-        return f"unknown config key '{key}'{hint}"
-    if first["type"] == "missing" and loc and loc[-1].isdigit():  # a short tuple, e.g. betas=[0.9]
-        parent = ".".join(loc[:-1])
-        return f"config key '{parent}': needs more values (value {int(loc[-1]) + 1} is missing)"
-    value = first.get("input")
-    return f"config key '{key}': {first['msg']} (got {value!r})"
+        valid = list(where.parent.model_fields) if where.parent else []
+        close = difflib.get_close_matches(where.loc[-1], valid, n=1, cutoff=0.5)
+        hint = f" (did you mean '{'.'.join(where.loc[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
+        return f"unknown config key '{key}'{where.selected}{hint}"
+    if first["type"] == "union_tag_invalid" and where.tags:
+        tag = first["ctx"]["discriminator"].strip("'")
+        return f"config key '{key}.{tag}': unknown {tag} {first['input'].get(tag)!r}; allowed: {', '.join(where.tags)}"
+    if first["type"] == "missing" and where.loc and where.loc[-1].isdigit():  # a short tuple, e.g. betas=[0.9]
+        parent = ".".join(where.loc[:-1])
+        return f"config key '{parent}': needs more values (value {int(where.loc[-1]) + 1} is missing)"
+    if first["type"] == "value_error":  # our validators' own messages name the values they refuse
+        message = first["msg"].removeprefix("Value error, ")
+        got = "" if isinstance(first.get("input"), dict) else f" (got {first.get('input')!r})"
+        return f"config key '{key}': {message}{got}" if key else message
+    bounds = _bounds(where.parent, where.loc[-1]) if where.parent and where.loc else ""
+    return f"config key '{key}': {first['msg']} (got {first.get('input')!r}{bounds})"
 
 
-def _fields_at(schema: type[BaseModel], loc: list[str]) -> list[str]:
-    model: Any = schema
-    for part in loc:
-        field = model.model_fields.get(part) if isinstance(model, type) and issubclass(model, BaseModel) else None
-        if field is None:
-            return []
-        model = field.annotation
-    return list(model.model_fields) if isinstance(model, type) and issubclass(model, BaseModel) else []
+@dataclasses.dataclass
+class _Location:
+    loc: list[str]  # the dotted key as the user writes it (union tags dropped)
+    parent: type[BaseModel] | None  # the schema holding the last key, if known
+    selected: str = ""  # " for model.family=vae" when the key lies inside a discriminated union
+    tags: list[str] = dataclasses.field(default_factory=list)  # a union's allowed tags, for a bad tag
+
+
+def _locate(schema: type[BaseModel], loc: list[str]) -> _Location:
+    """Walk ``loc`` down the schema's fields, through ``X | None`` and discriminated unions."""
+    model: type[BaseModel] | None = schema
+    out = _Location([], schema)
+    parts = iter(loc)
+    for part in parts:
+        out.loc.append(part)
+        out.parent = model
+        field = model.model_fields.get(part) if model else None
+        members = _models_in(field.annotation) if field else []
+        if field is not None and field.discriminator and members:
+            tags = {_tag(m, field.discriminator): m for m in members}
+            out.tags = list(tags)
+            tag = next(parts, None)
+            model = tags.get(tag)
+            if model is not None:
+                out.selected = f" for {'.'.join(out.loc)}.{field.discriminator}={tag}"
+            continue
+        model = members[0] if len(members) == 1 else None
+    return out
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The schemas a field holds: ``X`` / ``X | None`` -> [X]; a union of schemas -> all of them."""
+    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
+
+
+def _tag(member: type[BaseModel], discriminator: str) -> str:
+    return str(member.model_fields[discriminator].default)
+
+
+def _bounds(schema: type[BaseModel], field: str) -> str:
+    """``"; allowed: 1 <= latent_dim <= 1024"`` from a numeric field's constraints ('' if none)."""
+    info = schema.model_fields.get(field)
+    bound = {k: getattr(m, k) for m in (info.metadata if info else []) for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
+    low = f"{bound['ge']} <= " if "ge" in bound else f"{bound['gt']} < " if "gt" in bound else ""
+    high = f" <= {bound['le']}" if "le" in bound else f" < {bound['lt']}" if "lt" in bound else ""
+    return f"; allowed: {low}{field}{high}" if low or high else ""
 
 
 def describe_fields(schema: type[BaseModel], prefix: str = "") -> list[str]:

@@ -35,6 +35,8 @@ def fails(argv: list[str], capsys: pytest.CaptureFixture) -> str:
     (["aae", "model.prior=mog", "model.latent_dim=1"], "prior=mog needs latent_dim >= 2"),
     (["cae", "latent_sweep=[5]"], "latent_sweep needs a family with latent_dim (ae, vae, aae)"),
     (["ae", "trainer.epoch=3"], "did you mean 'trainer.epochs'"),
+    (["ae", "probe.poo=1"], "did you mean 'probe.pool'"),
+    (["ae", "model.latent=4"], "for model.family=ae (did you mean 'model.latent_dim'?)"),
 ])
 def test_bad_config_is_one_line_naming_the_allowed_values(argv, expected, capsys) -> None:
     assert expected in fails(argv, capsys)

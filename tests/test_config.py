@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 import pytest
 import yaml
+from pydantic import Field
 
 from launch.cli import config_parser, parse_config
-from launch.config import TrainerConfig, load_config, parse_overrides, save_config
+from launch.config import Schema, TrainerConfig, flatten, load_config, over_defaults, parse_overrides, save_config
 from launch.errors import ConfigError
 from pretrain.config import DEFAULT_CONFIG, PretrainConfig
 
@@ -110,3 +113,45 @@ def test_help_lists_every_setting(capsys):
         assert f"  {key} (" in out
     cfg, _ = parse_config(parser, PretrainConfig, ["trainer.epochs=2"])
     assert cfg.trainer.epochs == 2
+
+
+class _Leaf(Schema):
+    kind: Literal["leaf"] = "leaf"
+    size: int = Field(4, ge=1, le=8)
+
+
+class _Twig(Schema):
+    kind: Literal["twig"] = "twig"
+    length: int = 1
+
+
+class _Tree(Schema):
+    part: Annotated[_Leaf | _Twig, Field(discriminator="kind")] = _Leaf()
+    extra: TrainerConfig | None = None
+    tuned: Annotated[TrainerConfig, over_defaults(lambda: {"epochs": 3, "optim": {"name": "sgd"}})] = TrainerConfig()
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        (["extra.epoch=2"], "unknown config key 'extra.epoch' (did you mean 'extra.epochs'?)"),  # through `X | None`
+        (["part.kind=leaf", "part.sise=2"], "unknown config key 'part.sise' for part.kind=leaf (did you mean 'part.size'?)"),
+        (["part.kind=leaf", "part.zzz=2"], "unknown config key 'part.zzz' for part.kind=leaf (valid keys: kind, size)"),
+        (["part.kind=leaf", "part.size=9"], "config key 'part.size': Input should be less than or equal to 8 (got 9; allowed: 1 <= size <= 8)"),
+        (["part.kind=bud"], "config key 'part.kind': unknown kind 'bud'; allowed: leaf, twig"),
+    ],
+)
+def test_errors_inside_optional_sections_and_tagged_unions(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        load_config(_Tree, None, overrides)
+    assert str(err.value) == expected
+
+
+def test_a_partial_section_starts_from_its_stage_defaults():
+    cfg = load_config(_Tree, None, ["tuned.batch_size=8"], defaults={"extra": {"epochs": 2}})
+    assert (cfg.tuned.epochs, cfg.tuned.optim.name, cfg.tuned.batch_size) == (3, "sgd", 8)
+    assert cfg.extra.epochs == 2 and cfg.extra.optim.name == "adamw"  # the defaults layer, then the schema's
+
+
+def test_flatten_gives_dotted_keys():
+    assert flatten({"a": {"b": 1, "c": (1, 2)}, "d": "x"}) == {"a.b": 1, "a.c": [1, 2], "d": "x"}
