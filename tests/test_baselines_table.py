@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import baselines_table as bt
+from benchmarks.baselines_table import COST as COST_FILE
+from benchmarks.baselines_table import PIXELS, jobs, render
+from benchmarks.baselines_table.__main__ import main
 
 
 def write_run(root: Path, name: str, results: dict, cost: dict | None = None) -> None:
     (root / name).mkdir(parents=True)
     (root / name / "results.json").write_text(json.dumps(results))
     if cost is not None:
-        (root / name / bt.COST).write_text(json.dumps(cost))
+        (root / name / COST_FILE).write_text(json.dumps(cost))
 
 
 COST = {"cpu_seconds": 90.0, "wall_seconds": 150.0, "load_start": 1.5, "load_end": 3.25}
@@ -25,12 +27,12 @@ COST = {"cpu_seconds": 90.0, "wall_seconds": 150.0, "load_start": 1.5, "load_end
 
 def test_render_only_fills_the_table_block_with_pixels_baselines_mae_and_cost(tmp_path: Path) -> None:
     root = tmp_path / "runs"
-    write_run(root, bt.PIXELS, {"name": "raw pixels", "params": 0, "eval": {}, "probe": {"top1": 85.4}}, COST)
+    write_run(root, PIXELS, {"name": "raw pixels", "params": 0, "eval": {}, "probe": {"top1": 85.4}}, COST)
     write_run(root, "ae", {"name": "ae", "params": 419120, "eval": {"mse": 0.0104, "bce": 0.0969}, "steps": 2500,
                            "train_seconds": 68.1, "probe": {"top1": 89.0}}, COST)
     page = tmp_path / "baselines.md"
-    page.write_text(f"# x\n\n## Baselines\n\n{bt.START}\nold table\n{bt.END}\n\n## Next\nkept\n")
-    assert bt.main(["--render-only", "--names", "ae", "cae", "--no-sweep", "--run-root", str(root),
+    page.write_text(f"# x\n\n## Baselines\n\n{render.START}\nold table\n{render.END}\n\n## Next\nkept\n")
+    assert main(["--render-only", "--names", "ae", "cae", "--no-sweep", "--run-root", str(root),
                     "--mae-run", str(tmp_path / "no-mae"), "--out", str(page)]) == 0
     text = page.read_text()
     assert "old table" not in text and text.endswith("## Next\nkept\n")
@@ -45,17 +47,17 @@ def test_render_only_fills_the_table_block_with_pixels_baselines_mae_and_cost(tm
 
 def test_mae_recon_is_converted_to_unit_pixels_only_without_norm_pix() -> None:
     row = {"name": "mae (mnist_tiny)", "params": 10**6, "eval": {"mae_loss": 0.58, "mae_unit_mse": 0.0551}}
-    assert "| 0.0551 / —* |" in bt.table_row(row)
+    assert "| 0.0551 / —* |" in render.table_row(row)
     row["eval"]["mae_unit_mse"] = None  # per-patch-normalized targets: no [0, 1] equivalent
-    assert "| 0.580** |" in bt.table_row(row)
+    assert "| 0.580** |" in render.table_row(row)
 
 
 def test_child_cpu_seconds_are_measured_and_failures_raise(tmp_path: Path) -> None:
     with (tmp_path / "log").open("w") as out:
-        cost = bt.measured(lambda: bt._run_child([sys.executable, "-c", "sum(i * i for i in range(3 * 10**6))"], out))
+        cost = jobs.measured(lambda: jobs._run_child([sys.executable, "-c", "sum(i * i for i in range(3 * 10**6))"], out))
         assert cost["cpu_seconds"] > 0.05 and cost["wall_seconds"] >= cost["cpu_seconds"] * 0.5
         with pytest.raises(subprocess.CalledProcessError):
-            bt._run_child([sys.executable, "-c", "raise SystemExit(3)"], out)
+            jobs._run_child([sys.executable, "-c", "raise SystemExit(3)"], out)
 
 
 def test_rerun_sets_the_previous_run_aside_instead_of_resuming_it(tmp_path: Path) -> None:
@@ -64,7 +66,7 @@ def test_rerun_sets_the_previous_run_aside_instead_of_resuming_it(tmp_path: Path
         old = tmp_path / "ae" / "train" / "checkpoints" / "latest"
         old.parent.mkdir(parents=True)
         old.write_text(generation)
-        bt.set_aside(tmp_path / "ae")
+        jobs.set_aside(tmp_path / "ae")
         assert not (tmp_path / "ae").exists()
         assert (tmp_path / ".previous" / "ae" / "train" / "checkpoints" / "latest").read_text() == generation
-    bt.set_aside(tmp_path / "never-run")  # nothing to move
+    jobs.set_aside(tmp_path / "never-run")  # nothing to move
