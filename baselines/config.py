@@ -81,7 +81,8 @@ def recipe(name: str) -> dict[str, Any]:
     raise ConfigError(f"unknown baseline '{name}'; allowed: {', '.join(recipe_names())}")
 
 
-def load_baseline_config(name: str, path: str | Path | None = None, overrides: list[str] | None = None) -> BaselineConfig:
+def load_baseline_config(name: str, path: str | Path | None = None,
+                         overrides: list[str] | None = None) -> BaselineConfig:
     """Defaults <- recipe ``name`` <- file ``path`` <- ``overrides``; validated, one-line errors."""
     cfg = load_config(BaselineConfig, path, overrides, defaults=merge(DEFAULTS, recipe(name)))
     cfg.name = name

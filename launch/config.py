@@ -191,7 +191,8 @@ def describe_error(schema: type[BaseModel], err: ValidationError) -> str:
     if first["type"] == "extra_forbidden":
         valid = list(where.parent.model_fields) if where.parent else []
         close = difflib.get_close_matches(where.loc[-1], valid, n=1, cutoff=0.5)
-        hint = f" (did you mean '{'.'.join(where.loc[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(valid)})"
+        suggestion = ".".join(where.loc[:-1] + close)
+        hint = f" (did you mean '{suggestion}'?)" if close else f" (valid keys: {', '.join(valid)})"
         return f"unknown config key '{key}'{where.selected}{hint}"
     if first["type"] == "union_tag_invalid" and where.tags:
         tag = first["ctx"]["discriminator"].strip("'")
@@ -239,7 +240,8 @@ def _locate(schema: type[BaseModel], loc: list[str]) -> _Location:
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
     """The schemas a field holds: ``X`` / ``X | None`` -> [X]; a union of schemas -> all of them."""
-    args = typing.get_args(annotation) if typing.get_origin(annotation) in (typing.Union, types.UnionType) else (annotation,)
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    args = typing.get_args(annotation) if is_union else (annotation,)
     return [a for a in args if isinstance(a, type) and issubclass(a, BaseModel)]
 
 
@@ -250,7 +252,8 @@ def _tag(member: type[BaseModel], discriminator: str) -> str:
 def _bounds(schema: type[BaseModel], field: str) -> str:
     """``"; allowed: 1 <= latent_dim <= 1024"`` from a numeric field's constraints ('' if none)."""
     info = schema.model_fields.get(field)
-    bound = {k: getattr(m, k) for m in (info.metadata if info else []) for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
+    metadata = info.metadata if info else []
+    bound = {k: getattr(m, k) for m in metadata for k in ("ge", "gt", "le", "lt") if hasattr(m, k)}
     low = f"{bound['ge']} <= " if "ge" in bound else f"{bound['gt']} < " if "gt" in bound else ""
     high = f" <= {bound['le']}" if "le" in bound else f" < {bound['lt']}" if "lt" in bound else ""
     return f"; allowed: {low}{field}{high}" if low or high else ""

@@ -103,7 +103,8 @@ def test_the_scan_sees_function_level_and_relative_imports() -> None:
     edges = import_edges()
     assert ("baselines.__main__", "baselines.run") in edges  # imported inside run_cli()
     assert ("benchmarks.baselines_table.jobs", "baselines.config") in edges  # inside run_pixels()
-    assert ("launch.cli", "launch.config") in edges and ("launch.trainer", "launch.dist") in edges  # from launch import dist
+    assert ("launch.cli", "launch.config") in edges
+    assert ("launch.trainer", "launch.dist") in edges  # from launch import dist
     modules = _modules()
     for source, module, is_package, expected in [
         ("from .config import load_config", "launch.cli", False, {"launch.config"}),

@@ -33,7 +33,8 @@ from pretrain.task import build_task as build_mae
 
 SIZE, CLASSES, BATCH = 28, 10, 4
 MEAN, STD = (0.13,), (0.31,)
-MAE_ARCH = {"depth": 1, "embed_dim": 32, "num_heads": 2, "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
+MAE_ARCH = {"depth": 1, "embed_dim": 32, "num_heads": 2,
+            "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
 
 #: ops that wait for the device on CUDA: reading a value on the host (``.item()``, ``float(t)``,
 #: ``if t:`` dispatch ``_local_scalar_dense``) or an output shape that depends on data. Not seen on
