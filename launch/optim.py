@@ -113,3 +113,19 @@ def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, lr: float, *, steps_
         raise ConfigError(f"optim.min_lr={cfg.min_lr} is above the peak lr {lr:.3g}")
     fn = WarmupCosine(warmup_steps(cfg, steps_per_epoch, total), total, cfg.min_lr / lr, cfg.schedule == "cosine")
     return LambdaLR(optimizer, fn)
+
+
+def resume_schedule(scheduler: LambdaLR, step: int) -> None:
+    """Put ``scheduler`` -- this run's warmup, length and peak lr -- at optimizer step ``step``.
+
+    Call it after the optimizer's state is loaded. A resumed run keeps the checkpoint's step and
+    optimizer state but follows its own schedule, so extending a run (20 -> 40 steps) continues on
+    the 40-step cosine. ``LambdaLR.load_state_dict`` cannot do that: it updates this run's lambdas
+    in place with the checkpoint's (``fn.__dict__.update``), and the optimizer's loaded param groups
+    carry the checkpoint's lr.
+    """
+    scheduler.last_epoch = step
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reports

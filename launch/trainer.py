@@ -36,7 +36,7 @@ from launch.errors import ConfigError, DataError
 from launch.flops import peak_flops
 from launch.logger import RunLogger, check_available
 from launch.meter import StepMeter
-from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config
+from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config, resume_schedule
 from launch.preemption import EXIT_REQUEUE, NonFiniteError, Preempted, RunControl, nonfinite_flag
 from launch.task import Batch, Task
 
@@ -378,14 +378,13 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.bad_steps = state.get("bad_steps", 0)
-        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
-            shape = sched.lr_lambdas  # this run's warmup / length win, e.g. when extending the epochs
-            sched.load_state_dict(s)
-            sched.lr_lambdas = shape
         if "model" in state:
             self.task.load_state_dict(state["model"])
             for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
                 opt.load_state_dict(s)
+        # this run's warmup, length and lr win (extending or shortening a run), at the saved step
+        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
+            resume_schedule(sched, s["last_epoch"])
         if "scaler" in state and self.backend.scaler is not None:
             self.backend.scaler.load_state_dict(state["scaler"])
 
