@@ -73,7 +73,24 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float, *, fused: bo
         kwargs = {"betas": tuple(cfg.betas)}
         if cfg.name == "adamw" and fused:
             kwargs["fused"] = True
-    return create_optimizer_v2(param_groups(module, cfg, lr), opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+    groups = param_groups(module, cfg, lr)
+    if cfg.name == "lars":
+        groups = lars_groups(groups)
+    return create_optimizer_v2(groups, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def lars_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each group split as the official MAE LARS treats parameters: the trust ratio adapts every
+    ``ndim > 1`` tensor whatever its weight decay (timm's ``Lars`` adapts only when weight_decay != 0
+    unless ``always_adapt``, and every probe recipe uses 0), never a bias or norm (``ndim <= 1``,
+    which timm's groups already keep out of weight decay)."""
+    split = []
+    for group in groups:
+        for adapt in (True, False):
+            params = [p for p in group["params"] if (p.ndim > 1) == adapt]
+            if params:
+                split.append({**group, "params": params, "always_adapt": adapt})
+    return split
 
 
 @dataclass
