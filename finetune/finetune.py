@@ -89,7 +89,7 @@ class FinetuneTask(Task):
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
         imgs, labels = batch["image"], batch["label"]
         if self.training and self.mixup is not None:
-            imgs, soft = self.mixup(imgs, labels)  # soft: (N, K), rows sum to 1, smoothing included
+            imgs, soft = self.mixup(*_even(imgs, labels))  # soft: (N', K), rows sum to 1, smoothing included
             loss = SoftTargetCrossEntropy()(self.model(imgs).float(), soft)
             return {"loss": loss}
         logits = self.model(imgs).float()
@@ -117,6 +117,18 @@ class FinetuneTask(Task):
         use_ema = self.ema is not None and metrics.get("ema_top1", -1.0) > metrics["top1"]
         top1 = metrics["ema_top1"] if use_ema else metrics["top1"]
         self.best.offer(self.ema.module if use_ema else self.model, top1, step, "ema" if use_ema else "model", metrics)
+
+
+def _even(imgs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, C, H, W), (N,) -> an even number of samples for timm's ``Mixup``, which pairs sample ``i``
+    with ``N - 1 - i``. Training batches are full (``drop_last``) and even (checked), but a corrupt
+    sample skipped by the loader leaves one odd: mix its first N - 1, or a lone sample with itself."""
+    n = labels.shape[0]
+    if n % 2 == 0:
+        return imgs, labels
+    if n == 1:
+        return torch.cat([imgs, imgs]), torch.cat([labels, labels])
+    return imgs[:-1], labels[:-1]
 
 
 class BestKeeper:

@@ -129,8 +129,9 @@ class Trainer:
         if factory is None:
             from launch.data import build_loader as factory
         common = dict(batch_size=self.cfg.batch_size, img_size=img_size, seed=self.seed, rank=self.rank, world_size=self.world)
-        # training always shuffles, whatever the preset (a probe trains on the unshuffled "eval" transform)
-        self.train_loader = factory(data, splits[0], preset=presets[0], shuffle=True, **common)
+        # training always shuffles, whatever the preset (a probe trains on the unshuffled "eval" transform),
+        # and drops each rank's short last batch (Mixup needs even batches; DDP weighs every batch alike)
+        self.train_loader = factory(data, splits[0], preset=presets[0], shuffle=True, drop_last=True, **common)
         has_eval = splits[1] in getattr(self.train_loader.info, "splits", {})
         self.eval_loader = factory(data, splits[1], preset=presets[1], **common) if has_eval else None
 

@@ -107,7 +107,7 @@ class SyntheticLoader:
 
 def synthetic_factory(**extra: Any):
     def factory(data: Any, split: str, *, preset: str, batch_size: int, img_size: int, seed: int,
-                rank: int = 0, world_size: int = 1, shuffle: bool | None = None) -> SyntheticLoader:
+                rank: int = 0, world_size: int = 1, shuffle: bool | None = None, drop_last: bool = False) -> SyntheticLoader:
         return SyntheticLoader(batch_size, seed, rank, world_size, **extra)
 
     return factory
