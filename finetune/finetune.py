@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field, field_validator
 from timm.data import Mixup
+from timm.layers import trunc_normal_
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.utils import ModelEmaV3
@@ -36,7 +37,7 @@ from launch.errors import ConfigError
 from launch.export import export_timm
 from launch.task import Batch, Task
 from finetune.cli import StageRun, percent, run_stage
-from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone
+from finetune.backbone import BackboneSource, BackboneSpec, build_vit, check_fits, resolve_backbone
 from finetune.heads import num_classes_of, topk_sums
 
 log = logging.getLogger(__name__)
@@ -157,6 +158,15 @@ def build_mixup(cfg: FinetuneConfig, num_classes: int) -> Mixup | None:
                  label_smoothing=cfg.smoothing, num_classes=num_classes)  # fmt: skip
 
 
+def build_classifier(cfg: FinetuneConfig, source: BackboneSource, num_classes: int) -> VisionTransformer:
+    """The backbone with a fresh ``num_classes`` head drawn with the official fine-tune's std 2e-5
+    (timm's is 0.02): the pretrained features, not a random head, dominate the first steps."""
+    model = build_vit(source, num_classes=num_classes, global_pool="avg" if cfg.pool == "avg" else "token",
+                      drop_path_rate=cfg.drop_path)  # fmt: skip
+    trunc_normal_(model.head.weight, std=2e-5)
+    return model
+
+
 def _check_settings(cfg: FinetuneConfig) -> bool:
     """Settings that cannot work together; returns whether whole weights are available for EMA / best."""
     t = cfg.trainer
@@ -177,8 +187,7 @@ def run_finetune(cfg: FinetuneConfig, *, backbone: BackboneSpec, data: DataConfi
     info = dataset_info(data)
     num_classes = num_classes_of(info, cfg.num_classes, "finetune.num_classes")
     source = resolve_backbone(backbone, cfg.model_args)
-    model = build_vit(source, num_classes=num_classes, global_pool="avg" if cfg.pool == "avg" else "token",
-                      drop_path_rate=cfg.drop_path)  # fmt: skip
+    model = build_classifier(cfg, source, num_classes)
     mean, std = tuple(data.mean or info.mean), tuple(data.std or info.std)
     img_size = check_fits(model, channels=data.channels or info.channels, img_size=cfg.img_size,
                           data_size=info.img_size, source=source, data_mean=mean)  # fmt: skip

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+from fnmatch import fnmatch
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: fnmatch patterns never decayed, whatever the module's own ``no_weight_decay()`` says
 NO_DECAY_PATTERNS = ("*token", "*pos_embed", "*pos_embedding", "*pos_embed.*")
+#: the layer after the last block (a timm ViT's final norm), which timm's group_matcher merges into the
+#: last block's layer-decay group (MATCH_PREV_GROUP); the official MAE recipe trains it, like the head, at lr
+FULL_LR_PATTERNS = ("norm.*",)
 
 
 def phase_config(cfg: OptimConfig, overrides: dict[str, Any]) -> OptimConfig:
@@ -56,6 +60,7 @@ def param_groups(module: nn.Module, cfg: OptimConfig, lr: float) -> list[dict[st
     skip = no_decay_names(module)
     if cfg.layer_decay is not None:
         groups = param_groups_layer_decay(module, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay)
+        groups = _full_lr_split(module, groups)
     else:
         groups = param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=skip)
     groups = [g for g in groups if len(g["params"]) > 0]
@@ -64,6 +69,18 @@ def param_groups(module: nn.Module, cfg: OptimConfig, lr: float) -> list[dict[st
     for group in groups:
         group["lr"] = lr * group.get("lr_scale", 1.0)
     return groups
+
+
+def _full_lr_split(module: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Layer-decay groups with the :data:`FULL_LR_PATTERNS` parameters moved to ``lr_scale`` 1."""
+    full = {id(p) for name, p in module.named_parameters() if any(fnmatch(name, pat) for pat in FULL_LR_PATTERNS)}
+    split = []
+    for group in groups:
+        for at_full in (False, True):
+            params = [p for p in group["params"] if (id(p) in full) == at_full]
+            if params:
+                split.append({**group, "params": params, **({"lr_scale": 1.0} if at_full else {})})
+    return split
 
 
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float, *, fused: bool = False) -> Optimizer:
