@@ -399,7 +399,10 @@ class Trainer:
                                   check_every=self.cfg.log.every_steps)
 
     def _fingerprint(self) -> dict[str, Any]:
-        settings = {"model": self.config.get("model", {}), "world_size": self.world, "phases": list(self.phases)}
+        # the loader position and the epoch's step count are kept in batches of this size
+        batch = {"batch_size": self.cfg.batch_size, "accum_steps": self.cfg.accum_steps}
+        settings = {"model": self.config.get("model", {}), "world_size": self.world, "phases": list(self.phases),
+                    "trainer": batch}  # fmt: skip
         return fingerprint(self.task, settings)
 
     def _maybe_checkpoint(self) -> None:

@@ -1,4 +1,4 @@
-"""Extending or shortening a run on resume: this run's schedule, the checkpoint's step and optimizer state."""
+"""Changing a run on resume: a new schedule (length, warmup, lr) is taken, a new batch refused."""
 
 from __future__ import annotations
 
@@ -43,3 +43,14 @@ def test_shortening_a_run_takes_its_length_and_peak_lr(tmp_path):
     assert result.steps == 9
     for step in range(7, 10):
         assert lr[step] == pytest.approx(_cosine(step, 0.1 * 16 / 256, 9)), step
+
+
+@pytest.mark.parametrize("change", ["batch_size=8", "accum_steps=2"])
+def test_changing_the_batch_on_resume_fails_with_one_line(tmp_path, change):
+    """The loader position and the epoch's step count are in batches of the saved size: a resume
+    with another batch would skip or repeat samples (until resharded resume exists)."""
+    from launch.errors import CheckpointError
+
+    run(str(tmp_path), [*BASE, "max_steps=2"])
+    with pytest.raises(CheckpointError, match=rf"checkpoint has trainer\.{change.split('=')[0]}=.*weights_only="):
+        run(str(tmp_path), [*BASE, "max_steps=4", change])
