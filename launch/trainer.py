@@ -446,7 +446,7 @@ class Trainer:
         schedules, scaler, step, this rank's RNG and loader position) or start fresh."""
         self.control.__enter__()  # SIGTERM / SIGUSR1 now mean "save and stop"
         self.checkpoints.prepare()
-        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+        path = self.checkpoints.resolve_agreed(self.cfg.checkpoint.resume)
         if path is None:
             if self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
                 load_weights(self.task, self.cfg.checkpoint.weights_only)
