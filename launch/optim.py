@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import math
-from fnmatch import fnmatch
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any
 
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
