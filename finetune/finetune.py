@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from timm.data import Mixup
+from timm.layers import trunc_normal_
 from timm.loss import SoftTargetCrossEntropy
 from timm.models.vision_transformer import VisionTransformer
 from timm.utils import ModelEmaV3
@@ -39,7 +40,7 @@ from launch.errors import ConfigError
 from launch.export import export_timm
 from launch.task import Batch, Task
 from finetune.cli import StageRun, percent, run_stage
-from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
+from finetune.backbone import BackboneSource, BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
 from finetune.heads import num_classes_of, topk_sums
 
 log = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class FinetuneTask(Task):
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
         imgs, labels = batch["image"], batch["label"]
         if self.training and self.mixup is not None:
-            imgs, soft = self.mixup(imgs, labels)  # soft: (N, K), rows sum to 1, smoothing included
+            imgs, soft = self.mixup(*_even(imgs, labels))  # soft: (N', K), rows sum to 1, smoothing included
             loss = SoftTargetCrossEntropy()(self.model(imgs).float(), soft)
             return {"loss": loss}
         logits = self.model(imgs).float()
@@ -116,6 +117,18 @@ class FinetuneTask(Task):
         use_ema = self.ema is not None and metrics.get("ema_top1", -1.0) > metrics["top1"]
         top1 = metrics["ema_top1"] if use_ema else metrics["top1"]
         self.best.offer(self.ema.module if use_ema else self.model, top1, step, "ema" if use_ema else "model", metrics)
+
+
+def _even(imgs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(N, C, H, W), (N,) -> an even number of samples for timm's ``Mixup``, which pairs sample ``i``
+    with ``N - 1 - i``. Training batches are full (``drop_last``) and even (checked), but a corrupt
+    sample skipped by the loader leaves one odd: mix its first N - 1, or a lone sample with itself."""
+    n = labels.shape[0]
+    if n % 2 == 0:
+        return imgs, labels
+    if n == 1:
+        return torch.cat([imgs, imgs]), torch.cat([labels, labels])
+    return imgs[:-1], labels[:-1]
 
 
 class BestKeeper:
@@ -147,6 +160,15 @@ def build_mixup(cfg: FinetuneConfig, num_classes: int) -> Mixup | None:
                  label_smoothing=cfg.smoothing, num_classes=num_classes)  # fmt: skip
 
 
+def build_classifier(cfg: FinetuneConfig, source: BackboneSource, num_classes: int) -> VisionTransformer:
+    """The backbone with a fresh ``num_classes`` head drawn with the official fine-tune's std 2e-5
+    (timm's is 0.02): the pretrained features, not a random head, dominate the first steps."""
+    model = build_vit(source, num_classes=num_classes, global_pool="avg" if cfg.pool == "avg" else "token",
+                      drop_path_rate=cfg.drop_path)  # fmt: skip
+    trunc_normal_(model.head.weight, std=2e-5)
+    return model
+
+
 def _check_settings(cfg: FinetuneConfig) -> bool:
     """Settings that cannot work together; returns whether whole weights are available for EMA / best."""
     t = cfg.trainer
@@ -167,8 +189,7 @@ def run_finetune(cfg: FinetuneConfig, *, backbone: BackboneSpec, data: DataConfi
     info = dataset_info(data)
     num_classes = num_classes_of(info, cfg.num_classes, "finetune.num_classes")
     source = resolve_backbone(backbone, cfg.model_args)
-    model = build_vit(source, num_classes=num_classes, global_pool="avg" if cfg.pool == "avg" else "token",
-                      drop_path_rate=cfg.drop_path)  # fmt: skip
+    model = build_classifier(cfg, source, num_classes)
     mean, std = tuple(data.mean or info.mean), tuple(data.std or info.std)
     img_size = check_fits(model, channels=data.channels or info.channels, img_size=cfg.img_size, key="finetune.img_size",
                           data_size=info.img_size, source=source, data_mean=mean)  # fmt: skip

@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -232,16 +233,17 @@ class CheckpointManager:
     """Writes and finds complete checkpoints in ``directory``; every rank makes the same calls.
 
     ``agree(ok) -> bool`` must return True on every rank iff ``ok`` is True on every rank
-    (it doubles as the barrier); the default uses the process group through :mod:`launch.dist`.
+    (it doubles as the barrier); ``share(obj)`` returns rank 0's ``obj`` on every rank. The
+    defaults use the process group through :mod:`launch.dist`.
     """
 
     def __init__(self, directory: str | Path, *, keep: int, rank: int | None = None,
-                 agree: Callable[[bool], bool] = dist.all_true) -> None:
+                 agree: Callable[[bool], bool] = dist.all_true, share: Callable[[Any], Any] = dist.broadcast_object) -> None:
         if keep < 1:
             raise CheckpointError(f"checkpoint keep={keep} must be >= 1")
         self.directory, self.keep = Path(directory), keep
         self.rank = dist.rank() if rank is None else rank
-        self._agree = agree
+        self._agree, self._share = agree, share
 
     # -- finding
 
@@ -277,13 +279,55 @@ class CheckpointManager:
             raise CheckpointError(f"{setting}={resume}: not a complete checkpoint (no {COMPLETE} marker in a step-* directory)")
         return path
 
+    def resolve_agreed(self, resume: str, setting: str = "trainer.checkpoint.resume") -> Path | None:
+        """:meth:`resolve` decided by rank 0 for every rank (call it on every rank): ranks that each
+        looked for themselves could pick different checkpoints, or some none, and silently diverge."""
+        answer: tuple[str | None, str | None] = (None, None)
+        if self.rank == 0:
+            try:
+                path = self.resolve(resume, setting)
+                answer = (str(path) if path is not None else None, None)
+            except CheckpointError as err:
+                answer = (None, str(err))
+        found, error = self._share(answer)
+        if error is not None:
+            raise CheckpointError(error)
+        path = Path(found) if found is not None else None
+        if not self._agree(path is None or is_complete(path)):
+            raise CheckpointError(f"{setting}={resume}: {path} is not visible on every rank: "
+                                  f"checkpoints must be on a file system all nodes share")  # fmt: skip
+        return path
+
     # -- writing
 
     def prepare(self) -> None:
         """At the start of a run, on every rank: create the directory, prove it writable and
-        remove temporary directories left by a killed save. Fails early, before any training."""
-        err = self._attempt(self._prepare_main) if self.rank == 0 else None
+        shared by all ranks, remove temporary directories left by a killed save. Fails early,
+        before any training."""
+        token = secrets.token_hex(8)  # rank 0's is the one that counts
+        err = self._attempt(lambda: self._prepare_main(token)) if self.rank == 0 else None
         self._require(err, f"cannot use checkpoint directory {self.directory}")
+        self._check_shared(self._share(token))
+
+    def _check_shared(self, token: str) -> None:
+        """Every rank must read the marker rank 0 wrote: a checkpoint holds every rank's files in
+        one directory, and a node-local ``run_dir`` would let ranks resume from different steps."""
+        marker = self._marker(token)
+        try:
+            seen = marker.read_text() == token
+        except OSError:
+            seen = False
+        shared = self._agree(seen)
+        if self.rank == 0:
+            marker.unlink(missing_ok=True)
+        if not shared:
+            raise CheckpointError(
+                f"checkpoint directory {self.directory} is not shared by all ranks (a file rank 0 wrote there "
+                f"is missing on another rank): put run_dir on a file system every node mounts"
+            )
+
+    def _marker(self, token: str) -> Path:
+        return self.directory / f"{TMP_PREFIX}shared-{token}"
 
     def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
         """Write checkpoint ``step``. ``write(tmp_dir)`` runs on every rank and writes that
@@ -301,14 +345,15 @@ class CheckpointManager:
             log.info("checkpoint saved: %s", final)
         return final
 
-    def _prepare_main(self) -> None:
+    def _prepare_main(self, token: str) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        probe = self.directory / f"{TMP_PREFIX}probe-{os.getpid()}"
-        _write_text(probe, "ok")
-        probe.unlink()
         for stale in self.directory.glob(f"{TMP_PREFIX}*"):
             log.warning("removing partial checkpoint %s (a save was interrupted)", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:  # the marker of a start that was killed
+                stale.unlink(missing_ok=True)
+        _write_text(self._marker(token), token)  # proves the directory writable; every rank reads it
 
     def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
         _fsync_tree(tmp)

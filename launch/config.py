@@ -31,7 +31,8 @@ class Schema(BaseModel):
 
 
 class OptimConfig(Schema):
-    name: Literal["adamw", "sgd", "lars", "lamb"] = Field("adamw", description="optimizer (timm's create_optimizer_v2 name)")
+    name: Literal["adamw", "sgd", "momentum", "lars", "lamb"] = Field(
+        "adamw", description="optimizer (timm's create_optimizer_v2 name; sgd is Nesterov, momentum is not)")
     base_lr: float = Field(1.5e-4, gt=0, description="lr per 256 images; lr = base_lr * effective_batch / 256")
     lr: float | None = Field(None, gt=0, description="absolute lr; overrides base_lr when set")
     min_lr: float = Field(0.0, ge=0, description="floor of the cosine schedule")

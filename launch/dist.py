@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -62,6 +63,15 @@ def all_true(flag: bool) -> bool:
     """True on every rank iff ``flag`` is true on every rank (also a barrier)."""
     failed = torch.tensor([0.0 if flag else 1.0], device=agreement_device())
     return all_reduce_max(failed).item() == 0.0
+
+
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """``obj`` as rank ``src`` has it, on every rank (picklable; identity in one process)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, device=agreement_device())
+    return box[0]
 
 
 def init_process_group() -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from fnmatch import fnmatch
 from typing import Any
 
 from timm.optim import create_optimizer_v2, param_groups_layer_decay, param_groups_weight_decay
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 #: fnmatch patterns never decayed, whatever the module's own ``no_weight_decay()`` says
 NO_DECAY_PATTERNS = ("*token", "*pos_embed", "*pos_embedding", "*pos_embed.*")
+#: the layer after the last block (a timm ViT's final norm), which timm's group_matcher merges into the
+#: last block's layer-decay group (MATCH_PREV_GROUP); the official MAE recipe trains it, like the head, at lr
+FULL_LR_PATTERNS = ("norm.*",)
 
 
 def phase_config(cfg: OptimConfig, overrides: dict[str, Any]) -> OptimConfig:
@@ -56,6 +60,7 @@ def param_groups(module: nn.Module, cfg: OptimConfig, lr: float) -> list[dict[st
     skip = no_decay_names(module)
     if cfg.layer_decay is not None:
         groups = param_groups_layer_decay(module, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay)
+        groups = _full_lr_split(module, groups)
     else:
         groups = param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=skip)
     groups = [g for g in groups if len(g["params"]) > 0]
@@ -66,6 +71,18 @@ def param_groups(module: nn.Module, cfg: OptimConfig, lr: float) -> list[dict[st
     return groups
 
 
+def _full_lr_split(module: nn.Module, groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Layer-decay groups with the :data:`FULL_LR_PATTERNS` parameters moved to ``lr_scale`` 1."""
+    full = {id(p) for name, p in module.named_parameters() if any(fnmatch(name, pat) for pat in FULL_LR_PATTERNS)}
+    split = []
+    for group in groups:
+        for at_full in (False, True):
+            params = [p for p in group["params"] if (id(p) in full) == at_full]
+            if params:
+                split.append({**group, "params": params, **({"lr_scale": 1.0} if at_full else {})})
+    return split
+
+
 def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float, *, fused: bool = False) -> Optimizer:
     """timm optimizer ``cfg.name`` over ``module``'s trainable parameters."""
     kwargs: dict[str, Any] = {"momentum": cfg.momentum}
@@ -73,7 +90,24 @@ def build_optimizer(module: nn.Module, cfg: OptimConfig, lr: float, *, fused: bo
         kwargs = {"betas": tuple(cfg.betas)}
         if cfg.name == "adamw" and fused:
             kwargs["fused"] = True
-    return create_optimizer_v2(param_groups(module, cfg, lr), opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+    groups = param_groups(module, cfg, lr)
+    if cfg.name == "lars":
+        groups = lars_groups(groups)
+    return create_optimizer_v2(groups, opt=cfg.name, lr=lr, weight_decay=cfg.weight_decay, **kwargs)
+
+
+def lars_groups(groups: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each group split as the official MAE LARS treats parameters: the trust ratio adapts every
+    ``ndim > 1`` tensor whatever its weight decay (timm's ``Lars`` adapts only when weight_decay != 0
+    unless ``always_adapt``, and every probe recipe uses 0), never a bias or norm (``ndim <= 1``,
+    which timm's groups already keep out of weight decay)."""
+    split = []
+    for group in groups:
+        for adapt in (True, False):
+            params = [p for p in group["params"] if (p.ndim > 1) == adapt]
+            if params:
+                split.append({**group, "params": params, "always_adapt": adapt})
+    return split
 
 
 @dataclass
@@ -113,3 +147,19 @@ def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, lr: float, *, steps_
         raise ConfigError(f"optim.min_lr={cfg.min_lr} is above the peak lr {lr:.3g}")
     fn = WarmupCosine(warmup_steps(cfg, steps_per_epoch, total), total, cfg.min_lr / lr, cfg.schedule == "cosine")
     return LambdaLR(optimizer, fn)
+
+
+def resume_schedule(scheduler: LambdaLR, step: int) -> None:
+    """Put ``scheduler`` -- this run's warmup, length and peak lr -- at optimizer step ``step``.
+
+    Call it after the optimizer's state is loaded. A resumed run keeps the checkpoint's step and
+    optimizer state but follows its own schedule, so extending a run (20 -> 40 steps) continues on
+    the 40-step cosine. ``LambdaLR.load_state_dict`` cannot do that: it updates this run's lambdas
+    in place with the checkpoint's (``fn.__dict__.update``), and the optimizer's loaded param groups
+    carry the checkpoint's lr.
+    """
+    scheduler.last_epoch = step
+    for group, base, fn in zip(scheduler.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * fn(step)
+    scheduler._last_lr = [group["lr"] for group in scheduler.optimizer.param_groups]  # what get_last_lr() reports

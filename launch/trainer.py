@@ -36,7 +36,7 @@ from launch.errors import ConfigError, DataError
 from launch.flops import peak_flops
 from launch.logger import RunLogger, check_available
 from launch.meter import StepMeter
-from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config
+from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config, resume_schedule
 from launch.preemption import EXIT_REQUEUE, NonFiniteError, Preempted, RunControl, nonfinite_flag
 from launch.task import Batch, Task
 
@@ -129,8 +129,9 @@ class Trainer:
         if factory is None:
             from launch.data import build_loader as factory
         common = dict(batch_size=self.cfg.batch_size, img_size=img_size, seed=self.seed, rank=self.rank, world_size=self.world)
-        # training always shuffles, whatever the preset (a probe trains on the unshuffled "eval" transform)
-        self.train_loader = factory(data, splits[0], preset=presets[0], shuffle=True, **common)
+        # training always shuffles, whatever the preset (a probe trains on the unshuffled "eval" transform),
+        # and drops each rank's short last batch (Mixup needs even batches; DDP weighs every batch alike)
+        self.train_loader = factory(data, splits[0], preset=presets[0], shuffle=True, drop_last=True, **common)
         has_eval = splits[1] in getattr(self.train_loader.info, "splits", {})
         self.eval_loader = factory(data, splits[1], preset=presets[1], **common) if has_eval else None
 
@@ -378,14 +379,13 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.bad_steps = state.get("bad_steps", 0)
-        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
-            shape = sched.lr_lambdas  # this run's warmup / length win, e.g. when extending the epochs
-            sched.load_state_dict(s)
-            sched.lr_lambdas = shape
         if "model" in state:
             self.task.load_state_dict(state["model"])
             for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
                 opt.load_state_dict(s)
+        # this run's warmup, length and lr win (extending or shortening a run), at the saved step
+        for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
+            resume_schedule(sched, s["last_epoch"])
         if "scaler" in state and self.backend.scaler is not None:
             self.backend.scaler.load_state_dict(state["scaler"])
 
@@ -399,7 +399,10 @@ class Trainer:
                                   check_every=self.cfg.log.every_steps)
 
     def _fingerprint(self) -> dict[str, Any]:
-        settings = {"model": self.config.get("model", {}), "world_size": self.world, "phases": list(self.phases)}
+        # the loader position and the epoch's step count are kept in batches of this size
+        batch = {"batch_size": self.cfg.batch_size, "accum_steps": self.cfg.accum_steps}
+        settings = {"model": self.config.get("model", {}), "world_size": self.world, "phases": list(self.phases),
+                    "trainer": batch}  # fmt: skip
         return fingerprint(self.task, settings)
 
     def _maybe_checkpoint(self) -> None:
@@ -443,7 +446,7 @@ class Trainer:
         schedules, scaler, step, this rank's RNG and loader position) or start fresh."""
         self.control.__enter__()  # SIGTERM / SIGUSR1 now mean "save and stop"
         self.checkpoints.prepare()
-        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+        path = self.checkpoints.resolve_agreed(self.cfg.checkpoint.resume)
         if path is None:
             if self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
                 load_weights(self.task, self.cfg.checkpoint.weights_only)

@@ -58,7 +58,7 @@ def test_layers_merge_in_order(tmp_path: Path) -> None:
     assert (cfg.model.arch, cfg.model.latent_dim, cfg.model.beta) == ("conv", 12, 0.5)  # recipe, file, override
     assert cfg.trainer.epochs == 2 and cfg.trainer.optim.lr == 3e-3  # file: epochs; recipe: lr
     assert (cfg.trainer.optim.name, cfg.trainer.optim.weight_decay, cfg.data.hflip) == ("adamw", 0.0, 0.0)  # baseline defaults kept
-    assert cfg.probe is not None and cfg.probe.trainer.optim.name == "lars"  # the MAE probe protocol
+    assert cfg.probe is not None and cfg.probe.trainer.optim.name == "momentum"  # the MAE probe's default
     assert load_baseline_config("sdae", None, ["finetune.epochs=1"]).finetune.optim.lr == 1e-3
     assert {"ae", "ae_relu", "ae_sweep", "dae", "dae_mask", "sdae", "cae", "vae", "vae_conv", "aae", "aae_mog"} <= set(recipe_names())
     for name in recipe_names():

@@ -142,4 +142,4 @@ def test_probe_pixels_probes_the_flat_pixels_through_the_trainer(data: DataConfi
     saved = json.loads((tmp_path / "pixels" / "results.json").read_text())
     assert saved == results and saved["params"] == 0 and saved["probe"]["steps"] == 6
     assert 0 <= saved["probe"]["top1"] <= 100
-    assert yaml.safe_load((tmp_path / "pixels" / "config.yaml").read_text())["probe"]["trainer"]["optim"]["name"] == "lars"
+    assert yaml.safe_load((tmp_path / "pixels" / "config.yaml").read_text())["probe"]["trainer"]["optim"]["name"] == "momentum"

@@ -115,3 +115,17 @@ def test_scheduler_state_round_trip():
     opt2.load_state_dict(opt.state_dict())
     sched.step(), sched2.step()
     assert sched2.get_last_lr() == sched.get_last_lr()
+
+
+def test_lars_adapts_weights_without_weight_decay_and_leaves_biases_alone():
+    """Official MAE LARS: the trust ratio scales every ndim > 1 update, also at weight_decay 0 (every
+    probe recipe); biases / norms take the plain momentum-SGD step."""
+    torch.manual_seed(0)
+    model = nn.Linear(6, 3)
+    opt = build_optimizer(model, OptimConfig(name="lars", weight_decay=0.0, momentum=0.0), lr=0.5)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    model.weight.grad, model.bias.grad = torch.randn(3, 6), torch.randn(3)
+    opt.step()
+    trust = 0.001 * w0.norm() / model.weight.grad.norm()
+    torch.testing.assert_close(model.weight.detach(), w0 - 0.5 * trust * model.weight.grad)
+    torch.testing.assert_close(model.bias.detach(), b0 - 0.5 * model.bias.grad)

@@ -3,7 +3,8 @@
 Also a script: ``torchrun --nproc_per_node 2 tests/trainer_tiny.py RUN_DIR key=value ... [--then k=v ...]``
 trains the tiny task with those TrainerConfig overrides (then, in the same process, resumes
 it with more overrides) and writes the final weights to ``RUN_DIR/final.pt`` (rank 0), so a
-test can compare runs across launchers.
+test can compare runs across launchers. ``{rank}`` in RUN_DIR gives each rank its own directory
+(a node-local run_dir).
 
 The synthetic data is a fixed sequence of samples; batch ``j`` of rank ``r`` (of ``w``,
 micro-batch ``B``) holds samples ``j*B*w + r*B + [0, B)`` of the epoch's permutation, so
@@ -107,7 +108,7 @@ class SyntheticLoader:
 
 def synthetic_factory(**extra: Any):
     def factory(data: Any, split: str, *, preset: str, batch_size: int, img_size: int, seed: int,
-                rank: int = 0, world_size: int = 1, shuffle: bool | None = None) -> SyntheticLoader:
+                rank: int = 0, world_size: int = 1, shuffle: bool | None = None, drop_last: bool = False) -> SyntheticLoader:
         return SyntheticLoader(batch_size, seed, rank, world_size, **extra)
 
     return factory
@@ -146,10 +147,11 @@ if __name__ == "__main__":
     first, then = (args[: args.index("--then")], args[args.index("--then") + 1 :]) if "--then" in args else (args, None)
     ddp = dist.world_size() > 1 and "backend=deepspeed" not in args
     reductions: list[int] | None = [] if ddp else None
-    result = run(sys.argv[1], first, reductions=reductions)
+    run_dir = sys.argv[1].format(rank=dist.rank())
+    result = run(run_dir, first, reductions=reductions)
     if then is not None:
-        result = run(sys.argv[1], [*first, *then])
+        result = run(run_dir, [*first, *then])
     if dist.is_main():
         state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
         out = {"state": state, "steps": result.steps, "loss": result.final_loss, "reductions": len(reductions or [])}
-        torch.save(out, Path(sys.argv[1]) / "final.pt")
+        torch.save(out, Path(run_dir) / "final.pt")

@@ -45,11 +45,11 @@ class ShardStream(IterableDataset):
 
     def __init__(self, cfg: DataConfig, info: DatasetInfo, urls: list[str], counts: list[int] | None, *, preset: str,
                  batch_size: int, img_size: int, seed: int, rank: int, world_size: int, shuffle: bool,
-                 stack_only: bool = False) -> None:
+                 drop_last: bool = False, stack_only: bool = False) -> None:
         self.cfg, self.info, self.urls, self.counts = cfg, info, urls, counts
         self.stack_only = stack_only  # hand over uint8 batches; the ShardLoader normalizes them on its device
         self.preset, self.batch_size, self.img_size = preset, batch_size, img_size
-        self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
+        self.seed, self.rank, self.world_size, self.shuffle, self.drop_last = seed, rank, world_size, shuffle, drop_last
         self.exact = preset == "eval" or cfg.mode == "exact"
         self.shared = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches consumed at iter()]
         self.num_batches = len(self.plan(0).sizes)
@@ -62,7 +62,7 @@ class ShardStream(IterableDataset):
             return resampled_plan(total, world_size=self.world_size, batch_size=self.batch_size)
         assert self.counts is not None
         return exact_plan(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
-                          world_size=self.world_size, batch_size=self.batch_size)
+                          world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last)
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
@@ -240,10 +240,12 @@ class ShardLoader:
 
 
 def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, img_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, shuffle: bool | None = None,
+                 rank: int = 0, world_size: int = 1, shuffle: bool | None = None, drop_last: bool = False,
                  device: torch.device | str | None = None) -> ShardLoader:
     """The loader of ``split`` for one rank. ``preset`` "eval" reads in exact mode, unshuffled unless
-    ``shuffle`` says otherwise; other presets follow ``cfg.mode`` and shuffle. ``cfg.normalize``
+    ``shuffle`` says otherwise; other presets follow ``cfg.mode`` and shuffle. ``drop_last`` (training):
+    only full batches, the same number on every rank (exact mode; resampled batches are always full).
+    ``cfg.normalize``
     "device" normalizes on ``device`` (default: this rank's GPU, else the CPU of the main process)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")
@@ -265,7 +267,7 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
     info = replace(info, splits={**info.splits, split: sum(counts)} if counts is not None else info.splits)
     stream = ShardStream(cfg, info, urls, counts, preset=preset, batch_size=batch_size, img_size=img_size, seed=seed,
                          rank=rank, world_size=world_size, shuffle=preset != "eval" if shuffle is None else shuffle,
-                         stack_only=normalize_where(cfg) == "device")
+                         drop_last=drop_last, stack_only=normalize_where(cfg) == "device")
     return ShardLoader(stream, info, cfg.workers, cfg.prefetch, _normalize_device(cfg, device))
 
 

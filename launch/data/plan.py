@@ -3,7 +3,11 @@
 Exact mode: shards are put in a seeded order, their samples concatenated, and the
 sequence cut contiguously into ``world_size`` near-equal parts. Every rank gets the
 same number of batches ``K = ceil(ceil(N / world) / batch)``; batches are full except
-at the end of an epoch, where sizes shrink so that every sample is used exactly once.
+at the end of an epoch, where sizes shrink so that every sample is used exactly once. With
+``drop_last`` (training) every rank reads ``K = floor(floor(N / world) / batch)`` full batches from
+the start of its part, as the official MAE code's ``drop_last=True``: a short batch would weigh as
+much as a full one in the DDP mean and break pairwise Mixup; the shard shuffle changes which
+samples fall off from epoch to epoch.
 Worker ``w`` of ``W`` makes the rank's batches ``w, w + W, ...`` and fills them from one
 contiguous stretch of the rank's samples, so it opens few shards; fewer shards than
 ranks x workers simply means several workers read different parts of the same shard.
@@ -87,7 +91,7 @@ class RankPlan:
 
 
 def exact_plan(counts: list[int], *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int,
-               batch_size: int) -> RankPlan:
+               batch_size: int, drop_last: bool = False) -> RankPlan:
     order = list(range(len(counts)))
     if shuffle:
         random.Random(mix(seed, epoch, "shards")).shuffle(order)
@@ -95,9 +99,13 @@ def exact_plan(counts: list[int], *, seed: int, epoch: int, shuffle: bool, rank:
     if total < world_size:
         raise DataError(f"the split has {total} samples, fewer than the {world_size} ranks reading it")
     bounds = [total * r // world_size for r in range(world_size + 1)]
+    shards = [Segment(i, 0, counts[i]) for i in order]
+    if drop_last:  # full batches only, as many on every rank as the smallest share holds
+        batches = total // world_size // batch_size
+        return RankPlan([batch_size] * batches, cut(shards, counts, bounds[rank], bounds[rank] + batches * batch_size))
     # ceil(largest rank share / batch), unless the smallest share has fewer samples (batch_size 1)
     batches = min(-(-(-(-total // world_size)) // batch_size), total // world_size)
-    segments = cut([Segment(i, 0, counts[i]) for i in order], counts, bounds[rank], bounds[rank + 1])
+    segments = cut(shards, counts, bounds[rank], bounds[rank + 1])
     return RankPlan(batch_sizes(bounds[rank + 1] - bounds[rank], batches, batch_size), segments)
 
 
