@@ -17,7 +17,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -27,6 +27,7 @@ from webdataset.filters import shuffle as shuffle_filter
 from launch.data.config import DataConfig
 from launch.data.dataset import DatasetInfo, dataset_info, resolve_parts
 from launch.data.plan import RankPlan, Segment, exact_plan, mix, resampled_plan, resampled_shards, worker_batches
+from launch.data.remote import ReadPolicy
 from launch.data.shards import BROKEN, Sample, count_samples, read_samples
 from launch.data.transforms import IMAGE_KEYS, PRESETS, build_transform, decode
 from launch.dist import local_rank
@@ -38,6 +39,17 @@ Batch = dict[str, Any]
 
 class _Corrupt(Exception):
     pass
+
+
+@dataclass
+class _Lost:
+    """Samples skipped since the last batch (broken shards, corrupt samples), and the last reason."""
+
+    count: int = 0
+    why: str = ""
+
+    def add(self, count: int, why: str) -> None:
+        self.count, self.why = self.count + count, why
 
 
 class ShardStream(IterableDataset):
@@ -54,6 +66,7 @@ class ShardStream(IterableDataset):
         self.shared = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches consumed at iter()]
         self.num_batches = len(self.plan(0).sizes)
         self.preset_fns = build_transform(cfg, preset, img_size, info.mean, info.std)  # before fork: imports done once
+        self.policy = read_policy(cfg)
         self._spare: Sample | None = None
 
     def plan(self, epoch: int) -> RankPlan:
@@ -72,7 +85,7 @@ class ShardStream(IterableDataset):
         logical = (physical + start) % workers
         done = start // workers + (logical < start % workers)
         plan = self.plan(epoch)
-        lost = [0]  # samples of broken shards met since the last batch
+        lost = _Lost()
         raw = self._raw(self._segments(plan, epoch, workers, logical), lost)
         if self.shuffle and self.cfg.shuffle_buffer > 1:
             buffer_seed = mix(self.seed, epoch, self.rank, logical, "buffer")
@@ -80,23 +93,23 @@ class ShardStream(IterableDataset):
         for j, index in enumerate(worker_batches(len(plan.sizes), workers, logical)):
             samples = list(itertools.islice(raw, plan.sizes[index]))
             if j >= done:  # batches already yielded before a restore are read, never decoded
-                yield self._batch(samples, epoch, index, lost[0])
-            lost[0] = 0
+                yield self._batch(samples, epoch, index, lost)
+            lost.count, lost.why = 0, ""  # in place: the raw stream adds to this object
 
     def _segments(self, plan: RankPlan, epoch: int, workers: int, worker: int) -> Iterator[Segment]:
         if plan.segments is not None:
             return iter(plan.worker_segments(self.counts or [], workers, worker))
         return resampled_shards(self.counts, len(self.urls), seed=self.seed, epoch=epoch, rank=self.rank, worker=worker)
 
-    def _raw(self, segments: Iterator[Segment], lost: list[int]) -> Iterator[Sample]:
-        """Raw samples of the segments in order; samples a broken shard could not give are added to lost[0]."""
+    def _raw(self, segments: Iterator[Segment], lost: _Lost) -> Iterator[Sample]:
+        """Raw samples of the segments in order; samples a broken shard could not give are added to ``lost``."""
         barren = 0
         for seg in segments:
             got = 0
-            for sample in read_samples(self.urls[seg.shard], seg.start, seg.stop):
+            for sample in read_samples(self.urls[seg.shard], seg.start, seg.stop, self.policy):
                 if BROKEN in sample:
                     planned = seg.stop if seg.stop is not None else (self.counts[seg.shard] if self.counts else None)
-                    lost[0] += max(planned - seg.start - got, 1) if planned is not None else 1
+                    lost.add(max(planned - seg.start - got, 1) if planned is not None else 1, sample[BROKEN])
                     break
                 got += 1
                 yield sample
@@ -104,7 +117,7 @@ class ShardStream(IterableDataset):
             if barren > 2 * len(self.urls) + 8:  # only resampled streams are endless
                 raise DataError(f"no readable sample in {barren} shard draws in a row (e.g. {self.urls[seg.shard]})")
 
-    def _batch(self, samples: list[Sample], epoch: int, index: int, lost: int) -> Batch:
+    def _batch(self, samples: list[Sample], epoch: int, index: int, lost: _Lost) -> Batch:
         """Decode + augment; sample ``j`` of batch ``index`` is seeded by (seed, epoch, rank, index, j)."""
         images, labels, keys = [], [], []
         for j, sample in enumerate(samples):
@@ -112,7 +125,7 @@ class ShardStream(IterableDataset):
                 image, label = self._sample(sample, mix(self.seed, epoch, self.rank, index, j))
             except _Corrupt as err:
                 log.warning("skipping corrupt sample %s in %s: %s", sample["__key__"], sample["__url__"], err)
-                lost += 1
+                lost.add(1, f"{sample['__url__']}: sample {sample['__key__']}: {err}")
                 continue
             images.append(image)
             labels.append(label)
@@ -122,7 +135,8 @@ class ShardStream(IterableDataset):
             image, label = self._sample(spare, mix(self.seed, epoch, self.rank, index, 0))
             images, labels, keys = [image], [label], [spare["__key__"]]
         image = self.preset_fns.stack(images) if self.stack_only else self.preset_fns.batch(images)
-        return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys, "corrupt": lost}
+        return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+                "corrupt": lost.count, "corrupt_why": lost.why}
 
     def _sample(self, sample: Sample, seed: int) -> tuple[torch.Tensor, int]:
         """-> ((C, img_size, img_size) uint8, float for finetune; label); raises _Corrupt for a bad image or label."""
@@ -153,7 +167,7 @@ class ShardStream(IterableDataset):
     def spare(self) -> Sample:
         """The first readable sample of the split (stands in for a batch that lost all its samples)."""
         if self._spare is None:
-            for sample in self._raw(iter([Segment(i, 0, None) for i in range(len(self.urls))]), [0]):
+            for sample in self._raw(iter([Segment(i, 0, None) for i in range(len(self.urls))]), _Lost()):
                 try:
                     self._sample(sample, 0)
                 except _Corrupt:
@@ -177,6 +191,7 @@ class ShardLoader:
         self.device = device
         self._stream = stream
         self._epoch = self._consumed = self._corrupt = 0
+        self._corrupt_why = ""  # the reason of the last skip, for the max_skipped_fraction stop
         self._loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                   prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available(),
                                   generator=torch.Generator())  # its per-iter() base seed must not draw from the trainer's RNG
@@ -196,6 +211,10 @@ class ShardLoader:
 
     def corrupt_samples(self) -> int:
         return self._corrupt
+
+    def last_skip(self) -> str:
+        """Why the last skipped sample was skipped ("" if none was): "<url>: <error>"."""
+        return self._corrupt_why
 
     def _layout(self) -> dict[str, Any]:
         s = self._stream
@@ -232,6 +251,7 @@ class ShardLoader:
                     image = batch["image"].to(self.device, non_blocking=True)
                     batch["image"] = self._stream.preset_fns.normalize(image)
                 self._corrupt += batch.pop("corrupt")
+                self._corrupt_why = batch.pop("corrupt_why") or self._corrupt_why
                 self._consumed += 1
                 yield batch
         except DataError as err:  # re-raised from a worker with its traceback: keep the one line
@@ -257,7 +277,7 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
         part_urls, part_counts = part.shards(split)
         if part_counts is None and (cfg.mode == "exact" or preset == "eval" or cfg.epoch_samples is None):
             log.info("counting the samples of %d shards of %s (a dataset.json would skip this)", len(part_urls), part.name)
-            part_counts = [count_samples(u) for u in part_urls]
+            part_counts = [count_samples(u, read_policy(cfg)) for u in part_urls]
         urls += part_urls
         counts = None if counts is None or part_counts is None else counts + part_counts
     if counts is not None and sum(counts) == 0:
@@ -267,6 +287,10 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
                          rank=rank, world_size=world_size, shuffle=preset != "eval" if shuffle is None else shuffle,
                          stack_only=normalize_where(cfg) == "device")
     return ShardLoader(stream, info, cfg.workers, cfg.prefetch, _normalize_device(cfg, device))
+
+
+def read_policy(cfg: DataConfig) -> ReadPolicy:
+    return ReadPolicy(retries=cfg.retries, retry_wait=cfg.retry_wait, fail=cfg.on_error == "fail")
 
 
 def normalize_where(cfg: DataConfig) -> str:
