@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -26,9 +26,9 @@ from webdataset.filters import shuffle as shuffle_filter
 
 from launch.data.config import DataConfig
 from launch.data.dataset import DatasetInfo, dataset_info, resolve_parts
-from launch.data.plan import RankPlan, Segment, exact_plan, mix, resampled_plan, resampled_shards, worker_batches
+from launch.data.plan import RankPlan, Segment, cut, exact_plan, mix, resampled_plan, resampled_shards, worker_batches
 from launch.data.remote import ReadPolicy
-from launch.data.shards import BROKEN, Sample, count_samples, read_samples
+from launch.data.shards import BROKEN, Sample, ShardIndex, count_samples, read_samples
 from launch.data.transforms import IMAGE_KEYS, PRESETS, build_transform, decode
 from launch.dist import local_rank
 from launch.errors import ConfigError, DataError
@@ -57,8 +57,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, cfg: DataConfig, info: DatasetInfo, urls: list[str], counts: list[int] | None, *, preset: str,
                  batch_size: int, img_size: int, seed: int, rank: int, world_size: int, shuffle: bool,
-                 stack_only: bool = False) -> None:
+                 stack_only: bool = False, index: ShardIndex | None = None) -> None:
         self.cfg, self.info, self.urls, self.counts = cfg, info, urls, counts
+        self.index = index or ShardIndex(urls, [""] * len(urls))  # where a remote shard is entered mid-way
         self.stack_only = stack_only  # hand over uint8 batches; the ShardLoader normalizes them on its device
         self.preset, self.batch_size, self.img_size = preset, batch_size, img_size
         self.seed, self.rank, self.world_size, self.shuffle = seed, rank, world_size, shuffle
@@ -85,16 +86,29 @@ class ShardStream(IterableDataset):
         logical = (physical + start) % workers
         done = start // workers + (logical < start % workers)
         plan = self.plan(epoch)
+        mine = worker_batches(len(plan.sizes), workers, logical)
         lost = _Lost()
-        raw = self._raw(self._segments(plan, epoch, workers, logical), lost)
-        if self.shuffle and self.cfg.shuffle_buffer > 1:
-            buffer_seed = mix(self.seed, epoch, self.rank, logical, "buffer")
-            raw = shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=buffer_seed)(raw)
-        for j, index in enumerate(worker_batches(len(plan.sizes), workers, logical)):
+        shuffle = self._buffer(epoch, logical)
+        segments = self._segments(plan, epoch, workers, logical)
+        skip = 0
+        if done and plan.segments is not None:  # exact mode: samples used up before the restore are counted, not read
+            total = sum(plan.sizes[i] for i in mine)
+            skip = _unread(shuffle, total, consumed=sum(plan.sizes[i] for i in mine[:done]))
+            segments = iter(cut(list(segments), self.counts or [], skip, total))
+        raw = itertools.chain(itertools.repeat(None, skip), self._raw(segments, lost))
+        if shuffle is not None:
+            raw = shuffle(raw)
+        for j, index in enumerate(mine):
             samples = list(itertools.islice(raw, plan.sizes[index]))
-            if j >= done:  # batches already yielded before a restore are read, never decoded
+            if j >= done:  # batches already yielded before a restore are replayed, never decoded
                 yield self._batch(samples, epoch, index, lost)
             lost.count, lost.why = 0, ""  # in place: the raw stream adds to this object
+
+    def _buffer(self, epoch: int, worker: int) -> Callable[[Iterator[Any]], Iterator[Any]] | None:
+        if not self.shuffle or self.cfg.shuffle_buffer <= 1:
+            return None
+        seed = mix(self.seed, epoch, self.rank, worker, "buffer")
+        return shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=seed)
 
     def _segments(self, plan: RankPlan, epoch: int, workers: int, worker: int) -> Iterator[Segment]:
         if plan.segments is not None:
@@ -106,7 +120,8 @@ class ShardStream(IterableDataset):
         barren = 0
         for seg in segments:
             got = 0
-            for sample in read_samples(self.urls[seg.shard], seg.start, seg.stop, self.policy):
+            span = self.index.span(seg.shard, seg.start, seg.stop)
+            for sample in read_samples(self.urls[seg.shard], seg.start, seg.stop, self.policy, span):
                 if BROKEN in sample:
                     planned = seg.stop if seg.stop is not None else (self.counts[seg.shard] if self.counts else None)
                     lost.add(max(planned - seg.start - got, 1) if planned is not None else 1, sample[BROKEN])
@@ -177,6 +192,16 @@ class ShardStream(IterableDataset):
             else:
                 raise DataError(f"no readable sample in any of the {len(self.urls)} shards (e.g. {self.urls[0]})")
         return self._spare
+
+
+def _unread(shuffle: Callable[[Iterator[Any]], Iterator[Any]] | None, total: int, consumed: int) -> int:
+    """How many leading samples of a worker's ``total`` the first ``consumed`` outputs of ``shuffle``
+    have all used up. A restore feeds that many placeholders instead of reading them: the buffer's
+    picks depend on positions only, never on contents, so the batches after them stay the same."""
+    if shuffle is None:
+        return consumed
+    used = set(itertools.islice(shuffle(iter(range(total))), consumed))
+    return next((i for i in range(total) if i not in used), total)
 
 
 class ShardLoader:
@@ -272,9 +297,10 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
                           f"(got {batch_size}, {img_size}, {rank}, {world_size})")
     parts = resolve_parts(cfg)
     info = dataset_info(cfg, parts)
-    urls, counts = [], []
+    urls, counts, suffixes = [], [], []
     for part in parts:
         part_urls, part_counts = part.shards(split)
+        suffixes += [part.index_suffix] * len(part_urls)
         if part_counts is None and (cfg.mode == "exact" or preset == "eval" or cfg.epoch_samples is None):
             log.info("counting the samples of %d shards of %s (a dataset.json would skip this)", len(part_urls), part.name)
             part_counts = [count_samples(u, read_policy(cfg)) for u in part_urls]
@@ -285,7 +311,7 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
     info = replace(info, splits={**info.splits, split: sum(counts)} if counts is not None else info.splits)
     stream = ShardStream(cfg, info, urls, counts, preset=preset, batch_size=batch_size, img_size=img_size, seed=seed,
                          rank=rank, world_size=world_size, shuffle=preset != "eval" if shuffle is None else shuffle,
-                         stack_only=normalize_where(cfg) == "device")
+                         stack_only=normalize_where(cfg) == "device", index=ShardIndex(urls, suffixes, read_policy(cfg)))
     return ShardLoader(stream, info, cfg.workers, cfg.prefetch, _normalize_device(cfg, device))
 
 

@@ -1,7 +1,8 @@
 """Remote shards as tar streams that can be re-opened at a byte after a transient fault.
 
-``http(s)://`` URLs are read with urllib and a ``Range: bytes=N-`` header (a server that
-answers 200 instead of 206 is read from byte 0 and the first N bytes discarded); a ``pipe:``
+``http(s)://`` URLs are read with urllib and a ``Range: bytes=N-[E]`` header (E: the end of the
+samples asked for, when known; a server that answers 200 instead of 206 is read from byte 0
+and the first N bytes discarded); a ``pipe:``
 command, or any other scheme of webdataset's ``gopen``, is run again and read up to byte N.
 N is always the start of a tar member header (members are 512-byte aligned), and a tar stream
 that starts at a header is a valid tar, so ``tarfile`` reads the rest of the shard as is.
@@ -13,6 +14,7 @@ import http.client
 import logging
 import subprocess
 import tarfile
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -50,11 +52,12 @@ class CommandFailed(OSError):
 
 class RemoteTar:
     """The members of one remote tar from the sample being read: ``index`` and ``byte`` are where
-    that sample starts (its first header), updated by ``mark`` as reading goes on."""
+    that sample starts (its first header), updated by ``mark`` as reading goes on; ``end``, when
+    known, is the byte where the samples asked for end (HTTP reads stop there)."""
 
-    def __init__(self, url: str, index: int = 0, byte: int = 0) -> None:
-        self.url, self.index, self.byte = url, index, byte
-        self.status: int | None = None  # exit status of the last pipe command
+    def __init__(self, url: str, index: int = 0, byte: int = 0, end: int | None = None) -> None:
+        self.url, self.index, self.byte, self.end = url, index, byte, end
+        self.status: int | None = None  # exit status of the last pipe: command
         self._proc: subprocess.Popen | None = None
         self._base = byte
 
@@ -71,6 +74,24 @@ class RemoteTar:
             stream = self._stream()
             with tarfile.open(fileobj=stream, mode="r|") as tar:
                 yield self._files(tar, stream)
+        except CommandFailed:
+            raise
+        except READ_ERRORS as err:
+            self._close(stream, strict=False)
+            if self.status not in (None, 0, *_PIPE_CLOSED):  # the command died: its truncated output is not the fault
+                raise CommandFailed(f"command exited with status {self.status} ({err})") from err
+            raise
+        finally:
+            self._close(stream, strict=False)
+
+    def read_all(self) -> bytes:
+        """Every byte from ``self.byte`` on (for small files; a shard is read member by member)."""
+        self._proc, stream = None, None
+        try:
+            stream = self._stream()
+            data = stream.read()
+            self._close(stream, strict=True)
+            return data
         finally:
             self._close(stream, strict=False)
 
@@ -78,9 +99,7 @@ class RemoteTar:
         """Worth a retry: connection reset / refused, timeout, early end, HTTP 429 / 5xx, a failed command."""
         if isinstance(err, urllib.error.HTTPError):
             return err.code == 429 or err.code >= 500
-        if isinstance(err, (CommandFailed, ConnectionError, TimeoutError, urllib.error.URLError, http.client.HTTPException)):
-            return True
-        return self.status is not None and self.status not in (0, *_PIPE_CLOSED)  # a command died mid-stream
+        return isinstance(err, (CommandFailed, ConnectionError, TimeoutError, urllib.error.URLError, http.client.HTTPException))
 
     def _files(self, tar: tarfile.TarFile, stream: Any) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
         yield from ((tar, m) for m in tar if m.isfile())
@@ -90,7 +109,7 @@ class RemoteTar:
 
     def _stream(self) -> Any:
         if self.url.startswith(("http://", "https://")):
-            return _http(self.url, self.byte)
+            return _http(self.url, self.byte, self.end)
         if self.url.startswith("pipe:"):
             self._proc = subprocess.Popen(self.url[5:], shell=True, stdout=subprocess.PIPE)
             stream = self._proc.stdout
@@ -114,9 +133,25 @@ class RemoteTar:
                     raise
 
 
-def _http(url: str, byte: int) -> BinaryIO:
-    request = urllib.request.Request(url, headers={"Range": f"bytes={byte}-"} if byte else {})
-    response = urllib.request.urlopen(request, timeout=TIMEOUT)
+def fetch(url: str, policy: ReadPolicy) -> bytes:
+    """The whole (small) file at ``url``, with ``policy.retries`` retries on transient faults."""
+    failures = 0
+    while True:
+        reader = RemoteTar(url)
+        try:
+            return reader.read_all()
+        except READ_ERRORS as err:
+            if failures >= policy.retries or not reader.transient(err):
+                raise
+            failures += 1
+            log.warning("%s: %s; retry %d/%d", url, err, failures, policy.retries)
+            time.sleep(policy.retry_wait * 2 ** (failures - 1))
+
+
+def _http(url: str, byte: int, end: int | None) -> BinaryIO:
+    ranged = byte > 0 or end is not None
+    headers = {"Range": f"bytes={byte}-{'' if end is None else end - 1}"} if ranged else {}
+    response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT)
     body = _Body(response)
     if byte and response.status != 206:
         log.info("%s ignores Range requests (HTTP %d): reading and discarding %d bytes", url, response.status, byte)

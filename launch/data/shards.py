@@ -10,6 +10,7 @@ byte where the first sample not yet handed on starts.
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import tarfile
 import time
@@ -20,7 +21,7 @@ from typing import Any
 from webdataset.shardlists import expand_urls
 from webdataset.tariterators import base_plus_ext
 
-from launch.data.remote import NO_RETRY, READ_ERRORS, ReadPolicy, RemoteTar
+from launch.data.remote import NO_RETRY, READ_ERRORS, ReadPolicy, RemoteTar, fetch
 from launch.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,35 @@ def expand_spec(spec: str) -> list[str]:
     return urls
 
 
+class ShardIndex:
+    """Byte offsets of samples in remote shards, from the ``<shard><suffix>`` files that
+    ``mae-prepare`` writes (a JSON list: where each sample's first tar header starts).
+    Fetched on first need and kept per process; without one, a reader that starts mid-shard
+    reads from byte 0 and discards the samples before."""
+
+    def __init__(self, urls: list[str], suffixes: list[str], policy: ReadPolicy = NO_RETRY) -> None:
+        self.urls, self.suffixes, self.policy = urls, suffixes, policy
+        self._offsets: dict[int, list[int] | None] = {}
+
+    def span(self, shard: int, start: int, stop: int | None) -> tuple[int | None, int | None]:
+        """Bytes where samples ``[start, stop)`` of shard number ``shard`` begin and end, where known."""
+        if not is_remote(self.urls[shard]) or not self.suffixes[shard]:
+            return (0 if start == 0 else None), None
+        if shard not in self._offsets:
+            self._offsets[shard] = self._fetch(self.urls[shard] + self.suffixes[shard])
+        offsets = self._offsets[shard] or []
+        begin = 0 if start == 0 else offsets[start] if start < len(offsets) else None
+        return begin, offsets[stop] if stop is not None and stop < len(offsets) else None
+
+    def _fetch(self, url: str) -> list[int] | None:
+        try:
+            offsets = json.loads(fetch(url, self.policy))
+        except (*READ_ERRORS, json.JSONDecodeError) as err:
+            log.warning("no sample index %s (%s): reading its shard from byte 0 where it starts mid-way", url, _one_line(err))
+            return None
+        return offsets if isinstance(offsets, list) else None
+
+
 def _local_members(url: str) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
     with tarfile.open(url, mode="r:") as tar:
         yield from ((tar, m) for m in tar if m.isfile())
@@ -60,18 +90,19 @@ def _split_name(name: str) -> tuple[str, str] | None:
 
 
 def read_samples(url: str, start: int = 0, stop: int | None = None, policy: ReadPolicy = NO_RETRY,
-                 offset: int | None = None) -> Iterator[Sample]:
+                 span: tuple[int | None, int | None] = (None, None)) -> Iterator[Sample]:
     """Samples ``[start, stop)`` of one shard, member bytes read only for those.
 
     A remote shard that fails transiently is re-opened (``policy``) at the byte where the
-    first sample not yet yielded starts; ``offset``, when the caller knows it, is that byte
-    for sample ``start`` (else the reader starts at byte 0 and discards the samples before).
+    first sample not yet yielded starts. ``span``: the bytes where samples ``start`` and ``stop``
+    begin, when the caller knows them (``ShardIndex``); else the reader starts at byte 0 and
+    discards the samples before ``start``, and reads up to the next sample's header.
     A shard that stays unreadable ends the iteration with one ``{BROKEN: "url: error"}`` item
     instead of raising, so the reader can count the samples it lost and go on; with
     ``policy.fail`` it raises DataError instead.
     """
     if is_remote(url):
-        yield from _read_remote(url, start, stop, policy, offset)
+        yield from _read_remote(url, start, stop, policy, span)
         return
     got = start
     try:
@@ -108,8 +139,10 @@ def _group(members: Iterable[tuple[tarfile.TarFile, tarfile.TarInfo]], url: str,
         yield index, current
 
 
-def _read_remote(url: str, start: int, stop: int | None, policy: ReadPolicy, offset: int | None) -> Iterator[Sample]:
-    cursor = RemoteTar(url, start if offset is not None else 0, offset or 0)
+def _read_remote(url: str, start: int, stop: int | None, policy: ReadPolicy,
+                 span: tuple[int | None, int | None]) -> Iterator[Sample]:
+    offset, end = span
+    cursor = RemoteTar(url, start if offset is not None else 0, offset or 0, end)
     done, failures, failed_at = start, 0, -1  # done: the first sample not yet yielded
     while True:
         try:
