@@ -236,3 +236,20 @@ def test_http_epoch_downloads_each_byte_once_and_a_resume_only_what_is_left(digi
         assert _tar_bytes(server, "resumed") == left
     else:  # at most the buffers' samples more (2 workers x 50)
         assert left <= _tar_bytes(server, "resumed") <= left + 2 * buffer * max(sizes.values())
+
+
+def test_without_retries_faults_are_skipped_and_counted_or_stop_the_loader(digits: Path) -> None:
+    def make(url: str, on_error: str):
+        cfg = DataConfig(source=f"{url}/dataset.json", workers=0, shuffle_buffer=0, retries=0, on_error=on_error)
+        return build_loader(cfg, "train", preset="pretrain", batch_size=100, img_size=8, seed=0)
+
+    with FlakyServer(digits, faults=True, seed=3) as server:
+        skipping = make(f"{server.url}/skip", "skip")
+        batches = [b["key"] for b in skipping]
+        with pytest.raises(DataError) as err:
+            list(make(f"{server.url}/fail", "fail"))
+    # a batch that lost every sample holds one stand-in (a sample read before), so count distinct keys
+    assert len(batches) == len(skipping) and 0 < skipping.corrupt_samples() == 1497 - len({k for b in batches for k in b})
+    assert skipping.last_skip().startswith(f"{server.url}/skip/train-")
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"shard {server.url}/fail/train-") and "data.on_error=fail" in message
