@@ -290,7 +290,7 @@ class Trainer:
         metrics = self.meter.read(self.step, counts={"skipped_samples": self.train_loader.corrupt_samples()})
         metrics.update(lr=self.schedulers[0].get_last_lr()[0], epoch=self.epoch)
         self.last_loss = metrics.get("loss", next(iter(metrics.values())))
-        self.skipped_samples = int(metrics["skipped_samples"])
+        self.skipped_samples = metrics["skipped_samples"] = int(metrics["skipped_samples"])
         self.logger.scalars(self.step, {k: v for k, v in metrics.items() if v is not None})
         self._check_skipped()
 
