@@ -9,8 +9,8 @@ retries than that must see every sample exactly once.
 from __future__ import annotations
 
 import functools
-import itertools
 import http.server
+import itertools
 import logging
 import random
 import socket
@@ -18,6 +18,7 @@ import struct
 import tarfile
 import threading
 from pathlib import Path
+from typing import Self
 
 import pytest
 
@@ -44,7 +45,7 @@ class FlakyServer:
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, self))
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
 
-    def __enter__(self) -> FlakyServer:
+    def __enter__(self) -> Self:
         self.thread.start()
         return self
 
@@ -183,7 +184,8 @@ def test_after_the_last_retry_the_rest_is_skipped_or_the_run_stops(digits: Path)
 
 def test_loader_over_a_faulty_server_matches_local_files(digits: Path) -> None:
     """Two epochs through 2 workers: the same batches (keys, order, pixels) as from local files."""
-    common = dict(workers=2, shuffle_buffer=50, retries=FAULTS + 1, retry_wait=0.01)
+    common = {"workers": 2, "shuffle_buffer": 50, "retries": FAULTS + 1, "retry_wait": 0.01}
+
     def make(source: str):
         return build_loader(DataConfig(source=source, **common), "train", preset="pretrain", batch_size=64,
                             img_size=8, seed=0)

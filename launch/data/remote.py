@@ -2,10 +2,10 @@
 
 ``http(s)://`` URLs are read with urllib and a ``Range: bytes=N-[E]`` header (E: the end of the
 samples asked for, when known; a server that answers 200 instead of 206 is read from byte 0
-and the first N bytes discarded); a ``pipe:``
-command, or any other scheme of webdataset's ``gopen``, is run again and read up to byte N.
-N is always the start of a tar member header (members are 512-byte aligned), and a tar stream
-that starts at a header is a valid tar, so ``tarfile`` reads the rest of the shard as is.
+and the first N bytes discarded); a ``pipe:`` command, or any other scheme of webdataset's
+``gopen``, is run again and read up to byte N. N is always the start of a tar member header
+(members are 512-byte aligned), and a tar stream that starts at a header is a valid tar, so
+``tarfile`` reads the rest of the shard as is.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 #: every error a shard read can end with: a bad tar, the network, a command, an HTTP status
 READ_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, http.client.HTTPException)
-TIMEOUT = 60.0  # seconds without a byte before a read counts as a (transient) timeout, as curl's default-ish
+TIMEOUT = 60.0  # seconds to connect, or between two bytes, before a read fails (transiently)
 _CHUNK = 1 << 20
 _PIPE_CLOSED = (-13, 141)  # SIGPIPE: the command outlived our early close, which is us stopping, not it failing
 

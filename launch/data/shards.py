@@ -15,6 +15,7 @@ import logging
 import tarfile
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +63,7 @@ class ShardIndex:
 
     def span(self, shard: int, start: int, stop: int | None) -> tuple[int | None, int | None]:
         """Bytes where samples ``[start, stop)`` of shard number ``shard`` begin and end, where known."""
-        if not is_remote(self.urls[shard]) or not self.suffixes[shard]:
+        if (start == 0 and stop is None) or not is_remote(self.urls[shard]) or not self.suffixes[shard]:
             return (0 if start == 0 else None), None
         if shard not in self._offsets:
             self._offsets[shard] = self._fetch(self.urls[shard] + self.suffixes[shard])
@@ -181,7 +182,7 @@ def count_samples(url: str, policy: ReadPolicy = NO_RETRY) -> int:
     """Samples in one shard (member headers only for local files); DataError if unreadable."""
     try:
         if is_remote(url):
-            return sum(1 for _ in read_samples(url, policy=ReadPolicy(policy.retries, policy.retry_wait, fail=True)))
+            return sum(1 for _ in read_samples(url, policy=replace(policy, fail=True)))
         names = (_split_name(m.name) for _, m in _local_members(url))
         return sum(1 for _ in itertools.groupby(parts[0] for parts in names if parts is not None))
     except (DataError, *READ_ERRORS) as err:
