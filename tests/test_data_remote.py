@@ -17,6 +17,7 @@ import socket
 import struct
 import tarfile
 import threading
+import urllib.error
 from pathlib import Path
 from typing import Self
 
@@ -24,7 +25,7 @@ import pytest
 
 from launch.data import DataConfig, build_loader
 from launch.data.prepare import prepare
-from launch.data.remote import ReadPolicy
+from launch.data.remote import ReadPolicy, RemoteTar
 from launch.data.shards import BROKEN, read_samples
 from launch.errors import DataError
 
@@ -255,3 +256,14 @@ def test_without_retries_faults_are_skipped_and_counted_or_stop_the_loader(digit
     assert skipping.last_skip().startswith(f"{server.url}/skip/train-")
     message = str(err.value)
     assert "\n" not in message and message.startswith(f"shard {server.url}/fail/train-") and "data.on_error=fail" in message
+
+
+def test_only_transient_faults_are_retried(digits: Path, caplog: pytest.LogCaptureFixture) -> None:
+    reader = RemoteTar("http://host/x.tar")
+    status = {code: reader.transient(urllib.error.HTTPError("u", code, "", None, None)) for code in (404, 416, 429, 500, 503)}
+    assert status == {404: False, 416: False, 429: True, 500: True, 503: True}
+    assert reader.transient(ConnectionResetError()) and reader.transient(TimeoutError())
+    assert not reader.transient(tarfile.ReadError("bad header"))
+    with FlakyServer(digits, faults=False) as server, caplog.at_level(logging.WARNING):
+        (gone,) = read_samples(f"{server.url}/digits/no-such.tar", policy=FAST)
+    assert "HTTP Error 404" in gone[BROKEN] and "retry" not in caplog.text
