@@ -63,13 +63,20 @@ class ShardIndex:
 
     def span(self, shard: int, start: int, stop: int | None) -> tuple[int | None, int | None]:
         """Bytes where samples ``[start, stop)`` of shard number ``shard`` begin and end, where known."""
-        if (start == 0 and stop is None) or not is_remote(self.urls[shard]) or not self.suffixes[shard]:
-            return (0 if start == 0 else None), None
-        if shard not in self._offsets:
-            self._offsets[shard] = self._fetch(self.urls[shard] + self.suffixes[shard])
-        offsets = self._offsets[shard] or []
+        offsets = [] if start == 0 and stop is None else self._load(shard) or []  # a whole shard needs none
         begin = 0 if start == 0 else offsets[start] if start < len(offsets) else None
         return begin, offsets[stop] if stop is not None and stop < len(offsets) else None
+
+    def indexed(self, shard: int) -> bool:
+        """A remote shard whose samples can be fetched by byte range."""
+        return self._load(shard) is not None
+
+    def _load(self, shard: int) -> list[int] | None:
+        if not is_remote(self.urls[shard]) or not self.suffixes[shard]:
+            return None
+        if shard not in self._offsets:
+            self._offsets[shard] = self._fetch(self.urls[shard] + self.suffixes[shard])
+        return self._offsets[shard]
 
     def _fetch(self, url: str) -> list[int] | None:
         try:
