@@ -134,8 +134,8 @@ class Trainer:
         # training always shuffles, whatever the preset (a probe trains on the unshuffled "eval" transform)
         self.train_loader = factory(data, splits[0], preset=presets[0], shuffle=True, **common)
         self.max_skipped_fraction: float | None = getattr(data, "max_skipped_fraction", None)
-        self.epoch_samples = getattr(self.train_loader.info, "splits", {}).get(splits[0]) or \
-            len(self.train_loader) * self.cfg.batch_size * self.world
+        planned = len(self.train_loader) * self.cfg.batch_size * self.world  # resampled streams without counts
+        self.epoch_samples = getattr(self.train_loader.info, "splits", {}).get(splits[0]) or planned
         has_eval = splits[1] in getattr(self.train_loader.info, "splits", {})
         self.eval_loader = factory(data, splits[1], preset=presets[1], **common) if has_eval else None
 

@@ -5,7 +5,7 @@ buffer; a batch takes the next ``size`` raw samples, and only then are they deco
 augmented, each with its own seed. Hence a resume replays the stream of a worker without
 decoding and skips exactly the batches it had already produced; in exact mode the samples
 those batches used up are not even read (placeholders: the buffer's picks depend on
-positions only), so a remote shard is read from the first sample still needed on.
+positions only), so a restored worker reads just the samples it has not yielded.
 
 Epoch and restore position live in a small shared-memory tensor created before the
 workers start, so persistent workers see every new epoch (and a restore) on the next
