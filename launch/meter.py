@@ -1,5 +1,6 @@
 """Step metrics between log points: device-side sums, one all-reduce and one host read per
-interval, throughput (images/s over all ranks), FLOP/s and MFU."""
+interval, throughput (images/s over all ranks), FLOP/s and MFU; host counters (e.g. skipped
+samples) ride along in the same all-reduce and are reported summed over ranks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 import torch
 from torch import Tensor
 
+from launch import dist
 from launch.backend import Backend
 from launch.flops import mfu
 
@@ -33,11 +35,15 @@ class StepMeter:
         for name, value in metrics.items():
             self._sums[prefix + name] = self._sums.get(prefix + name, 0.0) + value
 
-    def read(self, step: int) -> dict[str, float | None]:
-        """Means over the interval's steps and over ranks, plus throughput; resets the interval."""
-        steps = max(1, step - self._since[0])
-        reduced = self.backend.all_reduce({k: torch.as_tensor(v) for k, v in self._sums.items()}, op="mean")
-        metrics: dict[str, float | None] = {k: v.item() / (1 if k in TOTALS else steps) for k, v in reduced.items()}
+    def read(self, step: int, counts: dict[str, int] | None = None) -> dict[str, float | None]:
+        """Means over the interval's steps and over ranks, plus throughput; ``counts`` (this rank's
+        host numbers) come back summed over ranks. Resets the interval."""
+        steps, world, counts = max(1, step - self._since[0]), dist.world_size(), counts or {}
+        sums = {k: torch.as_tensor(v) for k, v in self._sums.items()}
+        sums.update({k: torch.tensor(float(v), device=self.backend.device) for k, v in counts.items()})
+        reduced = self.backend.all_reduce(sums, op="sum")
+        per = {k: 1 if k in counts else world * (1 if k in TOTALS else steps) for k in reduced}
+        metrics: dict[str, float | None] = {k: v.item() / per[k] for k, v in reduced.items()}
         seconds = time.perf_counter() - self._since[1]  # after .item(): the device work is done
         images = (step - self._since[0]) * self.global_batch
         self._intervals.append((images, seconds))

@@ -59,6 +59,7 @@ class FitResult:
     checkpoint: Path | None
     run_dir: Path
     task: Task | None = field(default=None, repr=False)
+    skipped_samples: int = 0  # training samples skipped (corrupt, unreadable, unreachable), all ranks, whole run
 
 
 def fit(task: Task, cfg: TrainerConfig, data: Any, run_dir: Path, *, seed: int, img_size: int,
@@ -119,6 +120,7 @@ class Trainer:
         self.meter = self._build_meter()
         self.eval_metrics: dict[str, float] = {}
         self.last_loss: float | None = None
+        self.skipped_samples = 0  # all ranks, as of the last log point
         self.checkpoint_path: Path | None = None
         self._init_checkpoints()
 
@@ -132,6 +134,9 @@ class Trainer:
         # training always shuffles, whatever the preset (a probe trains on the unshuffled "eval" transform),
         # and drops each rank's short last batch (Mixup needs even batches; DDP weighs every batch alike)
         self.train_loader = factory(data, splits[0], preset=presets[0], shuffle=True, drop_last=True, **common)
+        self.max_skipped_fraction: float | None = getattr(data, "max_skipped_fraction", None)
+        planned = len(self.train_loader) * self.cfg.batch_size * self.world  # resampled streams without counts
+        self.epoch_samples = getattr(self.train_loader.info, "splits", {}).get(splits[0]) or planned
         has_eval = splits[1] in getattr(self.train_loader.info, "splits", {})
         self.eval_loader = factory(data, splits[1], preset=presets[1], **common) if has_eval else None
 
@@ -283,10 +288,24 @@ class Trainer:
     def _log_train(self) -> None:
         """Interval means over steps and ranks, throughput, lr: the host sync point."""
         self._check_bad_steps()
-        metrics = self.meter.read(self.step)
+        metrics = self.meter.read(self.step, counts={"skipped_samples": self.train_loader.corrupt_samples()})
         metrics.update(lr=self.schedulers[0].get_last_lr()[0], epoch=self.epoch)
         self.last_loss = metrics.get("loss", next(iter(metrics.values())))
+        self.skipped_samples = metrics["skipped_samples"] = int(metrics["skipped_samples"])
         self.logger.scalars(self.step, {k: v for k, v in metrics.items() if v is not None})
+        self._check_skipped()
+
+    def _check_skipped(self) -> None:
+        """Stop when more than ``data.max_skipped_fraction`` of an epoch's samples per epoch begun was
+        lost; the count is summed over ranks, so every rank stops here together."""
+        fraction = self.max_skipped_fraction
+        if fraction is None or self.skipped_samples <= fraction * self.epoch_samples * (self.epoch + 1):
+            return
+        last = self.train_loader.last_skip() or "on another rank (see its warnings)"
+        raise DataError(
+            f"data.max_skipped_fraction={fraction}: {self.skipped_samples} training samples skipped by step {self.step} "
+            f"(more than {fraction:.1%} of {self.epoch_samples} per epoch, {self.epoch + 1} epoch(s) begun); last: {last}. "
+            f"Fix the shards, or raise data.max_skipped_fraction; {self.checkpoint_path or 'no checkpoint yet'} is intact")
 
     # ------------------------------------------------------------------ epoch ends
 
@@ -358,7 +377,7 @@ class Trainer:
             steps=self.step, epochs=self.epoch, final_loss=self.last_loss,
             eval={k: v for k, v in self.eval_metrics.items() if k != "step"},
             images_per_s=speed["images_per_s"], flops_per_s=speed["flops_per_s"], mfu=speed["mfu"],
-            checkpoint=self.checkpoint_path, run_dir=self.run_dir, task=task,
+            checkpoint=self.checkpoint_path, run_dir=self.run_dir, task=task, skipped_samples=self.skipped_samples,
         )
 
     # ------------------------------------------------------------------ state (checkpointed)

@@ -110,6 +110,7 @@ def _summary(result: FitResult, probe: FitResult | None, info: DatasetInfo, imag
         "probe_top1": probe.eval.get("top1") if probe else None,
         "images_per_s": result.images_per_s,
         "mfu": result.mfu,
+        "skipped_samples": result.skipped_samples,
         "checkpoint": str(result.checkpoint) if result.checkpoint else None,
     }
 

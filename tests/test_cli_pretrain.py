@@ -40,7 +40,7 @@ def test_default_run_leaves_every_artifact(default_run):
     assert config["model"]["preset"] == "mae_vit_mnist_p4" and config["trainer"]["max_steps"] == 3
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == [1, 2, 3]
-    assert {"loss", "lr", "images_per_s", "flops_per_s"} <= set(records[0])
+    assert {"loss", "lr", "images_per_s", "flops_per_s", "skipped_samples"} <= set(records[0])
     assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
     assert (run_dir / "checkpoints" / "step-00000003" / "COMPLETE").is_file()
     assert (run_dir / "reconstruction.png").stat().st_size > 0
@@ -49,6 +49,7 @@ def test_default_run_leaves_every_artifact(default_run):
     assert (run_dir / "probe" / "metrics.jsonl").is_file()
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 3 and summary["final_loss"] > 0 and 0 <= summary["probe_top1"] <= 100
+    assert summary["skipped_samples"] == 0
     line = proc.stdout.strip().splitlines()[-1]
     assert line.startswith("mae-pretrain: final loss ") and "probe top-1" in line and "images/s" in line
 

@@ -38,9 +38,12 @@ def assert_same_weights(ref: dict, got: dict) -> None:
 
 
 def test_two_processes_equal_one_process(tmp_path):
-    two = torchrun(tmp_path / "two", *COMMON, "batch_size=8", "accum_steps=2")
+    two = torchrun(tmp_path / "two", *COMMON, "batch_size=8", "accum_steps=2", "skips=1")
     one = run(str(tmp_path / "one"), [*COMMON, "batch_size=32"])
     assert two["steps"] == one.steps == 6
+    # rank r reports r + 1 skipped samples per batch, 2 batches per step: the log shows the sum over ranks
+    records = [json.loads(r) for r in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines() if '"train"' in r]
+    assert [r["skipped_samples"] for r in records] == [12, 24, 36]
     assert two["reductions"] == 6  # one bucket all-reduce per optimizer step, none on the first micro-batch
     assert_same_weights(one.task.state_dict(), two["state"])
     assert two["loss"] == pytest.approx(one.final_loss, rel=1e-5)

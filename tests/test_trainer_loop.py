@@ -11,7 +11,8 @@ import torch
 
 from launch.backend import deepspeed_config
 from launch.config import TrainerConfig, load_config
-from launch.errors import ConfigError
+from launch.data import DataConfig
+from launch.errors import ConfigError, DataError
 from launch.trainer import fit
 from trainer_tiny import NUM_SAMPLES, TinyTask, TwoPhaseTask, run, synthetic_factory
 
@@ -158,3 +159,28 @@ def test_training_split_is_always_shuffled(tmp_path):
     fit(TinyTask(), _trainer_cfg("max_steps=1", "batch_size=16"), None, tmp_path, seed=0, img_size=4,
         train_preset="eval", loader_factory=recording)  # fmt: skip
     assert calls == [("train", "eval", True), ("val", "eval", None)]
+
+
+def test_skipped_samples_are_logged_and_too_many_stop_the_run(tmp_path):
+    """Every train record, TensorBoard and the result carry the run's skipped-sample count; past
+    data.max_skipped_fraction the run stops with one DataError, the last checkpoint intact."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    common = ["batch_size=16", "log.every_steps=1", "log.tensorboard=true"]
+    result = run(str(tmp_path / "ok"), [*common, "max_steps=4"], data=DataConfig(max_skipped_fraction=0.5), skips=2)
+    records = [json.loads(line) for line in (tmp_path / "ok" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped_samples"] for r in records if r["split"] == "train"] == [2, 4, 6, 8]
+    assert result.skipped_samples == 8
+    events = EventAccumulator(str(tmp_path / "ok" / "tensorboard")).Reload()
+    assert [e.value for e in events.Scalars("train/skipped_samples")] == [2, 4, 6, 8]
+
+    # 96 samples per epoch, 1 %: more than 0.96 skipped stops at the first log point after the checkpoint of step 2
+    stop = tmp_path / "stop"
+    with pytest.raises(DataError) as err:
+        run(str(stop), ["batch_size=16", "log.every_steps=3", "checkpoint.every_steps=2", "max_steps=6"],
+            data=DataConfig(max_skipped_fraction=0.01), skips=1)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith("data.max_skipped_fraction=0.01: 3 training samples skipped by step 3")
+    assert "last: synthetic skip, rank 0" in message and "step-00000002 is intact" in message
+    assert (stop / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
+    assert not (stop / "checkpoints" / "step-00000004").exists()

@@ -67,14 +67,16 @@ class _Params(nn.Module):
 
 
 class SyntheticLoader:
-    """ShardLoader stand-in: deterministic per-epoch permutation, resumable position."""
+    """ShardLoader stand-in: deterministic per-epoch permutation, resumable position; ``skips``:
+    every batch also reports ``skips * (rank + 1)`` skipped samples (ranks differ, so sums show)."""
 
     def __init__(self, batch_size: int, seed: int, rank: int, world_size: int, num: int = NUM_SAMPLES,
-                 poison: int | None = None) -> None:
+                 poison: int | None = None, skips: int = 0) -> None:
         gen = torch.Generator().manual_seed(1234)
         self.images = torch.randn(num, *SHAPE, generator=gen)
         self.b, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self.epoch, self.pos, self.poison = 0, 0, poison
+        self.skips, self.skipped = skips * (rank + 1), 0
         self.info = SimpleNamespace(splits={"train": num, "val": num}, num_classes=1, mean=(0.0,), std=(1.0,))
 
     def __len__(self) -> int:
@@ -94,16 +96,20 @@ class SyntheticLoader:
             if self.poison is not None and self.pos == self.poison:
                 images[0, 0, 0, 0] = float("nan")
             self.pos += 1
+            self.skipped += self.skips
             yield {"image": images, "label": torch.full((self.b,), -1), "key": [f"{i:06d}" for i in idx.tolist()]}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "pos": self.pos}
+        return {"epoch": self.epoch, "pos": self.pos, "skipped": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.epoch, self.pos = state["epoch"], state["pos"]
+        self.epoch, self.pos, self.skipped = state["epoch"], state["pos"], state.get("skipped", 0)
 
     def corrupt_samples(self) -> int:
-        return 0
+        return self.skipped
+
+    def last_skip(self) -> str:
+        return f"synthetic skip, rank {self.rank}" if self.skipped else ""
 
 
 def synthetic_factory(**extra: Any):
@@ -114,16 +120,18 @@ def synthetic_factory(**extra: Any):
     return factory
 
 
-def run(run_dir: str, overrides: list[str], two_phase: bool = False, reductions: list[int] | None = None):
+def run(run_dir: str, overrides: list[str], two_phase: bool = False, reductions: list[int] | None = None,
+        data: Any = None, skips: int = 0):
     """Train TinyTask with ``overrides`` of TrainerConfig into ``run_dir``; returns the FitResult.
-    ``reductions`` (DDP only) receives one entry per gradient bucket all-reduce."""
+    ``reductions`` (DDP only) receives one entry per gradient bucket all-reduce; ``data`` goes to
+    the trainer (e.g. a DataConfig for max_skipped_fraction), ``skips`` to the SyntheticLoader."""
     from launch.config import TrainerConfig, load_config
     from launch.trainer import Trainer
 
     cfg = load_config(TrainerConfig, None, ["log.progress=false", *overrides])
     torch.manual_seed(0)
     task = TwoPhaseTask() if two_phase else TinyTask()
-    trainer = Trainer(task, cfg, None, Path(run_dir), seed=0, img_size=4, loader_factory=synthetic_factory())
+    trainer = Trainer(task, cfg, data, Path(run_dir), seed=0, img_size=4, loader_factory=synthetic_factory(skips=skips))
     if reductions is not None:
         trainer.model.register_comm_hook(reductions, _counting_allreduce)
     return trainer.fit()
@@ -143,14 +151,16 @@ if __name__ == "__main__":
 
     logging.basicConfig(level=logging.INFO)
     # "--then k=v ...": a second fit in the same process and run dir (it resumes the first)
-    args = sys.argv[2:]
+    # "skips=N": the SyntheticLoader of rank r reports N * (r + 1) skipped samples per batch
+    skips = int(next((a.split("=")[1] for a in sys.argv[2:] if a.startswith("skips=")), 0))
+    args = [a for a in sys.argv[2:] if not a.startswith("skips=")]
     first, then = (args[: args.index("--then")], args[args.index("--then") + 1 :]) if "--then" in args else (args, None)
     ddp = dist.world_size() > 1 and "backend=deepspeed" not in args
     reductions: list[int] | None = [] if ddp else None
     run_dir = sys.argv[1].format(rank=dist.rank())
-    result = run(run_dir, first, reductions=reductions)
+    result = run(run_dir, first, reductions=reductions, skips=skips)
     if then is not None:
-        result = run(run_dir, [*first, *then])
+        result = run(run_dir, [*first, *then], skips=skips)
     if dist.is_main():
         state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
         out = {"state": state, "steps": result.steps, "loss": result.final_loss, "reductions": len(reductions or [])}

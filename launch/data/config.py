@@ -42,6 +42,15 @@ class DataConfig(Schema):
     finetune_crop_scale: tuple[float, float] = Field((0.08, 1.0), description="finetune preset: RandomResizedCrop area range (timm/MAE: 0.08-1.0)")
     auto_augment: str | None = Field("rand-m9-mstd0.5-inc1", description="finetune preset: timm auto-augment policy, None = off")
     re_prob: float = Field(0.25, ge=0, le=1, description="finetune preset: timm RandomErasing probability")
+    retries: int = Field(5, ge=0, description="re-opens of a remote shard after a transient fault (connection reset, "
+                         "timeout, HTTP 429/5xx, a pipe: command exiting non-zero), resuming at the next sample's byte; "
+                         "reading further than at the last fault starts a fresh count")
+    retry_wait: float = Field(1.0, ge=0, description="seconds before the first retry; doubled before each next one")
+    on_error: Literal["skip", "fail"] = Field(
+        "skip", description="a shard still unreadable after the retries: skip (and count) the rest of it, or stop the run")
+    max_skipped_fraction: float = Field(
+        0.01, ge=0, le=1, description="stop the run when the samples skipped so far (corrupt, unreadable, unreachable; "
+        "all ranks) exceed this fraction of an epoch's samples per epoch begun")
 
     @field_validator("crop_scale", "finetune_crop_scale")
     @classmethod

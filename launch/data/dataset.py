@@ -47,6 +47,11 @@ class Part:
     spec: str = ""
     probe: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def index_suffix(self) -> str:
+        """``<shard><suffix>`` holds the shard's sample byte offsets ("" = no index)."""
+        return str(self.manifest.get("index_suffix", "")) if self.manifest else ""
+
     def shards(self, split: str) -> tuple[list[str], list[int] | None]:
         if self.manifest is None:
             if "{split}" not in self.spec and split != "train":

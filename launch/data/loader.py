@@ -2,8 +2,10 @@
 
 Workers read their planned samples (see ``plan``) as raw bytes through a seeded shuffle
 buffer; a batch takes the next ``size`` raw samples, and only then are they decoded and
-augmented, each with its own seed. Hence a resume replays the raw stream of a worker
-without decoding and skips exactly the batches it had already produced.
+augmented, each with its own seed. Hence a resume replays the stream of a worker without
+decoding and skips exactly the batches it had already produced; in exact mode the samples
+those batches used up are not even read (placeholders: the buffer's picks depend on
+positions only), so a restored worker reads just the samples it has not yielded.
 
 Epoch and restore position live in a small shared-memory tensor created before the
 workers start, so persistent workers see every new epoch (and a restore) on the next
@@ -16,8 +18,9 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
-from dataclasses import replace
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -26,8 +29,9 @@ from webdataset.filters import shuffle as shuffle_filter
 
 from launch.data.config import DataConfig
 from launch.data.dataset import DatasetInfo, dataset_info, resolve_parts
-from launch.data.plan import RankPlan, Segment, exact_plan, mix, resampled_plan, resampled_shards, worker_batches
-from launch.data.shards import BROKEN, Sample, count_samples, read_samples
+from launch.data.plan import RankPlan, Segment, cut, exact_plan, mix, resampled_plan, resampled_shards, worker_batches
+from launch.data.remote import ReadPolicy
+from launch.data.shards import BROKEN, Sample, ShardIndex, count_samples, read_samples
 from launch.data.transforms import IMAGE_KEYS, PRESETS, build_transform, decode
 from launch.dist import local_rank
 from launch.errors import ConfigError, DataError
@@ -36,8 +40,24 @@ log = logging.getLogger(__name__)
 Batch = dict[str, Any]
 
 
+# a restore reads through fewer unneeded samples than this rather than open another range request:
+# a request costs about a round trip (~10 ms), about what 8 ImageNet-size JPEGs take at 1 Gbit/s
+_GAP = 8
+
+
 class _Corrupt(Exception):
     pass
+
+
+@dataclass
+class _Lost:
+    """Samples skipped since the last batch (broken shards, corrupt samples), and the last reason."""
+
+    count: int = 0
+    why: str = ""
+
+    def add(self, count: int, why: str) -> None:
+        self.count, self.why = self.count + count, why
 
 
 class ShardStream(IterableDataset):
@@ -45,8 +65,9 @@ class ShardStream(IterableDataset):
 
     def __init__(self, cfg: DataConfig, info: DatasetInfo, urls: list[str], counts: list[int] | None, *, preset: str,
                  batch_size: int, img_size: int, seed: int, rank: int, world_size: int, shuffle: bool,
-                 drop_last: bool = False, stack_only: bool = False) -> None:
+                 drop_last: bool = False, stack_only: bool = False, index: ShardIndex | None = None) -> None:
         self.cfg, self.info, self.urls, self.counts = cfg, info, urls, counts
+        self.index = index or ShardIndex(urls, [""] * len(urls))  # where a remote shard is entered mid-way
         self.stack_only = stack_only  # hand over uint8 batches; the ShardLoader normalizes them on its device
         self.preset, self.batch_size, self.img_size = preset, batch_size, img_size
         self.seed, self.rank, self.world_size, self.shuffle, self.drop_last = seed, rank, world_size, shuffle, drop_last
@@ -54,6 +75,7 @@ class ShardStream(IterableDataset):
         self.shared = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches consumed at iter()]
         self.num_batches = len(self.plan(0).sizes)
         self.preset_fns = build_transform(cfg, preset, img_size, info.mean, info.std)  # before fork: imports done once
+        self.policy = read_policy(cfg)
         self._spare: Sample | None = None
 
     def plan(self, epoch: int) -> RankPlan:
@@ -72,31 +94,57 @@ class ShardStream(IterableDataset):
         logical = (physical + start) % workers
         done = start // workers + (logical < start % workers)
         plan = self.plan(epoch)
-        lost = [0]  # samples of broken shards met since the last batch
-        raw = self._raw(self._segments(plan, epoch, workers, logical), lost)
-        if self.shuffle and self.cfg.shuffle_buffer > 1:
-            buffer_seed = mix(self.seed, epoch, self.rank, logical, "buffer")
-            raw = shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=buffer_seed)(raw)
-        for j, index in enumerate(worker_batches(len(plan.sizes), workers, logical)):
+        mine = worker_batches(len(plan.sizes), workers, logical)
+        lost = _Lost()
+        shuffle = self._buffer(epoch, logical)
+        segments = self._segments(plan, epoch, workers, logical)
+        if done and plan.segments is not None:  # exact mode: samples used up before the restore are counted, not read
+            total = sum(plan.sizes[i] for i in mine)
+            needed = _needed(shuffle, total, consumed=sum(plan.sizes[i] for i in mine[:done]))
+            raw: Iterator[Sample | None] = self._replay(list(segments), needed, lost)
+        else:
+            raw = self._raw(segments, lost)
+        if shuffle is not None:
+            raw = shuffle(raw)
+        for j, index in enumerate(mine):
             samples = list(itertools.islice(raw, plan.sizes[index]))
-            if j >= done:  # batches already yielded before a restore are read, never decoded
-                yield self._batch(samples, epoch, index, lost[0])
-            lost[0] = 0
+            if j >= done:  # batches already yielded before a restore are replayed, never decoded
+                yield self._batch(samples, epoch, index, lost)
+            lost.count, lost.why = 0, ""  # in place: the raw stream adds to this object
+
+    def _buffer(self, epoch: int, worker: int) -> Callable[[Iterator[Any]], Iterator[Any]] | None:
+        if not self.shuffle or self.cfg.shuffle_buffer <= 1:
+            return None
+        seed = mix(self.seed, epoch, self.rank, worker, "buffer")
+        return shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=seed)
+
+    def _replay(self, segments: list[Segment], needed: list[int], lost: _Lost) -> Iterator[Sample | None]:
+        """A restored worker's stream, with a placeholder at each position used up before the restore
+        (``needed``: the others, ascending). Where every shard has a sample index, each run of needed
+        samples is one byte-range request (gaps under ``_GAP`` samples are read through); otherwise
+        the stream is read from the first needed sample on."""
+        gap = _GAP if all(self.index.indexed(s.shard) for s in segments) else math.inf
+        pos = 0
+        for lo, hi in _runs(needed, gap):
+            yield from itertools.repeat(None, lo - pos)
+            yield from self._raw(iter(cut(segments, self.counts or [], lo, hi)), lost)
+            pos = hi
 
     def _segments(self, plan: RankPlan, epoch: int, workers: int, worker: int) -> Iterator[Segment]:
         if plan.segments is not None:
             return iter(plan.worker_segments(self.counts or [], workers, worker))
         return resampled_shards(self.counts, len(self.urls), seed=self.seed, epoch=epoch, rank=self.rank, worker=worker)
 
-    def _raw(self, segments: Iterator[Segment], lost: list[int]) -> Iterator[Sample]:
-        """Raw samples of the segments in order; samples a broken shard could not give are added to lost[0]."""
+    def _raw(self, segments: Iterator[Segment], lost: _Lost) -> Iterator[Sample]:
+        """Raw samples of the segments in order; samples a broken shard could not give are added to ``lost``."""
         barren = 0
         for seg in segments:
             got = 0
-            for sample in read_samples(self.urls[seg.shard], seg.start, seg.stop):
+            span = self.index.span(seg.shard, seg.start, seg.stop)
+            for sample in read_samples(self.urls[seg.shard], seg.start, seg.stop, self.policy, span):
                 if BROKEN in sample:
                     planned = seg.stop if seg.stop is not None else (self.counts[seg.shard] if self.counts else None)
-                    lost[0] += max(planned - seg.start - got, 1) if planned is not None else 1
+                    lost.add(max(planned - seg.start - got, 1) if planned is not None else 1, sample[BROKEN])
                     break
                 got += 1
                 yield sample
@@ -104,7 +152,7 @@ class ShardStream(IterableDataset):
             if barren > 2 * len(self.urls) + 8:  # only resampled streams are endless
                 raise DataError(f"no readable sample in {barren} shard draws in a row (e.g. {self.urls[seg.shard]})")
 
-    def _batch(self, samples: list[Sample], epoch: int, index: int, lost: int) -> Batch:
+    def _batch(self, samples: list[Sample], epoch: int, index: int, lost: _Lost) -> Batch:
         """Decode + augment; sample ``j`` of batch ``index`` is seeded by (seed, epoch, rank, index, j)."""
         images, labels, keys = [], [], []
         for j, sample in enumerate(samples):
@@ -112,7 +160,7 @@ class ShardStream(IterableDataset):
                 image, label = self._sample(sample, mix(self.seed, epoch, self.rank, index, j))
             except _Corrupt as err:
                 log.warning("skipping corrupt sample %s in %s: %s", sample["__key__"], sample["__url__"], err)
-                lost += 1
+                lost.add(1, f"{sample['__url__']}: sample {sample['__key__']}: {err}")
                 continue
             images.append(image)
             labels.append(label)
@@ -122,7 +170,8 @@ class ShardStream(IterableDataset):
             image, label = self._sample(spare, mix(self.seed, epoch, self.rank, index, 0))
             images, labels, keys = [image], [label], [spare["__key__"]]
         image = self.preset_fns.stack(images) if self.stack_only else self.preset_fns.batch(images)
-        return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys, "corrupt": lost}
+        return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
+                "corrupt": lost.count, "corrupt_why": lost.why}
 
     def _sample(self, sample: Sample, seed: int) -> tuple[torch.Tensor, int]:
         """-> ((C, img_size, img_size) uint8, float for finetune; label); raises _Corrupt for a bad image or label."""
@@ -153,7 +202,7 @@ class ShardStream(IterableDataset):
     def spare(self) -> Sample:
         """The first readable sample of the split (stands in for a batch that lost all its samples)."""
         if self._spare is None:
-            for sample in self._raw(iter([Segment(i, 0, None) for i in range(len(self.urls))]), [0]):
+            for sample in self._raw(iter([Segment(i, 0, None) for i in range(len(self.urls))]), _Lost()):
                 try:
                     self._sample(sample, 0)
                 except _Corrupt:
@@ -163,6 +212,25 @@ class ShardStream(IterableDataset):
             else:
                 raise DataError(f"no readable sample in any of the {len(self.urls)} shards (e.g. {self.urls[0]})")
         return self._spare
+
+
+def _needed(shuffle: Callable[[Iterator[Any]], Iterator[Any]] | None, total: int, consumed: int) -> list[int]:
+    """Positions (ascending) of a worker's ``total`` samples that the first ``consumed`` outputs of
+    ``shuffle`` did not use: what a restore must read. The buffer's picks depend on positions only,
+    never on contents, so replaying it on placeholders for the others gives the same batches."""
+    used = set(itertools.islice(shuffle(iter(range(total))), consumed)) if shuffle else set(range(consumed))
+    return [i for i in range(total) if i not in used]
+
+
+def _runs(positions: list[int], gap: float) -> list[tuple[int, int]]:
+    """Ascending ``positions`` as ``[lo, hi)`` runs, joining runs fewer than ``gap`` apart."""
+    runs: list[list[int]] = []
+    for p in positions:
+        if runs and p - runs[-1][1] < gap:
+            runs[-1][1] = p + 1
+        else:
+            runs.append([p, p + 1])
+    return [(lo, hi) for lo, hi in runs]
 
 
 class ShardLoader:
@@ -177,6 +245,7 @@ class ShardLoader:
         self.device = device
         self._stream = stream
         self._epoch = self._consumed = self._corrupt = 0
+        self._corrupt_why = ""  # the reason of the last skip, for the max_skipped_fraction stop
         self._loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                   prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available(),
                                   generator=torch.Generator())  # its per-iter() base seed must not draw from the trainer's RNG
@@ -196,6 +265,10 @@ class ShardLoader:
 
     def corrupt_samples(self) -> int:
         return self._corrupt
+
+    def last_skip(self) -> str:
+        """Why the last skipped sample was skipped ("" if none was): "<url>: <error>"."""
+        return self._corrupt_why
 
     def _layout(self) -> dict[str, Any]:
         s = self._stream
@@ -232,6 +305,7 @@ class ShardLoader:
                     image = batch["image"].to(self.device, non_blocking=True)
                     batch["image"] = self._stream.preset_fns.normalize(image)
                 self._corrupt += batch.pop("corrupt")
+                self._corrupt_why = batch.pop("corrupt_why") or self._corrupt_why
                 self._consumed += 1
                 yield batch
         except DataError as err:  # re-raised from a worker with its traceback: keep the one line
@@ -254,12 +328,13 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
                           f"(got {batch_size}, {img_size}, {rank}, {world_size})")
     parts = resolve_parts(cfg)
     info = dataset_info(cfg, parts)
-    urls, counts = [], []
+    urls, counts, suffixes = [], [], []
     for part in parts:
         part_urls, part_counts = part.shards(split)
+        suffixes += [part.index_suffix] * len(part_urls)
         if part_counts is None and (cfg.mode == "exact" or preset == "eval" or cfg.epoch_samples is None):
             log.info("counting the samples of %d shards of %s (a dataset.json would skip this)", len(part_urls), part.name)
-            part_counts = [count_samples(u) for u in part_urls]
+            part_counts = [count_samples(u, read_policy(cfg)) for u in part_urls]
         urls += part_urls
         counts = None if counts is None or part_counts is None else counts + part_counts
     if counts is not None and sum(counts) == 0:
@@ -267,8 +342,13 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
     info = replace(info, splits={**info.splits, split: sum(counts)} if counts is not None else info.splits)
     stream = ShardStream(cfg, info, urls, counts, preset=preset, batch_size=batch_size, img_size=img_size, seed=seed,
                          rank=rank, world_size=world_size, shuffle=preset != "eval" if shuffle is None else shuffle,
-                         drop_last=drop_last, stack_only=normalize_where(cfg) == "device")
+                         drop_last=drop_last, stack_only=normalize_where(cfg) == "device",
+                         index=ShardIndex(urls, suffixes, read_policy(cfg)))
     return ShardLoader(stream, info, cfg.workers, cfg.prefetch, _normalize_device(cfg, device))
+
+
+def read_policy(cfg: DataConfig) -> ReadPolicy:
+    return ReadPolicy(retries=cfg.retries, retry_wait=cfg.retry_wait, fail=cfg.on_error == "fail")
 
 
 def normalize_where(cfg: DataConfig) -> str:

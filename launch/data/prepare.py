@@ -27,7 +27,7 @@ from torchvision.io import ImageReadMode, decode_image, encode_jpeg
 
 from launch.cli import entry_point
 from launch.data.sources import BUILTINS, Source, image_folder
-from launch.data.writer import MANIFEST, Item, publish, temp_dir_for, write_manifest, write_split
+from launch.data.writer import INDEX_SUFFIX, MANIFEST, Item, publish, temp_dir_for, write_manifest, write_split
 from launch.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -118,7 +118,8 @@ def prepare(source: str, out: str | Path, *, overwrite: bool = False, shard_samp
 def _manifest(src: Source, splits: dict[str, Any], stats: dict[str, Any], seed: int) -> dict[str, Any]:
     return {"format": "webdataset", "version": 1, "source": src.name, "notes": src.notes, "seed": seed,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "num_classes": len(src.classes), "classes": src.classes, **stats, "splits": splits}
+            "num_classes": len(src.classes), "classes": src.classes, **stats, "splits": splits,
+            "index_suffix": INDEX_SUFFIX}
 
 
 def run(argv: list[str]) -> int:

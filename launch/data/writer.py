@@ -2,7 +2,9 @@
 then publish the whole folder with one rename (the manifest is written before it).
 
 A sample is two tar members, ``<key>.<ext>`` (the image bytes) and ``<key>.cls``
-(the integer label, absent for unlabeled data).
+(the integer label, absent for unlabeled data). Next to each ``<shard>.tar`` goes
+``<shard>.tar.idx``, a JSON list of the byte where each sample's first member header
+starts, so a remote reader can begin mid-shard with an HTTP Range request.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from launch.errors import DataError
 
 log = logging.getLogger(__name__)
 MANIFEST = "dataset.json"
+INDEX_SUFFIX = ".idx"  # <shard><suffix>: sample byte offsets (the manifest's "index_suffix")
 _BLOCK = 512
 
 
@@ -72,8 +75,8 @@ def _add(tar: tarfile.TarFile, name: str, payload: bytes) -> None:
 
 def write_shard(path: Path, items: list[Item], transcode: Any = None) -> int:
     """Write one tar; ``transcode(bytes) -> (ext, bytes)`` re-encodes images when given (an image it
-    cannot decode is left out with a warning). Returns the samples written."""
-    written = 0
+    cannot decode is left out with a warning), and its sample index. Returns the samples written."""
+    starts = []
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for item in items:
             try:
@@ -81,11 +84,12 @@ def write_shard(path: Path, items: list[Item], transcode: Any = None) -> int:
             except (RuntimeError, ValueError):
                 log.warning("cannot re-encode %s; left out", item.path or item.key)
                 continue
+            starts.append(tar.offset)  # where this sample's first header goes
             _add(tar, f"{item.key}.{ext}", payload)
             if item.label >= 0:
                 _add(tar, f"{item.key}.cls", str(item.label).encode())
-            written += 1
-    return written
+    Path(f"{path}{INDEX_SUFFIX}").write_text(json.dumps(starts))
+    return len(starts)
 
 
 def write_split(tmp: Path, split: str, items: list[Item], *, max_samples: int, max_bytes: int,
