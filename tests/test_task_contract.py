@@ -25,7 +25,7 @@ from baselines.families import build_task as build_baseline
 from baselines.pixels import Pixels
 from baselines.run import CodeProbeTask
 from finetune.backbone import build_vit, resolve_backbone, set_input_size
-from finetune.finetune import FinetuneConfig, FinetuneTask, build_mixup
+from finetune.finetune import FinetuneConfig, FinetuneTask, build_classifier, build_mixup
 from finetune.probe import ProbeTask
 from launch.task import Task
 from pretrain.presets import MAEConfig, create_mae
@@ -61,8 +61,7 @@ def _probe() -> Task:
 def _finetune(**settings) -> Callable[[], Task]:
     def build() -> Task:
         cfg = FinetuneConfig(**settings)
-        model = build_vit(_vit_source(), num_classes=CLASSES, global_pool="avg" if cfg.pool == "avg" else "token",
-                          drop_path_rate=cfg.drop_path)
+        model = build_classifier(cfg, _vit_source(), CLASSES)
         return FinetuneTask(set_input_size(model, SIZE), mixup=build_mixup(cfg, CLASSES), smoothing=cfg.smoothing,
                             ema_decay=cfg.ema_decay if cfg.ema else None)
     return build
