@@ -1,0 +1,71 @@
+"""The rehearsal (see ``tests/rehearsal.py``): every shipped config and launch file, in miniature.
+
+    python -m pytest -m rehearsal -p no:cacheprovider               # the whole matrix (<= 20 min, 2 cores)
+    python -m pytest -m rehearsal -k zero3-bf16 -p no:cacheprovider # one cell
+
+The default suite runs the rule below and one fast cell per backend (``smoke-ddp``,
+``smoke-deepspeed``); a cell's commands and their output stay in its pytest tmp folder.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+from rehearsal import (BASELINE_COMMON, BASELINES, CELLS, ROOT, Runner, mnist_root, photo_shards, rehearsed_files,
+                       run_cell, shipped_files)
+
+#: runs every baseline recipe in one interpreter: ``mae-baseline``'s own parse-and-run function per recipe
+BASELINES_DRIVER = """import json, sys
+from baselines.__main__ import run_cli
+for argv in json.loads(sys.argv[1]):
+    assert run_cli(argv) == 0
+"""
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return photo_shards(tmp_path_factory.mktemp("rehearsal-photos"))
+
+
+@pytest.fixture(scope="session")
+def mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return mnist_root(tmp_path_factory.mktemp("rehearsal-mnist"))
+
+
+def _cells(fast: bool) -> list:
+    marks = [pytest.mark.dist] if fast else [pytest.mark.rehearsal, pytest.mark.dist]
+    return [pytest.param(name, marks=marks, id=name) for name, cell in CELLS.items() if cell.fast == fast]
+
+
+@pytest.mark.parametrize("name", _cells(fast=False) + _cells(fast=True))
+def test_cell(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+    """Exit 0 at every stage, exports that load in plain timm, a finite loss that falls."""
+    photos = request.getfixturevalue("photos") if CELLS[name].data == "photos" else None
+    run_cell(name, photos, request.getfixturevalue("mnist"), tmp_path)
+
+
+@pytest.mark.rehearsal
+@pytest.mark.dist
+def test_every_baseline_recipe(mnist: Path, tmp_path: Path) -> None:
+    """Every ``configs/baselines`` recipe through ``mae-baseline``'s own entry function, in one
+    2-process launch (a torchrun start per recipe would cost more than the twelve runs)."""
+    runs = [[name, *BASELINE_COMMON, *extra, f"data.root={mnist}", f"run_root={tmp_path / 'runs'}"]
+            for name, extra in BASELINES.items()]
+    script = tmp_path / "baselines_driver.py"
+    script.write_text(BASELINES_DRIVER)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), json.dumps(runs)]
+    Runner(tmp_path).run("mae-baseline", cmd)
+    for name in BASELINES:
+        assert (tmp_path / "runs" / name / "results.json").is_file(), name
+
+
+def test_every_shipped_file_is_rehearsed() -> None:
+    """A file added under configs/ or launch/{accelerate,deepspeed,slurm}/ needs a cell (CELLS /
+    BASELINES in tests/rehearsal.py) that runs it; a cell may name only files that exist."""
+    shipped, rehearsed = shipped_files(), rehearsed_files()
+    assert not shipped - rehearsed, f"not run by the rehearsal: {sorted(shipped - rehearsed)}"
+    assert not rehearsed - shipped, f"the rehearsal names missing files: {sorted(rehearsed - shipped)}"
+    assert all((ROOT / f).is_file() for f in rehearsed)
