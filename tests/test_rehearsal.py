@@ -14,8 +14,18 @@ import sys
 from pathlib import Path
 
 import pytest
-from rehearsal import (BASELINE_COMMON, BASELINES, CELLS, ROOT, Runner, mnist_root, photo_shards, rehearsed_files,
-                       run_cell, shipped_files)
+from rehearsal import (
+    BASELINE_COMMON,
+    BASELINES,
+    CELLS,
+    ROOT,
+    Runner,
+    mnist_root,
+    photo_shards,
+    rehearsed_files,
+    run_cell,
+    shipped_files,
+)
 
 #: runs every baseline recipe in one interpreter: ``mae-baseline``'s own parse-and-run function per recipe
 BASELINES_DRIVER = """import json, sys
@@ -63,8 +73,8 @@ def test_every_baseline_recipe(mnist: Path, tmp_path: Path) -> None:
 
 
 def test_every_shipped_file_is_rehearsed() -> None:
-    """A file added under configs/ or launch/{accelerate,deepspeed,slurm}/ needs a cell (CELLS /
-    BASELINES in tests/rehearsal.py) that runs it; a cell may name only files that exist."""
+    """A file added under configs/, or a launch file (anything but Python) under launch/, needs a
+    cell (CELLS / BASELINES in tests/rehearsal.py) that runs it; cells name only existing files."""
     shipped, rehearsed = shipped_files(), rehearsed_files()
     assert not shipped - rehearsed, f"not run by the rehearsal: {sorted(shipped - rehearsed)}"
     assert not rehearsed - shipped, f"the rehearsal names missing files: {sorted(rehearsed - shipped)}"
