@@ -208,14 +208,18 @@ def accelerate(config_file: str, module: str, args: list[str], deepspeed_json: P
     return [*cmd, "-m", module, *args]
 
 
-def slurm(script: str, args: list[str], workdir: Path) -> tuple[list[str], dict[str, str]]:
-    """``sbatch SCRIPT ARGS`` on one node with 2 "GPUs" and 2 CPUs, as Slurm would start the batch shell."""
+#: ``srun [--options] cmd ...``: run the step's command in place (one task on this node)
+SRUN_EXEC = 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"'
+
+
+def slurm(script: str, args: list[str], workdir: Path, srun: str = SRUN_EXEC) -> tuple[list[str], dict[str, str]]:
+    """``sbatch SCRIPT ARGS`` on one node with 2 "GPUs" and 2 CPUs, as Slurm would start the batch
+    shell; ``srun``: the body of the ``srun`` stand-in."""
     bin_dir = workdir / "slurm-bin"
     bin_dir.mkdir(exist_ok=True)
     calls = workdir / "slurm-calls.txt"
     stand_ins = {
-        # srun [--options] cmd ...: run the step's command in place (one task on this node)
-        "srun": 'while [ "${1#--}" != "$1" ]; do shift; done; exec "$@"',
+        "srun": srun,
         "scontrol": f'echo "scontrol $*" >> {calls}; [ "$1 $2" = "show hostnames" ] && echo localhost; exit 0',
         "scancel": f'echo "scancel $*" >> {calls}',
     }

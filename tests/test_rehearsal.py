@@ -25,6 +25,7 @@ from rehearsal import (
     rehearsed_files,
     run_cell,
     shipped_files,
+    slurm,
 )
 
 #: runs every baseline recipe in one interpreter: ``mae-baseline``'s own parse-and-run function per recipe
@@ -79,3 +80,12 @@ def test_every_shipped_file_is_rehearsed() -> None:
     assert not shipped - rehearsed, f"not run by the rehearsal: {sorted(shipped - rehearsed)}"
     assert not rehearsed - shipped, f"the rehearsal names missing files: {sorted(rehearsed - shipped)}"
     assert all((ROOT / f).is_file() for f in rehearsed)
+
+
+def test_slurm_step_gets_the_cpus_of_its_task(tmp_path: Path) -> None:
+    """srun of Slurm 22.05-23.02 does not inherit the batch script's --cpus-per-task: without the
+    option the step (torchrun, every worker and their loader processes) shares one CPU."""
+    record = tmp_path / "srun-args.txt"
+    cmd, env = slurm("launch/slurm/pretrain.sbatch", ["--config", "run.yaml"], tmp_path, srun=f'echo "$@" > {record}')
+    Runner(tmp_path).run("sbatch", cmd, env)
+    assert "--cpus-per-task=2" in record.read_text().split()  # SLURM_CPUS_PER_TASK of the job
