@@ -98,7 +98,9 @@ CELLS: dict[str, Cell] = {
     "zero2-bf16": Cell("launch/accelerate/zero2.yaml", PHOTO_PRETRAIN, PHOTO_FINETUNE, _ds(2, "bf16"), ZERO2),
     "zero3-fp32": Cell("torchrun", PHOTO_PRETRAIN, PHOTO_FINETUNE, _ds(3, "fp32"), ZERO3),
     "zero3-bf16": Cell("launch/accelerate/zero3.yaml", PHOTO_PRETRAIN, PHOTO_FINETUNE, _ds(3, "bf16"), ZERO3),
-    # fp16 loss scaling + clipping, and one poisoned (NaN) step that must be skipped, not crash
+    # fp16 + clipping, and one poisoned (NaN) step that must be skipped, not crash. On a CPU-only
+    # machine Accelerate runs fp16 without autocast or GradScaler (fp32 math): the GradScaler's
+    # side of this cell (unscale, skip, update) runs only where CUDA is present.
     "fp16-clip-nan": Cell("poison", PHOTO_PRETRAIN, PHOTO_FINETUNE, ("precision=fp16", "optim.clip_grad=1.0")),
     # the shipped MNIST recipes over two machines' launch file (one machine here)
     "mnist": Cell("launch/accelerate/multinode.yaml", "configs/pretrain/mnist_tiny.yaml", "configs/finetune/mnist.yaml",
