@@ -2,22 +2,22 @@
 
 A *cell* is one pipeline started the way the docs say: ``python -m pretrain`` (its default
 pipeline: pretrain -> export -> linear probe -> picture) -> ``mae-export`` of the last
-checkpoint -> ``mae-finetune`` (the config's recipe, mixup on) -> ``mae-visualize``, with 2
-processes, tiny widths/depths and one epoch given as command-line overrides. :data:`CELLS`
-names every cell and the shipped files it runs; ``tests/test_rehearsal.py`` runs them
-(``pytest -m rehearsal``) and checks that no file under ``configs/`` or the launch folders
-of ``launch/`` is left out of this table.
+checkpoint -> (``mae-probe``) -> ``mae-finetune`` (the config's recipe, mixup on) ->
+``mae-visualize``, with 2 processes and tiny widths / depths / epochs given as command-line
+overrides. :data:`CELLS` names every cell and the shipped files it runs;
+``tests/test_rehearsal.py`` runs them (``pytest -m rehearsal``) and checks that no file under
+``configs/`` and no launch file under ``launch/`` is left out of this table.
 
 Launchers, each the real one: ``torchrun``; ``accelerate launch --config_file <file>``, where
 only the topology is overridden on the command line (``--num_processes 2``, one machine, a
 free local port) because a CPU machine has no 8 GPUs. ``accelerate launch --cpu`` would start
-one process (docs/../NOTES), but a MULTI_GPU / DEEPSPEED file on a CPU-only machine makes
-accelerate itself run ``torch.distributed.run`` with 2 gloo processes and export the
-``ACCELERATE_*`` variables of the file (mixed precision, DeepSpeed config file, ZeRO stage)
-that ``launch/backend.py`` reads: the same code path as on the cluster. The Slurm batch
-script runs as is under ``bash`` with the ``SLURM_*`` variables Slurm sets and stand-ins for
-``srun`` (execs its command), ``scontrol`` and ``scancel`` on ``PATH``, in a private network
-namespace when one can be made (the script's rendezvous port 29500 is fixed).
+one process, but a MULTI_GPU / DEEPSPEED file on a CPU-only machine makes accelerate itself
+run ``torch.distributed.run`` with 2 gloo processes and export the ``ACCELERATE_*`` variables
+of the file (mixed precision, DeepSpeed config file, ZeRO stage) that ``launch/backend.py``
+reads: the same code path as on the cluster. The Slurm batch script runs as is under
+``bash`` with the ``SLURM_*`` variables Slurm sets and stand-ins for ``srun`` (execs its
+command), ``scontrol`` and ``scancel`` on ``PATH``, in a private network namespace when one
+can be made (the script's rendezvous port 29500 is fixed).
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 TIMEOUT = 900  # seconds per command; a hung collective fails the cell instead of the whole run
+POISON_STEP = 3  # the "poison" launcher's NaN step (rehearsal_poison.py --step)
 
 # ----------------------------------------------------------------------------- miniature settings
 
@@ -191,7 +192,7 @@ def launch(cell: Cell, module: str, args: list[str], workdir: Path, deepspeed_js
     if cell.launcher == "torchrun":
         return [*torchrun, "-m", module, *args], {}
     if cell.launcher == "poison":
-        return [*torchrun, str(TESTS / "rehearsal_poison.py"), "--step", "3", module, *args], {}
+        return [*torchrun, str(TESTS / "rehearsal_poison.py"), "--step", str(POISON_STEP), module, *args], {}
     if cell.launcher.endswith(".sbatch"):
         if module != "pretrain":  # the script launches pretraining only; the other stages use torchrun
             return [*torchrun, "-m", module, *args], {}
@@ -318,7 +319,6 @@ def mnist_root(root: Path) -> Path:
 #: the MNIST recipes run a few steps (an epoch of 4,000 digits in batches of 8 is 250 steps)
 SHORT_MNIST = ["max_steps=9", "batch_size=8", "eval_batches=1", "log.every_steps=1", "log.progress=false",
                "optim.warmup_steps=1"]  # fmt: skip
-POISON_STEP = 3  # rehearsal_poison.py's --step
 
 
 @dataclass(frozen=True)
@@ -358,6 +358,8 @@ def run_cell(name: str, photos: Path | None, mnist: Path, workdir: Path) -> None
                                    *trainer_overrides("trainer.", settings + mini.pretrain),
                                    *trainer_overrides("probe.trainer.", settings)])  # fmt: skip
     check_pretraining(pre, mini.image, poisoned=cell.launcher == "poison")
+    if cell.launcher.endswith(".sbatch"):  # the script exits 0 after a requeue too
+        assert "requeue" not in (workdir / "slurm-calls.txt").read_text(), "the Slurm script requeued a finished run"
 
     runner.run("mae-export", console_script("mae-export", [str(pre), "--out", str(export)]))
     load_timm(export / "timm", *mini.image)
