@@ -280,38 +280,8 @@ def load_timm(folder: Path, img_size: int, chans: int) -> None:
     assert torch.isfinite(out).all(), f"{folder}: non-finite output"
 
 
-# ----------------------------------------------------------------------------- data
-
-#: train crops (an odd count with the corrupt JPEG: 80 + 1), val crops, crop side before jitter
-TRAIN_CROPS, VAL_CROPS, CROP = 80, 27, 224
-
-
-def photo_shards(root: Path) -> Path:
-    """A real-photo ImageFolder written as shards by ``mae-prepare``: crops of the ~27 photos
-    scikit-image and scikit-learn ship (one class per photo), sides 157-291 px around 224
-    (no two sizes alike, so the median is not the model's), 81 training files of which one is
-    a corrupt JPEG, then one training shard truncated to half its bytes. Returns the shard folder."""
-    from benchmarks.data_loader import shipped_photos, write_photo_folder
-    from launch.data.prepare import main as mae_prepare
-
-    photos = list(shipped_photos(min_side=160).values())
-    folder = root / "photos"
-    write_photo_folder(folder / "train", TRAIN_CROPS, seed=0, photos=photos, size=(CROP, CROP), jitter=0.3)
-    write_photo_folder(folder / "val", VAL_CROPS, seed=1, photos=photos, size=(CROP, CROP), jitter=0.3)
-    (folder / "train" / "photo0" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG after its first marker")
-    shards = root / "shards"
-    assert mae_prepare([str(folder), "--out", str(shards), "--shard-samples", "16"]) == 0
-    truncated = shards / "train-000001.tar"
-    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
-    return shards
-
-
-def mnist_root(root: Path) -> Path:
-    """``data.root`` holding the shipped MNIST digits prepared by ``mae-prepare mnist``."""
-    from launch.data.prepare import main as mae_prepare
-
-    assert mae_prepare(["mnist", "--out", str(root / "mnist")]) == 0
-    return root
+#: crops of real photos are cut around this side (tests/test_rehearsal.py builds the data)
+CROP = 224
 
 
 # ----------------------------------------------------------------------------- one cell

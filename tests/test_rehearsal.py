@@ -18,15 +18,17 @@ from rehearsal import (
     BASELINE_COMMON,
     BASELINES,
     CELLS,
+    CROP,
     ROOT,
     Runner,
-    mnist_root,
-    photo_shards,
     rehearsed_files,
     run_cell,
     shipped_files,
     slurm,
 )
+
+from benchmarks.data_loader import shipped_photos, write_photo_folder
+from launch.data.prepare import main as mae_prepare
 
 #: runs every baseline recipe in one interpreter: ``mae-baseline``'s own parse-and-run function per recipe
 BASELINES_DRIVER = """import json, sys
@@ -36,14 +38,35 @@ for argv in json.loads(sys.argv[1]):
 """
 
 
+#: train crops (an odd count with the corrupt JPEG: 80 + 1) and val crops
+TRAIN_CROPS, VAL_CROPS = 80, 27
+
+
 @pytest.fixture(scope="session")
 def photos(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return photo_shards(tmp_path_factory.mktemp("rehearsal-photos"))
+    """A real-photo ImageFolder written as shards by ``mae-prepare``: crops of the ~27 photos
+    scikit-image and scikit-learn ship (one class per photo), sides 157-291 px around 224
+    (many sizes, so the median is not the model's), 81 training files of which one is a
+    corrupt JPEG, then one training shard truncated to half its bytes. Returns the shard folder."""
+    root = tmp_path_factory.mktemp("rehearsal-photos")
+    photos = list(shipped_photos(min_side=160).values())
+    folder = root / "photos"
+    write_photo_folder(folder / "train", TRAIN_CROPS, seed=0, photos=photos, size=(CROP, CROP), jitter=0.3)
+    write_photo_folder(folder / "val", VAL_CROPS, seed=1, photos=photos, size=(CROP, CROP), jitter=0.3)
+    (folder / "train" / "photo0" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a JPEG after its first marker")
+    shards = root / "shards"
+    assert mae_prepare([str(folder), "--out", str(shards), "--shard-samples", "16"]) == 0
+    truncated = shards / "train-000001.tar"
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
+    return shards
 
 
 @pytest.fixture(scope="session")
 def mnist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return mnist_root(tmp_path_factory.mktemp("rehearsal-mnist"))
+    """``data.root`` holding the shipped MNIST digits prepared by ``mae-prepare mnist``."""
+    root = tmp_path_factory.mktemp("rehearsal-mnist")
+    assert mae_prepare(["mnist", "--out", str(root / "mnist")]) == 0
+    return root
 
 
 def _cells(fast: bool) -> list:
