@@ -51,17 +51,39 @@ def real_photos() -> list[np.ndarray]:
     return [p for p in photos if p.shape[0] >= PHOTO_SIZE[0] and p.shape[1] >= PHOTO_SIZE[1]]
 
 
-def write_photo_folder(root: Path, images: int, seed: int = 0) -> Path:
-    """``root/<photo>/<i>.jpg``: random 500x375 crops saved as JPEG quality 90 (ImageNet-like)."""
+def shipped_photos(min_side: int) -> dict[str, np.ndarray]:
+    """Every image of scikit-image's data folder and scikit-learn's sample photos whose shorter
+    side is at least ``min_side``, as RGB: name -> (H, W, 3) uint8 (grayscale replicated, alpha dropped)."""
+    import skimage.data
+    from sklearn.datasets import load_sample_images
+
+    photos = {}
+    for path in sorted(Path(skimage.data.data_dir).iterdir()):
+        try:
+            with Image.open(path) as image:
+                photos[path.stem] = np.asarray(image.convert("RGB"))
+        except OSError:  # not an image (registry, cascade XML, arrays)
+            continue
+    sample = load_sample_images()
+    photos |= {Path(name).stem: image for name, image in zip(sample.filenames, sample.images)}
+    return {name: p for name, p in photos.items() if min(p.shape[:2]) >= min_side}
+
+
+def write_photo_folder(root: Path, images: int, seed: int = 0, *, photos: list[np.ndarray] | None = None,
+                       size: tuple[int, int] = PHOTO_SIZE, jitter: float = 0.0) -> Path:
+    """``root/photo<k>/<i>.jpg``: random crops of ``photos`` (default ``real_photos()``; image ``i``
+    from photo ``i % len(photos)``) saved as JPEG quality 90. Crops are ``size`` (H, W), each side
+    scaled by a random factor in [1 - jitter, 1 + jitter] and capped by the photo (ImageNet-like)."""
     rng = np.random.default_rng(seed)
-    photos = real_photos()
+    photos = real_photos() if photos is None else photos
     for i in range(images):
         k = i % len(photos)
         photo = photos[k]
-        y = rng.integers(0, photo.shape[0] - PHOTO_SIZE[0] + 1)
-        x = rng.integers(0, photo.shape[1] - PHOTO_SIZE[1] + 1)
+        h, w = (min(photo.shape[d], round(size[d] * rng.uniform(1 - jitter, 1 + jitter))) for d in (0, 1))
+        y = rng.integers(0, photo.shape[0] - h + 1)
+        x = rng.integers(0, photo.shape[1] - w + 1)
         (root / f"photo{k}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(photo[y:y + PHOTO_SIZE[0], x:x + PHOTO_SIZE[1]]).save(root / f"photo{k}" / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(photo[y:y + h, x:x + w]).save(root / f"photo{k}" / f"{i:05d}.jpg", quality=90)
     return root
 
 

@@ -2,7 +2,7 @@
 
 ``mae-visualize SOURCE --data data.yaml --out grid.png`` draws them for a trained model.
 SOURCE is a full-model export folder (``config.json`` + ``model.safetensors``, or an
-``mae-export`` folder holding ``mae/``), a run directory (its ``export/full``, else its
+``mae-export`` folder holding ``full/``), a run directory (its ``export/full``, else its
 latest checkpoint; its data section is the default data), or a ``.pth`` /
 ``.safetensors`` state_dict in the official MAE naming (e.g. ``mae_visualize_vit_large.pth``).
 """
@@ -121,7 +121,7 @@ def load_source(path: Path, arch: dict[str, Any] | None = None) -> Source:
         raise CheckpointError(f"checkpoint file not found: {path}")
     if path.is_file():
         return Source(load_official(path, **(arch or {})))
-    for folder in (path, path / "mae", path / "export" / "full"):
+    for folder in (path, path / "full", path / "export" / "full"):
         if (folder / "config.json").is_file():
             model, config = load_full(folder)
             return Source(model, _run_data(folder), config.get("mask_ratio"), config.get("norm_pix_loss"))

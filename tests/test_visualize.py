@@ -116,6 +116,15 @@ def test_cli_reads_an_export_inside_a_run_dir(model, mnist, tmp_path, capsys) ->
     assert "mask ratio 0.5, norm_pix_loss False" in capsys.readouterr().out
 
 
+def test_cli_reads_the_folder_mae_export_writes(model, mnist, tmp_path) -> None:
+    """``mae-export RUN --out DIR`` writes DIR/timm and DIR/full; ``mae-visualize DIR`` draws DIR/full."""
+    export_full(model, tmp_path / "export" / "full", mean=MEAN, std=STD)
+    (tmp_path / "data.yaml").write_text(f"source: {mnist}\n")
+    out = tmp_path / "grid.png"
+    assert main([str(tmp_path / "export"), "--data", str(tmp_path / "data.yaml"), "--num-images", "2", "--out", str(out)]) == 0
+    assert Image.open(out).size == (4 * TILE + 2, 2 * TILE + 2)
+
+
 def test_cli_reads_the_latest_checkpoint_of_a_run_without_export(model, mnist, tmp_path) -> None:
     run = tmp_path / "run"
     cfg = PretrainConfig(run_dir=str(run), data=DataConfig(source=str(mnist)), model=MAEConfig(preset="mae_vit_mnist_p7", **SMALL))
