@@ -24,7 +24,6 @@ from rehearsal import (
     rehearsed_files,
     run_cell,
     shipped_files,
-    slurm,
 )
 
 from benchmarks.data_loader import shipped_photos, write_photo_folder
