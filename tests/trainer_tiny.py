@@ -2,8 +2,9 @@
 
 Also a script: ``torchrun --nproc_per_node 2 tests/trainer_tiny.py RUN_DIR key=value ... [--then k=v ...]``
 trains the tiny task with those TrainerConfig overrides (then, in the same process, resumes
-it with more overrides) and writes the final weights to ``RUN_DIR/final.pt`` (rank 0), so a
-test can compare runs across launchers.
+it with more overrides) and writes the final weights to ``RUN_DIR/final.pt`` (rank 0; those of
+the first fit also to ``RUN_DIR/first.pt`` when there is a second), so a test can compare runs
+across launchers.
 
 The synthetic data is a fixed sequence of samples; batch ``j`` of rank ``r`` (of ``w``,
 micro-batch ``B``) holds samples ``j*B*w + r*B + [0, B)`` of the epoch's permutation, so
@@ -144,12 +145,17 @@ if __name__ == "__main__":
     # "--then k=v ...": a second fit in the same process and run dir (it resumes the first)
     args = sys.argv[2:]
     first, then = (args[: args.index("--then")], args[args.index("--then") + 1 :]) if "--then" in args else (args, None)
-    ddp = dist.world_size() > 1 and "backend=deepspeed" not in args
+    ddp = dist.world_size() > 1 and "backend=deepspeed" not in args and "backend=fsdp" not in args
     reductions: list[int] | None = [] if ddp else None
+
+    def record(result, name: str) -> None:
+        if dist.is_main():
+            state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
+            out = {"state": state, "steps": result.steps, "loss": result.final_loss, "reductions": len(reductions or [])}
+            torch.save(out, Path(sys.argv[1]) / name)
+
     result = run(sys.argv[1], first, reductions=reductions)
     if then is not None:
+        record(result, "first.pt")
         result = run(sys.argv[1], [*first, *then])
-    if dist.is_main():
-        state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
-        out = {"state": state, "steps": result.steps, "loss": result.final_loss, "reductions": len(reductions or [])}
-        torch.save(out, Path(sys.argv[1]) / "final.pt")
+    record(result, "final.pt")
