@@ -38,17 +38,19 @@ SHARDED_DIR = "sharded"
 
 def units(module: nn.Module) -> list[nn.Module]:
     """The outermost parameter-owning elements of ``ModuleList`` / ``Sequential`` containers
-    below ``module``, in module order (children before the root, as ``fully_shard`` wants)."""
+    below ``module``, in module order (children before the root, as ``fully_shard`` wants).
+    An element without a ``forward`` of its own (a holder of an encoder and a decoder, say) is
+    never called, so its parameters would never be gathered: its own children are looked at."""
     found: list[nn.Module] = []
     for child in module.children():
-        if isinstance(child, (nn.ModuleList, nn.Sequential)):
-            for item in child.children():
-                if isinstance(item, (nn.ModuleList, nn.Sequential)):
-                    found += units(nn.ModuleList([item]))
-                elif any(True for _ in item.parameters()):
-                    found.append(item)
-        else:
+        if not isinstance(child, (nn.ModuleList, nn.Sequential)):
             found += units(child)
+            continue
+        for item in child.children():
+            if isinstance(item, (nn.ModuleList, nn.Sequential)) or type(item).forward is nn.Module.forward:
+                found += units(nn.ModuleList([item]))
+            elif any(True for _ in item.parameters()):
+                found.append(item)
     return found
 
 

@@ -107,8 +107,12 @@ class Trainer:
         self._check_batch_split(splits[0])
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        # ZeRO-3 and FSDP partition the task's parameters in place: keep a whole copy for the result
+        # ZeRO-3 partitions the task's parameters in place: keep a whole copy for the result. FSDP
+        # shards a copy instead: the caller's task stays whole and receives the trained weights at
+        # the end, as under DDP (the baselines keep using it for pictures, probes, the next stage)
         self._whole = copy.deepcopy(task) if self.backend.shards_weights else None
+        if self.backend.fsdp:
+            self._whole, task = task, self._whole
         optimizers, self.schedulers = self._build_optimizers(task)
         self.model, self.optimizers = self.backend.prepare(task.to(self.backend.device), optimizers)
         self.task: Task = self.backend.unwrap(self.model)
@@ -403,7 +407,8 @@ class Trainer:
 
     def _fingerprint(self) -> dict[str, Any]:
         settings = {"model": self.config.get("model", {}), "world_size": self.world, "phases": list(self.phases)}
-        return fingerprint(self.task, settings)
+        # the whole task, if kept: FSDP renames the sharded one's class (FSDPMAETask)
+        return fingerprint(self._whole if self._whole is not None else self.task, settings)
 
     def _maybe_checkpoint(self) -> None:
         """Step / wall-clock / preemption saves, decided by all ranks together; after a
