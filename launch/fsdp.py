@@ -64,8 +64,9 @@ def shard(task: nn.Module, *, bf16: bool, compile: bool) -> nn.Module:
     for unit in units(task):
         if compile:
             unit.compile()
-        fully_shard(unit, mp_policy=unit_mp)
-    fully_shard(task, mp_policy=root_mp)
+        fully_shard(unit, mp_policy=unit_mp, reshard_after_forward=True)
+    # the root's weights are needed again at once by the backward: keep them gathered until then
+    fully_shard(task, mp_policy=root_mp, reshard_after_forward=False)
     return task
 
 
@@ -112,7 +113,7 @@ def whole_weights(model: nn.Module) -> Iterator[None]:
     finally:
         for m in modules:
             m.reshard()
-            m.set_reshard_after_forward(True, recurse=False)
+            m.set_reshard_after_forward(m is not model, recurse=False)  # as :func:`shard` set them
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
