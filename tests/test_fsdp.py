@@ -4,6 +4,7 @@ read back without a group, and the asynchronous-save protocol of the checkpoint 
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -112,3 +113,30 @@ def test_failed_async_write_keeps_the_previous_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="No space left on device.*latest: step-00000001"):
         manager.save(3, _write(None))  # a new save first finishes the pending one
     assert manager.checkpoints() == [first] and not list(tmp_path.glob(".tmp-*"))
+
+
+@pytest.mark.slow
+def test_compiled_units_train_like_eager(tmp_path):
+    eager = run(str(tmp_path / "eager"), [*COMMON, "backend=fsdp"])
+    cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "compile=true"])
+    torch.manual_seed(0)
+    trainer = Trainer(TinyTask(), cfg, None, tmp_path / "compiled", seed=0, img_size=4, loader_factory=synthetic_factory())
+    assert all(unit._compiled_call_impl is not None for unit in units(trainer.task))
+    compiled = trainer.fit()
+    for name, value in eager.task.state_dict().items():
+        torch.testing.assert_close(compiled.task.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("clip", [True, False])
+def test_nonfinite_step_is_skipped_on_sharded_gradients(tmp_path, clip):
+    """Batch 2 holds a NaN pixel: with or without clipping (total norm vs per-shard check) the
+    step is skipped, the weights stay finite and the next steps train on."""
+    opts = [o for o in COMMON if not o.startswith("optim.clip_grad")] + ([] if clip else ["optim.clip_grad=null"])
+    cfg = load_config(TrainerConfig, None, ["log.progress=false", *opts, "backend=fsdp", "accum_steps=1", "max_steps=4"])
+    torch.manual_seed(0)
+    trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory(poison=2))
+    result = trainer.fit()
+    assert trainer.bad_steps == 0 and result.steps == 4  # the skip counter was reset by the finite steps after it
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped_steps", 0) for r in records) == 1
+    assert all(torch.isfinite(v).all() for v in result.task.state_dict().values())
