@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from timm.utils import ModelEmaV3
 from torch.distributed.tensor import DTensor
 
 from launch.checkpoint import CheckpointManager, load_weights
@@ -140,3 +141,29 @@ def test_nonfinite_step_is_skipped_on_sharded_gradients(tmp_path, clip):
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("skipped_steps", 0) for r in records) == 1
     assert all(torch.isfinite(v).all() for v in result.task.state_dict().values())
+
+
+class EmaTinyTask(TinyTask):
+    """TinyTask with a timm EMA of its net, as ``FinetuneTask`` keeps one (a frozen submodule)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ema = ModelEmaV3(self.net, decay=0.5).requires_grad_(False)
+
+    def on_step_end(self, step: int) -> None:
+        self.ema.update(self.net, step=step)
+
+
+def test_ema_is_sharded_and_equals_the_ddp_one(tmp_path):
+    results = {}
+    for backend in ("ddp", "fsdp"):
+        cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, f"backend={backend}", "max_steps=3"])
+        torch.manual_seed(0)
+        trainer = Trainer(EmaTinyTask(), cfg, None, tmp_path / backend, seed=0, img_size=4, loader_factory=synthetic_factory())
+        results[backend] = trainer.fit().task
+    assert isinstance(trainer.task.ema.module[1].weight, DTensor)
+    torch.manual_seed(0)
+    initial = EmaTinyTask().net[1].weight  # the weights both runs started from
+    assert not torch.equal(results["fsdp"].ema.module[1].weight, initial)  # the EMA moved
+    for name, value in results["ddp"].ema.state_dict().items():
+        torch.testing.assert_close(results["fsdp"].ema.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
