@@ -101,19 +101,15 @@ def local(tensor: Tensor | None) -> Tensor | None:
 
 @contextlib.contextmanager
 def whole_weights(model: nn.Module) -> Iterator[None]:
-    """Every parameter whole on every rank until exit, so that code calling submodules or
-    reading weights outside the root's ``forward`` (eval steps, pictures) sees full tensors.
-    Units called in between stay whole (no reshard after their forward)."""
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
-    for m in modules:
-        m.set_reshard_after_forward(False, recurse=False)
-        m.unshard()
+    """The root's own weights (embeddings, norms, heads) gathered until exit, so that code
+    calling parts of the model outside the root's ``forward`` (eval steps, pictures) works.
+    Each unit still gathers its weights when called and frees them after: evaluation needs no
+    more memory than training (reading a unit's parameters without calling it is not supported)."""
+    model.unshard()
     try:
         yield
     finally:
-        for m in modules:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)  # as :func:`shard` set them
+        model.reshard()
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
