@@ -53,7 +53,9 @@ def compare_backends(work: Workload, names: list[str], *, procs: int, precision:
 def _launch(spec: dict[str, Any], prefix: Path, procs: int) -> list[dict[str, Any]]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
            "-m", "benchmarks.backends", json.dumps(spec), str(prefix)]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    # tensors above 64 KiB in their own mappings, returned to the OS when freed: on CPU the peak
+    # RSS then follows live memory (glibc keeps freed heap memory, hiding what sharding saves)
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MALLOC_MMAP_THRESHOLD_": "65536"}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(spec['trainer'])}: torchrun failed\n{proc.stderr[-3000:]}")

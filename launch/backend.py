@@ -3,8 +3,10 @@
 :class:`Backend` prepares a task and its optimizers, runs micro-steps (autocast,
 backward, ``no_sync`` on non-final accumulation steps), clips, steps, all-reduces
 metrics and unwraps. The trainer stays identical for one CPU, DDP on many GPUs /
-nodes, DeepSpeed ZeRO 1/2/3 and FSDP2 (``fully_shard``, used directly rather than through
-Accelerate's plugin: see :mod:`launch.fsdp` for why).
+nodes, DeepSpeed ZeRO 1/2/3 and FSDP2. FSDP2's ``fully_shard`` is used directly, not through
+Accelerate's FSDP plugin: Accelerate 1.15 drops that plugin on CPU (``MULTI_CPU``) and wraps
+the model in DDP, so it could not be tested here, and the trainer needs FSDP's own calls per
+micro-step, for evaluation and per phase optimizer (details in :mod:`launch.fsdp`).
 
 Ranks come from :mod:`launch.dist`, never from Accelerate: under DeepSpeed on CPU
 Accelerate reports rank 0 of 1 on every process.

@@ -1,13 +1,14 @@
-"""PyTorch FSDP2 (``fully_shard``) for ``trainer.backend=fsdp``: sharding, clipping, whole
-weights outside ``forward`` and sharded ``torch.distributed.checkpoint`` state.
+"""PyTorch FSDP2 (``fully_shard``) for ``trainer.backend=fsdp``: sharding, clipping, the
+root's weights outside ``forward`` and sharded ``torch.distributed.checkpoint`` state.
 
-Why FSDP2 directly and not Accelerate's FSDP plugin (``fsdp_version: 2``): on CPU Accelerate
-needs ``cpu=True`` to join torchrun's group, and then (as with DeepSpeed) drops the plugin and
-wraps the model in DDP, so the path could not be tested here at all; its ``prepare`` shards
-one model with one optimizer, while the AAE steps three optimizers (two share the encoder);
-and the trainer needs the knobs themselves: units for the encoder *and* decoder blocks,
-``set_requires_gradient_sync`` per micro-step, ``unshard`` for evaluation outside
-``forward``, one ``get_optimizer_state_dict`` per optimizer. Each is one torch call.
+Why FSDP2 directly and not Accelerate's FSDP plugin (``fsdp_version: 2``): Accelerate 1.15
+selects its FSDP mode only for GPU-like process types (``state.py``), never for
+``MULTI_CPU``, so on CPU the plugin is silently dropped and the model wrapped in DDP: the
+path could not be tested here, and the tests would pass on DDP. The trainer also needs the
+FSDP calls themselves: units found by structure (transformer blocks, a baseline's layers,
+not a class-name list), ``set_requires_gradient_sync`` per micro-step, ``unshard`` of the root
+for evaluation, one ``get_optimizer_state_dict`` per phase optimizer (the AAE's share the
+encoder), a dedicated group for asynchronous saves. Each is one torch call here.
 
 Units: every parameter-owning element of an ``nn.ModuleList`` / ``nn.Sequential`` (the
 outermost ones: MAE encoder and decoder blocks, a timm ViT's blocks, a baseline's layers),
@@ -26,8 +27,13 @@ import torch
 import torch.distributed as torch_dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer

@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import nn
 from timm.utils import ModelEmaV3
+from torch import nn
 from torch.distributed.tensor import DTensor
+from trainer_tiny import TinyTask, run, synthetic_factory
 
 from launch.checkpoint import CheckpointManager, load_weights
 from launch.config import TrainerConfig, load_config
@@ -20,7 +21,6 @@ from launch.errors import CheckpointError, ConfigError
 from launch.fsdp import SHARDED_DIR, read_model, units
 from launch.trainer import Trainer
 from pretrain.presets import create_mae
-from trainer_tiny import TinyTask, run, synthetic_factory
 
 COMMON = ["epochs=1", "optim.warmup_steps=1", "optim.clip_grad=1.0", "log.every_steps=1", "batch_size=8", "accum_steps=2"]
 

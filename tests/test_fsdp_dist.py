@@ -17,10 +17,11 @@ import pytest
 import safetensors.torch
 import timm
 import torch
-
-from launch.export import load_full, main as export_main
 from test_trainer_dist import COMMON, assert_same_weights, torchrun
 from trainer_tiny import run
+
+from launch.export import load_full
+from launch.export import main as export_main
 
 pytestmark = pytest.mark.dist
 ROOT = Path(__file__).resolve().parents[1]
