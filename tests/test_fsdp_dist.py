@@ -8,6 +8,7 @@ with 2; a sharded MAE pretraining checkpoint exports to timm from one process.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -68,3 +69,17 @@ def test_sharded_pretraining_checkpoint_exports_to_timm_from_one_process(tmp_pat
     x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(vit.forward_features(x), full.forward_features(x), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_bench_backends_section_rows(tmp_path):
+    from benchmarks.__main__ import main as bench_main
+
+    out = tmp_path / "bench.json"
+    assert bench_main(["sections=[backends]", "backends=[ddp,fsdp]", "backend_preset=mae_vit_tiny", "img_size=32",
+                       "batch_size=2", "warmup=1", "steps=1", "repeats=1", "model_overrides={depth: 1, decoder_depth: 1}",
+                       f"out={out}"]) == 0  # fmt: skip
+    rows = json.loads(out.read_text())["backends"]["rows"]
+    assert [r["backend"] for r in rows] == ["ddp", "fsdp"]
+    assert all(r["images_per_s"] > 0 and len(r["peak_memory_mb_per_rank"]) == 2 for r in rows)
+    assert rows[0]["final_loss"] == pytest.approx(rows[1]["final_loss"], rel=1e-4)  # same model, same batches
