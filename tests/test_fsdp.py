@@ -167,3 +167,14 @@ def test_ema_is_sharded_and_equals_the_ddp_one(tmp_path):
     assert not torch.equal(results["fsdp"].ema.module[1].weight, initial)  # the EMA moved
     for name, value in results["ddp"].ema.state_dict().items():
         torch.testing.assert_close(results["fsdp"].ema.state_dict()[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_whole_weights_load_into_a_sharded_model_and_ddp_checkpoints_do_not_resume(tmp_path):
+    ddp = run(str(tmp_path / "ddp"), [*COMMON, "max_steps=2"])
+    cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "max_steps=4"])
+    trainer = Trainer(TinyTask(), cfg, None, tmp_path / "ddp", seed=0, img_size=4, loader_factory=synthetic_factory())
+    load_weights(trainer.task, tmp_path / "ddp")  # trainer.checkpoint.weights_only=<ddp run>, into shards
+    whole = trainer.backend.full_state_dict(trainer.model)
+    assert all(torch.equal(whole[k], v) for k, v in ddp.task.state_dict().items())
+    with pytest.raises(CheckpointError, match="not written with trainer.backend=fsdp"):
+        trainer.fit()  # resume=auto finds the DDP run's checkpoint
