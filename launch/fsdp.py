@@ -18,6 +18,7 @@ then the task itself as the root, which holds the rest (embeddings, norms, heads
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -168,5 +169,8 @@ def read_model(directory: Path, like: dict[str, Tensor]) -> dict[str, Tensor]:
     stored = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
     shapes = {k.removeprefix("model."): m.size for k, m in stored.items() if k.startswith("model.") and hasattr(m, "size")}
     state = {"model": {k: torch.empty(shapes[k], dtype=v.dtype) for k, v in like.items() if k in shapes}}
-    dcp.load(state, checkpoint_id=directory, no_dist=not (torch_dist.is_available() and torch_dist.is_initialized()))
+    single = not (torch_dist.is_available() and torch_dist.is_initialized())
+    with warnings.catch_warnings():  # DCP warns that it loads in one process: here that is the point
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=directory, no_dist=single)
     return state["model"]
