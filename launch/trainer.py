@@ -445,6 +445,7 @@ class Trainer:
             return shards
 
         meta = {"epoch": self.epoch, "reason": reason, "fingerprint": self._fingerprint()}
+        self.checkpoint_path = self.checkpoints.poll(block=True) or self.checkpoint_path  # an earlier async save first
         self.checkpoint_path = self.checkpoints.save(self.step, write, meta) or self.checkpoint_path
         if reason != "periodic":  # the run ends here: the shards must be on disk and the checkpoint complete
             self.checkpoint_path = self.checkpoints.poll(block=True) or self.checkpoint_path
