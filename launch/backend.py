@@ -225,7 +225,7 @@ class Backend:
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         """The task itself: no DDP / DeepSpeed / torch.compile wrapper (state-dict keys stay plain).
-        Under FSDP it is the sharded task: use :meth:`whole_weights` to call its parts."""
+        Under FSDP it is the sharded task: use :meth:`outside_forward` to call its parts."""
         if self.fsdp:
             return model
         return self.accelerator.unwrap_model(model, keep_torch_compile=False)
@@ -307,8 +307,8 @@ class Backend:
         return self.accelerator.autocast()
 
     def _autocast_forward(self, model: nn.Module) -> None:
-        """What Accelerate's ``prepare`` does for the others: the forward runs under autocast
-        (FSDP's bf16 policy casts the weights; autocast keeps norms and losses in fp32)."""
+        """What Accelerate's ``prepare`` does for the others: the forward runs under autocast,
+        which picks each op's dtype as under DDP (FSDP's bf16 policy has cast the weights)."""
         forward = model.forward
 
         def autocast_forward(*args: Any, **kwargs: Any) -> Any:
@@ -317,10 +317,10 @@ class Backend:
 
         model.forward = autocast_forward
 
-    def whole_weights(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """Whole parameters on every rank while calling the task outside its forward (eval,
-        pictures): FSDP all-gathers them; elsewhere they already are."""
-        return fsdp2.whole_weights(model) if self.fsdp else contextlib.nullcontext()
+    def outside_forward(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """While calling the task outside its forward (eval, pictures): FSDP gathers the root's
+        parameters (each block gathers its own when called); elsewhere nothing is needed."""
+        return fsdp2.outside_forward(model) if self.fsdp else contextlib.nullcontext()
 
     def local_grads(self, params: Any) -> list[Tensor | None]:
         """Each parameter's gradient as held by this rank (FSDP: its shard)."""

@@ -107,7 +107,7 @@ def local(tensor: Tensor | None) -> Tensor | None:
 
 
 @contextlib.contextmanager
-def whole_weights(model: nn.Module) -> Iterator[None]:
+def outside_forward(model: nn.Module) -> Iterator[None]:
     """The root's own weights (embeddings, norms, heads) gathered until exit, so that code
     calling parts of the model outside the root's ``forward`` (eval steps, pictures) works.
     Each unit still gathers its weights when called and frees them after: evaluation needs no

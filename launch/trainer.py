@@ -322,7 +322,7 @@ class Trainer:
         training RNG stream is untouched (a resumed run stays bit-identical)."""
         self.model.eval()
         sums: dict[str, Tensor] = {}
-        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast(), self.backend.whole_weights(self.model):
+        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast(), self.backend.outside_forward(self.model):
             torch.manual_seed(self.seed + self.rank)
             self.eval_loader.restart(0)
             for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
@@ -343,7 +343,7 @@ class Trainer:
         if loader is self.train_loader:
             return  # iterating the train loader here would move its resumable position
         self.model.eval()
-        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast(), self.backend.whole_weights(self.model):
+        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast(), self.backend.outside_forward(self.model):
             torch.manual_seed(self.seed)
             loader.restart(0)
             pictures = self.task.pictures(self.backend.to_device(next(iter(loader))))
