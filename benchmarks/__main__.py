@@ -1,9 +1,12 @@
 """``mae-bench``: train-step speed, MFU, Hugging Face comparison, visible-only speedup, levers,
 loader feed and computed GPU expectations. Prints tables and writes one JSON file.
+``sections=[backends]`` (on request only: it starts one torchrun per backend) trains the same
+MAE with DDP, DeepSpeed ZeRO-2 / ZeRO-3 and FSDP2 and reports speed and peak memory per rank.
 
-    mae-bench                                   # everything, on CPU, default sizes
+    mae-bench                                   # everything but backends, on CPU, default sizes
     mae-bench --device cuda presets=[mae_vit_base,mae_vit_large] batch_size=128
     mae-bench sections=[hf] hf_preset=mae_vit_tiny repeats=7 out=hf.json
+    mae-bench sections=[backends] backend_preset=mae_vit_small img_size=32 batch_size=8 out=backends.json
 """
 
 from __future__ import annotations
@@ -29,12 +32,12 @@ from launch.errors import ConfigError
 from launch.flops import peak_flops
 
 log = logging.getLogger("mae-bench")
-Section = Literal["presets", "hf", "visible_only", "levers", "loader", "gpu"]
+Section = Literal["presets", "hf", "visible_only", "levers", "loader", "gpu", "backends"]
 ALL_SECTIONS: list[Section] = ["presets", "hf", "visible_only", "levers", "loader", "gpu"]
 
 
 class BenchConfig(Schema):
-    sections: list[Section] = Field(ALL_SECTIONS, description="what to run")
+    sections: list[Section] = Field(ALL_SECTIONS, description="what to run ('backends' only when listed)")
     device: str = Field("cpu", description="cpu, cuda or cuda:N")
     presets: list[str] | None = Field(None, description="presets timed in 'presets'; None = tiny/small/base on CPU, base/large/huge on CUDA")
     batch_size: int = Field(16, ge=1, description="images per step, every section")
@@ -54,6 +57,10 @@ class BenchConfig(Schema):
     levers: list[str] | None = Field(None, description="substrings of lever names to run; None = all")
     loader_workers: list[int] = Field([1, 2], description="loader worker counts measured in 'loader' (0 = main process)")
     loader_images: int = Field(256, ge=1, description="JPEGs read per loader pass (real photos, ~500 x 375)")
+    backends: list[Literal["ddp", "zero2", "zero3", "fsdp"]] = Field(["ddp", "zero2", "zero3", "fsdp"],
+                                                                     description="'backends' section: what to compare")
+    backend_preset: str = Field("mae_vit_small", description="'backends' section: the model every backend trains")
+    backend_procs: int = Field(2, ge=1, description="'backends' section: torchrun processes per backend")
     model_overrides: dict[str, int] = Field({}, description="create_mae overrides for every model, e.g. {depth: 2}")
     peak_tflops: float | None = Field(None, gt=0, description="peak TFLOP/s for MFU; None = the GPU table (none on CPU)")
     out: str = Field("bench.json", description="JSON output path")
@@ -115,6 +122,11 @@ def run_section(section: Section, cfg: BenchConfig, device: torch.device, peak: 
         from benchmarks.levers import measure_levers
 
         return measure_levers(workload(cfg, cfg.lever_preset), device, only=cfg.levers, **timing(cfg))
+    if section == "backends":
+        from benchmarks.backends import compare_backends
+
+        return compare_backends(workload(cfg, cfg.backend_preset), cfg.backends, procs=cfg.backend_procs,
+                                precision=cfg.precision or "fp32", warmup=cfg.warmup, steps=cfg.steps * cfg.repeats)  # fmt: skip
     if section == "loader":
         from benchmarks.feed import loader_feed
 

@@ -81,8 +81,15 @@ def _gpu(rows: list[dict[str, Any]]) -> str:
                    r["expected_images_per_s"], r["loader_workers_per_gpu"]] for r in rows])  # fmt: skip
 
 
+def _backends(res: dict[str, Any]) -> str:
+    return table(f"backends ({res['preset']}, {res['img_size']} px, batch {res['batch_size']} per rank, {res['procs']} processes, "
+                 f"{res['precision']})", ["backend", "img/s", "img/CPU-s", "peak MiB / rank", "params M"],
+                 [[r["backend"], r["images_per_s"], r["images_per_cpu_s"], r["peak_memory_mb"], r["params_m"]]
+                  for r in res["rows"]])  # fmt: skip
+
+
 RENDERERS: dict[str, Callable[[Any], str]] = {
-    "presets": _presets, "hf": _hf, "visible_only": _visible, "levers": _levers, "loader": _loader, "gpu": _gpu,
+    "presets": _presets, "hf": _hf, "visible_only": _visible, "levers": _levers, "loader": _loader, "gpu": _gpu, "backends": _backends,
 }  # fmt: skip
 
 

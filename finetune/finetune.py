@@ -174,10 +174,10 @@ def _check_settings(cfg: FinetuneConfig) -> bool:
     t = cfg.trainer
     if cfg.mixes() and t.batch_size % 2:
         raise ConfigError(f"mixup/cutmix pair each batch with its reverse: finetune.trainer.batch_size={t.batch_size} must be even")
-    whole = not (t.backend == "deepspeed" and t.zero_stage == 3)
-    if cfg.ema and not whole:
+    zero3 = t.backend == "deepspeed" and t.zero_stage == 3
+    if cfg.ema and zero3:  # FSDP shards the EMA like the weights: its update is a local lerp
         raise ConfigError("finetune.ema needs whole parameters on every rank: use trainer.zero_stage<=2 or finetune.ema=false")
-    return whole
+    return not zero3 and t.backend != "fsdp"  # best/ is exported by rank 0 alone, from whole weights
 
 
 def run_finetune(cfg: FinetuneConfig, *, backbone: BackboneSpec, data: DataConfig, run_dir: Path, seed: int,

@@ -1,9 +1,12 @@
-"""The only module that knows Accelerate, DeepSpeed and DDP.
+"""The only module that knows Accelerate, DeepSpeed and DDP (FSDP2 through :mod:`launch.fsdp`).
 
 :class:`Backend` prepares a task and its optimizers, runs micro-steps (autocast,
 backward, ``no_sync`` on non-final accumulation steps), clips, steps, all-reduces
 metrics and unwraps. The trainer stays identical for one CPU, DDP on many GPUs /
-nodes and DeepSpeed ZeRO 1/2/3.
+nodes, DeepSpeed ZeRO 1/2/3 and FSDP2. FSDP2's ``fully_shard`` is used directly, not through
+Accelerate's FSDP plugin: Accelerate 1.15 drops that plugin on CPU (``MULTI_CPU``) and wraps
+the model in DDP, so it could not be tested here, and the trainer needs FSDP's own calls per
+micro-step, for evaluation and per phase optimizer (details in :mod:`launch.fsdp`).
 
 Ranks come from :mod:`launch.dist`, never from Accelerate: under DeepSpeed on CPU
 Accelerate reports rank 0 of 1 on every process.
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +32,9 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from launch import dist
+from launch import fsdp as fsdp2
 from launch.config import TrainerConfig
-from launch.errors import ConfigError
+from launch.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +79,7 @@ def check_launcher(cfg: TrainerConfig, env: dict[str, str] | None = None) -> Non
     asks for something else is refused rather than silently overridden either way."""
     env = _LAUNCH_ENV if env is None else env
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and cfg.backend != "deepspeed":
-        raise ConfigError("launched with a DeepSpeed Accelerate config but trainer.backend=ddp: add trainer.backend=deepspeed trainer.zero_stage=N")
+        raise ConfigError(f"launched with a DeepSpeed Accelerate config but trainer.backend={cfg.backend}: add trainer.backend=deepspeed trainer.zero_stage=N")
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if cfg.backend == "deepspeed" and stage and int(stage) != cfg.zero_stage:
         raise ConfigError(f"the launcher asks for ZeRO stage {stage} but trainer.zero_stage={cfg.zero_stage}: make them agree")
@@ -162,6 +167,11 @@ class Backend:
     def __init__(self, cfg: TrainerConfig, *, multi_phase: bool = False) -> None:
         self.cfg = cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision)})
         self.deepspeed = cfg.backend == "deepspeed"
+        self.fsdp = cfg.backend == "fsdp"
+        if cfg.checkpoint.async_save and not self.fsdp:
+            raise ConfigError(f"trainer.checkpoint.async_save=true needs trainer.backend=fsdp (got {cfg.backend}): set one or the other")
+        if self.fsdp and cfg.precision == "fp16":
+            raise ConfigError("trainer.backend=fsdp has no fp16 loss scaling: use trainer.precision=bf16 (or fp32)")
         if self.deepspeed and multi_phase:
             raise ConfigError("trainer.backend=deepspeed supports one optimizer; this task has several phases: use backend=ddp")
         check_launcher(cfg)
@@ -193,17 +203,31 @@ class Backend:
             step_scheduler_with_optimizer=False,
         )
         self.device = self.accelerator.device
+        if self.fsdp:
+            dist.init_single_process_group()  # fully_shard needs a group, also for one process
+        # DCP's background writer coordinates over its own gloo group, never the training one
+        self._async_group = torch_dist.new_group(backend="gloo") if self.fsdp and cfg.checkpoint.async_save else None
 
     # ------------------------------------------------------------------ setup
 
     def prepare(self, task: nn.Module, optimizers: list[Optimizer]) -> tuple[nn.Module, list[Optimizer]]:
         """Wrap ``task`` (DDP / DeepSpeed engine / compiled) and its optimizers. Loaders are
-        never prepared: each rank reads its own shards."""
+        never prepared: each rank reads its own shards. FSDP shards ``task`` in place and
+        points the optimizers at its new (DTensor) parameters."""
+        if self.fsdp:
+            names = {id(p): n for n, p in task.named_parameters(remove_duplicate=False)}
+            model = fsdp2.shard(task, bf16=self.cfg.precision == "bf16", compile=self.cfg.compile)
+            fsdp2.repoint_optimizers(optimizers, names, model)
+            self._autocast_forward(model)
+            return model, optimizers
         prepared = self.accelerator.prepare(task, *optimizers)
         return prepared[0], list(prepared[1:])
 
     def unwrap(self, model: nn.Module) -> nn.Module:
-        """The task itself: no DDP / DeepSpeed / torch.compile wrapper (state-dict keys stay plain)."""
+        """The task itself: no DDP / DeepSpeed / torch.compile wrapper (state-dict keys stay plain).
+        Under FSDP it is the sharded task: use :meth:`outside_forward` to call its parts."""
+        if self.fsdp:
+            return model
         return self.accelerator.unwrap_model(model, keep_torch_compile=False)
 
     @property
@@ -223,6 +247,9 @@ class Backend:
         if self.deepspeed:
             self._engine.set_gradient_accumulation_boundary(is_last)
             yield
+        elif self.fsdp:  # gradients stay unsharded and local until the last micro-step's reduce-scatter
+            model.set_requires_gradient_sync(is_last)
+            yield
         elif is_last:
             yield
         else:
@@ -241,6 +268,8 @@ class Backend:
         returns the pre-clip norm as a device tensor, or None when not clipping."""
         if self.cfg.optim.clip_grad is None or self.deepspeed:
             return None
+        if self.fsdp:
+            return fsdp2.clip_(params, self.cfg.optim.clip_grad)
         return self.accelerator.clip_grad_norm_(params, self.cfg.optim.clip_grad)
 
     def skips_on_device(self, optimizer: Optimizer) -> bool:
@@ -277,6 +306,26 @@ class Backend:
         """Autocast for calls that bypass the prepared forward (eval, pictures)."""
         return self.accelerator.autocast()
 
+    def _autocast_forward(self, model: nn.Module) -> None:
+        """What Accelerate's ``prepare`` does for the others: the forward runs under autocast,
+        which picks each op's dtype as under DDP (FSDP's bf16 policy has cast the weights)."""
+        forward = model.forward
+
+        def autocast_forward(*args: Any, **kwargs: Any) -> Any:
+            with self.autocast():
+                return forward(*args, **kwargs)
+
+        model.forward = autocast_forward
+
+    def outside_forward(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """While calling the task outside its forward (eval, pictures): FSDP gathers the root's
+        parameters (each block gathers its own when called); elsewhere nothing is needed."""
+        return fsdp2.outside_forward(model) if self.fsdp else contextlib.nullcontext()
+
+    def local_grads(self, params: Any) -> list[Tensor | None]:
+        """Each parameter's gradient as held by this rank (FSDP: its shard)."""
+        return [fsdp2.local(p.grad) for p in params]
+
     # ------------------------------------------------------------------ DeepSpeed state
 
     def save_engine(self, directory: Path) -> None:
@@ -289,13 +338,34 @@ class Backend:
             raise ConfigError(f"no DeepSpeed engine state in {directory}")
 
     def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
-        """The whole model's weights on every rank (ZeRO-3 gathers its shards)."""
+        """The whole model's weights on every rank (ZeRO-3 and FSDP gather their shards)."""
+        if self.fsdp:
+            return fsdp2.full_state_dict(model)
         if self.deepspeed and self.cfg.zero_stage == 3:
             import deepspeed
 
             with deepspeed.zero.GatheredParameters(list(self._engine.module.parameters())):
                 return {k: v.detach().clone().cpu() for k, v in self._engine.module.state_dict().items()}
         return self.unwrap(model).state_dict()
+
+    @property
+    def shards_weights(self) -> bool:
+        """Whether the task's own parameters are partitioned (ZeRO-3, FSDP)."""
+        return self.fsdp or (self.deepspeed and self.cfg.zero_stage == 3)
+
+    # ------------------------------------------------------------------ FSDP state
+
+    def save_sharded(self, ckpt: Path, model: nn.Module, optimizers: list[Optimizer]) -> Future | None:
+        """Every rank writes its shards of model + optimizers into ``ckpt/sharded``
+        (``torch.distributed.checkpoint``); with ``trainer.checkpoint.async_save``, returns a
+        future that completes when they are on disk."""
+        return fsdp2.save(ckpt / fsdp2.SHARDED_DIR, model, optimizers, async_group=self._async_group)
+
+    def load_sharded(self, ckpt: Path, model: nn.Module, optimizers: list[Optimizer]) -> None:
+        if not (ckpt / fsdp2.SHARDED_DIR).is_dir():
+            raise CheckpointError(f"{ckpt} holds no sharded model state ({fsdp2.SHARDED_DIR}/): it was not written with "
+                                  f"trainer.backend=fsdp; resume it with its own backend")  # fmt: skip
+        fsdp2.load(ckpt / fsdp2.SHARDED_DIR, model, optimizers)
 
     @property
     def _engine(self) -> Any:

@@ -5,6 +5,7 @@ Layout of ``run_dir/checkpoints``::
     step-00000040/          a complete checkpoint, never modified after its rename
         trainer.pt          rank 0: the trainer's state_dict (model, optimizers, schedulers, scaler, step, epoch)
         rank-00000.pt ...   every rank: its RNG states and data-loader position
+        sharded/            backend=fsdp: model + optimizer shards of every rank (torch.distributed.checkpoint)
         meta.json           step, epoch, world size, why it was saved, fingerprint of the run
         COMPLETE            the completion marker, written last, before the rename
     latest                  names the newest complete checkpoint; replaced atomically, after the rename
@@ -16,6 +17,12 @@ fsync'd), the ranks agree that every write succeeded, then global rank 0 writes
 deletes checkpoints beyond ``keep``. A kill at any point leaves the previous complete
 checkpoint loadable. Under DeepSpeed the trainer's ``write`` callback calls the engine's
 ``save_checkpoint(tmp_dir)`` on every rank, so the same protocol covers it.
+
+An asynchronous write (FSDP's ``dcp.async_save``) returns a future from the trainer's
+``write``: the save then stays *pending* in its temporary directory while training goes on,
+and is published (the same agreement, ``COMPLETE``, rename, ``latest``, keep-k) only when
+every rank's future has finished: at a :meth:`CheckpointManager.poll` that finds them all
+done, or before the next save and at the end of the run (``poll(block=True)``).
 """
 
 from __future__ import annotations
@@ -29,6 +36,8 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +45,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from launch import dist
+from launch import dist, fsdp
 from launch.config import flatten
 from launch.errors import CheckpointError
 
@@ -244,6 +253,7 @@ class CheckpointManager:
         self.directory, self.keep = Path(directory), keep
         self.rank = dist.rank() if rank is None else rank
         self._agree, self._share = agree, share
+        self._pending: _Pending | None = None
 
     # -- finding
 
@@ -329,18 +339,39 @@ class CheckpointManager:
     def _marker(self, token: str) -> Path:
         return self.directory / f"{TMP_PREFIX}shared-{token}"
 
-    def save(self, step: int, write: Callable[[Path], None], meta: dict[str, Any] | None = None) -> Path:
+    def save(self, step: int, write: Callable[[Path], Future | None], meta: dict[str, Any] | None = None) -> Path | None:
         """Write checkpoint ``step``. ``write(tmp_dir)`` runs on every rank and writes that
-        rank's files (use :func:`save_file`); ``meta`` (JSON) goes into ``meta.json``."""
+        rank's files (use :func:`save_file`); ``meta`` (JSON) goes into ``meta.json``.
+        Returns the complete checkpoint, or None when ``write`` returned a future (every rank
+        the same): the save is then pending, see :meth:`poll`. A pending save finishes first."""
+        self.poll(block=True)
         tmp = self.directory / f"{TMP_PREFIX}{step_dir_name(step)}"
         final = self.directory / step_dir_name(step)
         what = f"cannot write checkpoint {final}"
         err = self._attempt(lambda: _fresh_dir(tmp)) if self.rank == 0 else None
         self._require(err, what, tmp)
-        self._require(self._attempt(lambda: write(tmp), any_error=True), what, tmp)
+        futures: list[Future | None] = []
+        self._require(self._attempt(lambda: futures.append(write(tmp)), any_error=True), what, tmp)
         publish = {**(meta or {}), "step": step, "world_size": dist.world_size(), "time": time.time()}
-        err = self._attempt(lambda: self._publish(tmp, final, publish)) if self.rank == 0 else None
-        self._require(err, what, tmp)
+        if futures[0] is not None:
+            self._pending = _Pending(tmp, final, publish, futures[0])
+            return None
+        return self._complete(tmp, final, publish)
+
+    def poll(self, *, block: bool = False) -> Path | None:
+        """Publish the pending asynchronous save if every rank's write has finished (with
+        ``block``, after waiting for them); returns it then, else None. Every rank calls this
+        at the same step: it agrees across ranks."""
+        pending = self._pending
+        if pending is None or not (block or self._agree(pending.future.done())):
+            return None
+        self._pending = None
+        self._require(self._attempt(pending.future.result, any_error=True), f"cannot write checkpoint {pending.final}", pending.tmp)
+        return self._complete(pending.tmp, pending.final, pending.meta)
+
+    def _complete(self, tmp: Path, final: Path, meta: dict[str, Any]) -> Path:
+        err = self._attempt(lambda: self._publish(tmp, final, meta)) if self.rank == 0 else None
+        self._require(err, f"cannot write checkpoint {final}", tmp)
         if self.rank == 0:
             log.info("checkpoint saved: %s", final)
         return final
@@ -395,6 +426,16 @@ class CheckpointManager:
         raise CheckpointError(f"{what}: {err or 'failed on another rank'}{intact}")
 
 
+@dataclass
+class _Pending:
+    """An asynchronous save whose files are still being written into ``tmp``."""
+
+    tmp: Path
+    final: Path
+    meta: dict[str, Any]
+    future: Future
+
+
 def _fresh_dir(path: Path) -> None:
     if path.exists():
         shutil.rmtree(path)
@@ -413,8 +454,8 @@ def load_weights(model: nn.Module, source: str | Path) -> tuple[list[str], list[
     a run directory, a ``.safetensors`` file or a torch file holding a state dict (or one
     under ``"model"``, as official MAE checkpoints do). Keys present in both must have equal
     shapes; returns ``(missing, unexpected)`` key lists, which are logged."""
-    state = _weights_state(Path(source))
-    own = model.state_dict()
+    own = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}  # global shapes (FSDP: not shards)
+    state = _weights_state(Path(source), like=own)
     mismatched = [k for k in state.keys() & own.keys() if tuple(state[k].shape) != tuple(own[k].shape)]
     if mismatched:
         k = sorted(mismatched)[0]
@@ -422,15 +463,20 @@ def load_weights(model: nn.Module, source: str | Path) -> tuple[list[str], list[
                               f"{list(own[k].shape)} in this model ({len(mismatched)} mismatched tensors)")
     if not state.keys() & own.keys():
         raise CheckpointError(f"trainer.checkpoint.weights_only={source}: no tensor name matches this model (e.g. {next(iter(state), '<empty>')})")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    if fsdp.is_sharded(model):
+        missing, unexpected = fsdp.load_full_state_dict(model, state)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
     log.info("loaded weights from %s (%d missing, %d unexpected keys)", source, len(missing), len(unexpected))
     return list(missing), list(unexpected)
 
 
-def _weights_state(source: Path) -> dict[str, torch.Tensor]:
+def _weights_state(source: Path, like: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if source.is_dir():
         ckpt = CheckpointManager(source, keep=1, rank=0).resolve(str(source), "trainer.checkpoint.weights_only")
         state = load_file(ckpt / TRAINER_FILE)
+        if "model" not in state and (ckpt / fsdp.SHARDED_DIR).is_dir():
+            return fsdp.read_model(ckpt / fsdp.SHARDED_DIR, like)
         if "model" not in state:
             raise CheckpointError(f"trainer.checkpoint.weights_only={source}: a DeepSpeed checkpoint holds no {TRAINER_FILE} model; export its weights first")
         return state["model"]

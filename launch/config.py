@@ -53,6 +53,8 @@ class CheckpointConfig(Schema):
     keep: int = Field(2, ge=1, description="complete checkpoints kept; older ones deleted after a new one is complete")
     resume: str = Field("auto", description="'auto' (newest complete in run_dir), 'none', or a checkpoint path")
     weights_only: str | None = Field(None, description="load model weights from this checkpoint/export, nothing else")
+    async_save: bool = Field(False, description="backend=fsdp: write the shards in the background while training goes on; "
+                                                "the checkpoint is marked complete once they are on disk")
 
 
 class LogConfig(Schema):
@@ -73,7 +75,8 @@ class TrainerConfig(Schema):
         "fp32", description="autocast dtype; fp16 uses loss scaling; auto = bf16 where the device computes it "
                             "natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else fp32")
     compile: bool = Field(False, description="torch.compile the task")
-    backend: Literal["ddp", "deepspeed"] = Field("ddp", description="Accelerate DDP (also single process) or DeepSpeed")
+    backend: Literal["ddp", "deepspeed", "fsdp"] = Field(
+        "ddp", description="Accelerate DDP (also single process), DeepSpeed, or FSDP2 (fully_shard per block, sharded checkpoints)")
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (backend=deepspeed)")
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON; must agree with this config")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")

@@ -109,6 +109,17 @@ def init_process_group() -> None:
     atexit.register(_destroy_process_group)
 
 
+def init_single_process_group() -> None:
+    """A process group of this one process when no launcher made one (FSDP2 and
+    ``torch.distributed.checkpoint`` need a group even then); no-op otherwise."""
+    if dist.is_initialized() or world_size() > 1:
+        return
+    accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
+    backend = dist.get_default_backend_for_device(accelerator or torch.device("cpu"))
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    atexit.register(_destroy_process_group)
+
+
 def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()

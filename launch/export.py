@@ -39,6 +39,7 @@ from launch.card import write_card
 from launch.checkpoint import TRAINER_FILE, CheckpointManager, load_file
 from launch.cli import entry_point
 from launch.errors import CheckpointError
+from launch.fsdp import SHARDED_DIR, read_model
 
 log = logging.getLogger(__name__)
 
@@ -200,7 +201,7 @@ def load_pretraining_mae(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
     cfg = load_config(PretrainConfig, cfg_file)
     task = build_task(cfg.model)
-    state = _task_state(ckpt)
+    state = _task_state(ckpt, like=task.state_dict())
     if not any(k.startswith("model.") for k in state):
         raise CheckpointError(f"{ckpt} holds no MAE encoder (no 'model.*' weights): not a pretraining checkpoint")
     load_strict(task, state, what=f"checkpoint {ckpt}")
@@ -220,13 +221,16 @@ def _resolve_checkpoint(path: Path) -> Path:
     return ckpt
 
 
-def _task_state(ckpt: Path) -> dict[str, Tensor]:
-    """The task's weights: the trainer's file, or DeepSpeed's engine files consolidated to fp32."""
+def _task_state(ckpt: Path, like: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The task's weights: the trainer's file, FSDP's shards (read in this one process, whatever
+    world size wrote them; ``like`` names the tensors) or DeepSpeed's engine files consolidated to fp32."""
     state = load_file(ckpt / TRAINER_FILE)
     if "model" in state:
         return state["model"]
+    if (ckpt / SHARDED_DIR).is_dir():
+        return read_model(ckpt / SHARDED_DIR, like)
     if not (ckpt / "engine").is_dir():
-        raise CheckpointError(f"{ckpt} holds no model weights (neither 'model' in {TRAINER_FILE} nor a DeepSpeed engine)")
+        raise CheckpointError(f"{ckpt} holds no model weights (neither 'model' in {TRAINER_FILE}, FSDP shards nor a DeepSpeed engine)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")

@@ -18,6 +18,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from launch.backend import Backend
 from launch.checkpoint import (TRAINER_FILE, CheckpointManager, check_compatible, fingerprint, load_file, load_weights,
                                nonfinite_keys, rank_file, rank_state, read_meta, restore_rank_state, save_file)
 from launch.config import TrainerConfig
-from launch.errors import ConfigError, DataError
+from launch.errors import CheckpointError, ConfigError, DataError
 from launch.flops import peak_flops
 from launch.logger import RunLogger, check_available
 from launch.meter import StepMeter
@@ -107,12 +108,17 @@ class Trainer:
         self._check_batch_split(splits[0])
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        # ZeRO-3 partitions the task's parameters in place: keep a whole copy for the result
-        self._whole = copy.deepcopy(task) if self.backend.deepspeed and cfg.zero_stage == 3 else None
-        self.phase_params = {p: [q for q in task.phase_module(p).parameters() if q.requires_grad] for p in self.phases}
+        # ZeRO-3 partitions the task's parameters in place: keep a whole copy for the result. FSDP
+        # shards a copy instead: the caller's task stays whole and receives the trained weights at
+        # the end, as under DDP (the baselines keep using it for pictures, probes, the next stage)
+        self._whole = copy.deepcopy(task) if self.backend.shards_weights else None
+        if self.backend.fsdp:
+            self._whole, task = task, self._whole
         optimizers, self.schedulers = self._build_optimizers(task)
         self.model, self.optimizers = self.backend.prepare(task.to(self.backend.device), optimizers)
         self.task: Task = self.backend.unwrap(self.model)
+        # after prepare: FSDP replaces the parameters
+        self.phase_params = {p: [q for q in self.task.phase_module(p).parameters() if q.requires_grad] for p in self.phases}
         self.step = self.epoch = self.epoch_step = 0
         self.bad_steps = 0
         self._bad_run: Tensor | None = None  # consecutive skips on device (fused optimizers)
@@ -246,7 +252,7 @@ class Trainer:
         all-reduced on device; fp16 overflow is the GradScaler's to skip)."""
         grads: list[Tensor | None] = []
         if self.backend.scaler is None:
-            grads = [grad_norm] if grad_norm is not None else [p.grad for p in self.task.parameters()]
+            grads = [grad_norm] if grad_norm is not None else self.backend.local_grads(self.task.parameters())
         return dist.all_reduce_max(nonfinite_flag(loss, grads))
 
     def _step_is_finite(self, bad: Tensor) -> bool:
@@ -336,7 +342,7 @@ class Trainer:
         training RNG stream is untouched (a resumed run stays bit-identical)."""
         self.model.eval()
         sums: dict[str, Tensor] = {}
-        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
+        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast(), self.backend.outside_forward(self.model):
             torch.manual_seed(self.seed + self.rank)
             self.eval_loader.restart(0)
             for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
@@ -357,7 +363,7 @@ class Trainer:
         if loader is self.train_loader:
             return  # iterating the train loader here would move its resumable position
         self.model.eval()
-        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
+        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast(), self.backend.outside_forward(self.model):
             torch.manual_seed(self.seed)
             loader.restart(0)
             pictures = self.task.pictures(self.backend.to_device(next(iter(loader))))
@@ -383,12 +389,13 @@ class Trainer:
     # ------------------------------------------------------------------ state (checkpointed)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything shared by all ranks. Under DeepSpeed the engine saves model + optimizer."""
+        """Everything shared by all ranks. Under DeepSpeed the engine saves model + optimizer,
+        under FSDP every rank its shards of them."""
         state: dict[str, Any] = {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "bad_steps": self.bad_steps,
             "schedulers": [s.state_dict() for s in self.schedulers],
         }
-        if not self.backend.deepspeed:
+        if not self.backend.deepspeed and not self.backend.fsdp:
             state["model"] = self.task.state_dict()
             state["optimizers"] = [o.state_dict() for o in self.optimizers]
         if self.backend.scaler is not None:
@@ -422,13 +429,16 @@ class Trainer:
         batch = {"batch_size": self.cfg.batch_size, "accum_steps": self.cfg.accum_steps}
         settings = {"model": self.config.get("model", {}), "world_size": self.world, "phases": list(self.phases),
                     "trainer": batch}  # fmt: skip
-        return fingerprint(self.task, settings)
+        # the whole task, if kept: FSDP renames the sharded one's class (FSDPMAETask)
+        return fingerprint(self._whole if self._whole is not None else self.task, settings)
 
     def _maybe_checkpoint(self) -> None:
         """Step / wall-clock / preemption saves, decided by all ranks together; after a
         SIGTERM or SIGUSR1 every rank saves after the same step and raises :class:`Preempted`
         (exit status 75: requeue). The end of the run saves in ``_finish``."""
         decision = self.control.poll(self.step)
+        if self.step % self.cfg.log.every_steps == 0:  # an asynchronous save is published once on disk
+            self.checkpoint_path = self.checkpoints.poll() or self.checkpoint_path
         if self.step >= self.total_steps:
             return
         if decision.save:
@@ -443,9 +453,10 @@ class Trainer:
     def _save_checkpoint(self, reason: str) -> None:
         """Every rank writes its part into the checkpoint manager's temporary directory."""
 
-        def write(tmp: Path) -> None:
+        def write(tmp: Path) -> Future | None:
             if self.backend.deepspeed:
                 self.backend.save_engine(tmp)
+            shards = self.backend.save_sharded(tmp, self.model, self.optimizers) if self.backend.fsdp else None
             if self.rank == 0:
                 state = self.state_dict()
                 bad = nonfinite_keys(state)  # skipped steps keep weights finite; never save otherwise
@@ -453,9 +464,13 @@ class Trainer:
                     raise ValueError(f"refusing to save NaN/inf in {bad[0]} ({len(bad)} tensors)")
                 save_file(state, tmp / TRAINER_FILE)
             save_file(rank_state(self.train_loader.state_dict()), rank_file(tmp, self.rank))
+            return shards
 
         meta = {"epoch": self.epoch, "reason": reason, "fingerprint": self._fingerprint()}
-        self.checkpoint_path = self.checkpoints.save(self.step, write, meta)
+        self.checkpoint_path = self.checkpoints.poll(block=True) or self.checkpoint_path  # an earlier async save first
+        self.checkpoint_path = self.checkpoints.save(self.step, write, meta) or self.checkpoint_path
+        if reason != "periodic":  # the run ends here: the shards must be on disk and the checkpoint complete
+            self.checkpoint_path = self.checkpoints.poll(block=True) or self.checkpoint_path
         self.control.saved()
         if reason == "final":
             self.control.__exit__()  # the run is over: give SIGTERM / SIGUSR1 back
@@ -473,7 +488,13 @@ class Trainer:
         check_compatible(path, read_meta(path).get("fingerprint", {}), self._fingerprint())
         if self.backend.deepspeed:
             self.backend.load_engine(path)
-        self.load_state_dict(load_file(path / TRAINER_FILE))
+        if self.backend.fsdp:
+            self.backend.load_sharded(path, self.model, self.optimizers)
+        state = load_file(path / TRAINER_FILE)
+        if "model" not in state and not (self.backend.deepspeed or self.backend.fsdp):
+            raise CheckpointError(f"{path} holds sharded model state (trainer.backend=deepspeed or fsdp) but this run has "
+                                  f"trainer.backend={self.cfg.backend}: resume with the backend that wrote it")  # fmt: skip
+        self.load_state_dict(state)
         self.train_loader.load_state_dict(restore_rank_state(path, self.rank))
         self.checkpoint_path = path
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)

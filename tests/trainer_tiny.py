@@ -2,9 +2,9 @@
 
 Also a script: ``torchrun --nproc_per_node 2 tests/trainer_tiny.py RUN_DIR key=value ... [--then k=v ...]``
 trains the tiny task with those TrainerConfig overrides (then, in the same process, resumes
-it with more overrides) and writes the final weights to ``RUN_DIR/final.pt`` (rank 0), so a
-test can compare runs across launchers. ``{rank}`` in RUN_DIR gives each rank its own directory
-(a node-local run_dir).
+it with more overrides) and writes the final weights to ``RUN_DIR/final.pt`` (rank 0; those of
+the first fit also to ``RUN_DIR/first.pt`` when there is a second), so a test can compare runs
+across launchers. ``{rank}`` in RUN_DIR gives each rank its own directory (a node-local run_dir).
 
 The synthetic data is a fixed sequence of samples; batch ``j`` of rank ``r`` (of ``w``,
 micro-batch ``B``) holds samples ``j*B*w + r*B + [0, B)`` of the epoch's permutation, so
@@ -155,13 +155,18 @@ if __name__ == "__main__":
     skips = int(next((a.split("=")[1] for a in sys.argv[2:] if a.startswith("skips=")), 0))
     args = [a for a in sys.argv[2:] if not a.startswith("skips=")]
     first, then = (args[: args.index("--then")], args[args.index("--then") + 1 :]) if "--then" in args else (args, None)
-    ddp = dist.world_size() > 1 and "backend=deepspeed" not in args
+    ddp = dist.world_size() > 1 and "backend=deepspeed" not in args and "backend=fsdp" not in args
     reductions: list[int] | None = [] if ddp else None
     run_dir = sys.argv[1].format(rank=dist.rank())
+
+    def record(result, name: str) -> None:
+        if dist.is_main():
+            state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
+            out = {"state": state, "steps": result.steps, "loss": result.final_loss, "reductions": len(reductions or [])}
+            torch.save(out, Path(run_dir) / name)
+
     result = run(run_dir, first, reductions=reductions, skips=skips)
     if then is not None:
+        record(result, "first.pt")
         result = run(run_dir, [*first, *then], skips=skips)
-    if dist.is_main():
-        state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
-        out = {"state": state, "steps": result.steps, "loss": result.final_loss, "reductions": len(reductions or [])}
-        torch.save(out, Path(run_dir) / "final.pt")
+    record(result, "final.pt")
