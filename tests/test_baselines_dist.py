@@ -47,7 +47,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     common = [f"data.root={tmp / 'data'}", "data.workers=0", f"run_root={tmp / 'runs'}", "probe=null",
               "trainer.max_steps=2", "trainer.batch_size=16", "trainer.log.tensorboard=false"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(driver), json.dumps(RUNS), *common]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
