@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,8 +72,9 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return None if parts is None or parts[0] is None else (parts[0], parts[1].lower())
 
 
-def read_samples(url: str, start: int = 0, stop: int | None = None) -> Iterator[Sample]:
-    """Samples ``[start, stop)`` of one shard, member bytes read only for those.
+def read_samples(url: str, start: int = 0, stop: int | None = None, keep: Container[int] | None = None) -> Iterator[Sample]:
+    """Samples ``[start, stop)`` of one shard (only those whose index is in ``keep``, if given),
+    member bytes read only for those.
 
     A shard that cannot be opened or ends early (truncated tar) ends the iteration
     with one ``{BROKEN: reason}`` item instead of raising, so the reader can count
@@ -91,7 +92,7 @@ def read_samples(url: str, start: int = 0, stop: int | None = None) -> Iterator[
                 index, key, current = index + 1, parts[0], None
                 if stop is not None and index >= stop:
                     return
-                if index >= start:
+                if index >= start and (keep is None or index in keep):
                     current = {"__key__": key, "__url__": url}
             if current is not None:
                 current[parts[1]] = tar.extractfile(member).read()
