@@ -32,7 +32,7 @@ from launch.backend import Backend
 from launch.checkpoint import (TRAINER_FILE, CheckpointManager, check_compatible, fingerprint, load_file, load_weights,
                                nonfinite_keys, rank_file, rank_state, read_meta, restore_rank_state, save_file)
 from launch.config import TrainerConfig
-from launch.errors import ConfigError, DataError
+from launch.errors import CheckpointError, ConfigError, DataError
 from launch.flops import peak_flops
 from launch.logger import RunLogger, check_available
 from launch.meter import StepMeter
@@ -145,13 +145,14 @@ class Trainer:
             raise ConfigError(f"{what}, but each rank gets only {len(self.train_loader)} batches per epoch: lower accum_steps")
 
     def _build_optimizers(self, task: Task) -> tuple[list[torch.optim.Optimizer], list[Any]]:
-        optimizers, schedulers = [], []
+        optimizers, schedulers, self.optimizer_names = [], [], []
         fused = self.cfg.optim.fused if self.cfg.optim.fused is not None else self.backend.device.type == "cuda"
         for phase in self.phases:
             pcfg = phase_config(self.cfg.optim, task.phase_optim(phase))
             lr = peak_lr(pcfg, self.global_batch)
             opt = build_optimizer(task.phase_module(phase), pcfg, lr, fused=fused and not self.backend.deepspeed)
             optimizers.append(opt)
+            self.optimizer_names.append(pcfg.name)
             schedulers.append(build_scheduler(opt, pcfg, lr, steps_per_epoch=self.steps_per_epoch, total=self.total_steps))
             log.info("phase %s: %s, peak lr %.3g (global batch %d)", phase, pcfg.name, lr, self.global_batch)
         return optimizers, schedulers
@@ -366,7 +367,7 @@ class Trainer:
         """Everything shared by all ranks. Under DeepSpeed the engine saves model + optimizer."""
         state: dict[str, Any] = {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "bad_steps": self.bad_steps,
-            "schedulers": [s.state_dict() for s in self.schedulers],
+            "global_batch": self.global_batch, "schedulers": [s.state_dict() for s in self.schedulers],
         }
         if not self.backend.deepspeed:
             state["model"] = self.task.state_dict()
@@ -379,15 +380,29 @@ class Trainer:
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.bad_steps = state.get("bad_steps", 0)
         for sched, s in zip(self.schedulers, state["schedulers"], strict=True):
-            shape = sched.lr_lambdas  # this run's warmup / length win, e.g. when extending the epochs
+            # this run's warmup / length and peak lr win, e.g. when extending the epochs or changing the global batch
+            shape, base = sched.lr_lambdas, sched.base_lrs
             sched.load_state_dict(s)
-            sched.lr_lambdas = shape
+            sched.lr_lambdas, sched.base_lrs = shape, base
         if "model" in state:
             self.task.load_state_dict(state["model"])
             for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
                 opt.load_state_dict(s)
         if "scaler" in state and self.backend.scaler is not None:
             self.backend.scaler.load_state_dict(state["scaler"])
+
+    def _continue_with_global_batch(self, old: int) -> None:
+        """Resume at the checkpoint's sample with another global batch: the step counter, epoch step and
+        schedule position are re-counted in steps of the new batch, and the lr follows its scaling rule."""
+        self.epoch_step = max(self.steps_per_epoch - self.train_loader.batches_left() // self.cfg.accum_steps, 0)
+        step, self.step = self.step, self.epoch * self.steps_per_epoch + self.epoch_step
+        for sched, opt in zip(self.schedulers, self.optimizers):
+            sched.last_epoch = self.step
+            for group, base, fn in zip(opt.param_groups, sched.base_lrs, sched.lr_lambdas):
+                group["lr"] = base * fn(self.step)
+        log.warning("global batch %d -> %d images per step since the checkpoint: continuing epoch %d at the same "
+                    "sample, as step %d of %d (was step %d), lr for the new batch", old, self.global_batch, self.epoch,
+                    self.step, self.total_steps, step)
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -399,7 +414,8 @@ class Trainer:
                                   check_every=self.cfg.log.every_steps)
 
     def _fingerprint(self) -> dict[str, Any]:
-        settings = {"model": self.config.get("model", {}), "world_size": self.world, "phases": list(self.phases)}
+        """What a resume must share; not the world size: the data position is global and DDP's state whole."""
+        settings = {"model": self.config.get("model", {}), "phases": list(self.phases), "optimizers": self.optimizer_names}
         return fingerprint(self.task, settings)
 
     def _maybe_checkpoint(self) -> None:
@@ -438,9 +454,23 @@ class Trainer:
         if reason == "final":
             self.control.__exit__()  # the run is over: give SIGTERM / SIGUSR1 back
 
+    def _check_resumable(self, path: Path) -> int:
+        """One-line CheckpointError for what cannot be resumed; returns the checkpoint's world size."""
+        meta = read_meta(path)
+        saved_world = int(meta.get("world_size", self.world))
+        saved, current = dict(meta.get("fingerprint", {})), self._fingerprint()
+        if "optimizers" not in saved:  # written before elastic resume: it recorded the world size, not the optimizers
+            saved.pop("world_size", None)
+            current.pop("optimizers")
+        check_compatible(path, saved, current)
+        if self.backend.deepspeed and saved_world != self.world:  # ZeRO partitions optimizer state per rank
+            raise CheckpointError(f"cannot resume the DeepSpeed checkpoint {path} of {saved_world} processes on "
+                                  f"{self.world}: relaunch with {saved_world} processes")
+        return saved_world
+
     def _maybe_resume(self) -> None:
-        """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers,
-        schedules, scaler, step, this rank's RNG and loader position) or start fresh."""
+        """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers, schedules,
+        scaler, step, loader position; this rank's RNG on the same world size) or start fresh."""
         self.control.__enter__()  # SIGTERM / SIGUSR1 now mean "save and stop"
         self.checkpoints.prepare()
         path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
@@ -448,10 +478,20 @@ class Trainer:
             if self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
                 load_weights(self.task, self.cfg.checkpoint.weights_only)
             return
-        check_compatible(path, read_meta(path).get("fingerprint", {}), self._fingerprint())
+        saved_world = self._check_resumable(path)
         if self.backend.deepspeed:
             self.backend.load_engine(path)
-        self.load_state_dict(load_file(path / TRAINER_FILE))
-        self.train_loader.load_state_dict(restore_rank_state(path, self.rank))
+        state = load_file(path / TRAINER_FILE)
+        self.load_state_dict(state)
+        # another world size: the ranks' RNG streams do not map onto the new ranks (the ones that matter,
+        # augmentation and masks, follow the samples); the loader position is global, rank 0's serves all
+        same_world = saved_world == self.world
+        self.train_loader.load_state_dict(restore_rank_state(path, self.rank if same_world else 0, rng=same_world))
+        if not same_world:
+            set_seed((self.seed + 1000 * self.rank + 7919 * self.step) % 2**32)
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            self._continue_with_global_batch(state["global_batch"])
+        if self.epoch_step >= self.steps_per_epoch:  # this layout has no full step left in the epoch
+            self.epoch, self.epoch_step = self.epoch + 1, 0
         self.checkpoint_path = path
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)
