@@ -45,8 +45,8 @@ def _keys(run: Path, tags: list[str]) -> dict[int, list[str]]:
 
 def _assert_close_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
     assert a.keys() == b.keys()
-    for name in a:  # another world size sums the same gradients in another order
-        torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    for name, value in a.items():  # another world size sums the same gradients in another order
+        torch.testing.assert_close(value, b[name], rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _run(run: Path, *args: str, data_root: Path, nproc: int) -> str:
@@ -61,7 +61,7 @@ def _killed(run: Path, *args: str, data_root: Path, nproc: int) -> None:
     wait_for(_ckpt(run, 8), proc)
     wait_for(run / f"pid-{nproc - 1}", proc)
     os.kill(int((run / f"pid-{nproc - 1}").read_text()), signal.SIGKILL)  # torchrun then stops the other rank
-    code, log = finish(proc, run)
+    code, _ = finish(proc, run)
     assert code != 0 and not (run / "final.pt").exists(), "the run ended before the kill"
 
 
