@@ -53,7 +53,7 @@ class GlobalOrder:
     """The epoch's sample order: position ``q`` -> (shard, index in shard). See the module docstring."""
 
     def __init__(self, counts: list[int], *, seed: int, epoch: int, shuffle: bool, block: int) -> None:
-        self.counts, self.total = counts, sum(counts)
+        self.total = sum(counts)
         self.shards = list(range(len(counts)))
         if shuffle:
             random.Random(mix(seed, epoch, "shards")).shuffle(self.shards)
