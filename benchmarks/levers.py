@@ -40,6 +40,8 @@ def levers(device: torch.device) -> list[Lever]:
         Lever("predict all patches, where-masked loss", base.with_(full_prediction_loss=True),
               note="the official step; MAETask predicts and scores only the removed patches"),
         Lever("boolean-mask loss", base.with_(boolean_mask_loss=True), note="dynamic shape; syncs on GPU"),
+        Lever("masks from torch.rand", base.with_(rng_masks=True),
+              note="the baseline hashes per-sample seeds (world-size-independent masks)"),
         Lever("paper decoder 512 x 8", base, {"decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16},
               note="architecture, not a setting: cost of a wider/deeper decoder"),
         Lever("project defaults", default_settings(device)),

@@ -37,6 +37,7 @@ class Settings:
     sync_every_step: bool = False  # read the loss on the host every step (what to avoid)
     boolean_mask_loss: bool = False  # loss via boolean indexing (dynamic shape) instead of a where-sum
     full_prediction_loss: bool = False  # predict every patch, mask the loss (mae_loss) instead of removed-only
+    rng_masks: bool = False  # masks from torch.rand instead of the per-sample seeds the loader sends
 
     def label(self) -> str:
         parts = [self.precision, "compile" if self.compile else "eager"]
@@ -45,6 +46,7 @@ class Settings:
         parts += ["sync-each-step"] if self.sync_every_step else []
         parts += ["bool-mask-loss"] if self.boolean_mask_loss else []
         parts += ["full-pred-loss"] if self.full_prediction_loss else []
+        parts += ["rng-masks"] if self.rng_masks else []
         return " ".join(parts)
 
     def with_(self, **changes: Any) -> Settings:

@@ -56,9 +56,12 @@ def _objective(task: MAETask, imgs: Tensor, settings: Settings) -> Callable[[], 
     """The training loss on the fixed batch ``imgs`` (N, C, H, W), compiled as a whole if asked
     (the trainer compiles the whole task too)."""
 
+    # the per-sample seeds a loader batch carries (what the trainer's masks are drawn from)
+    seeds = torch.arange(imgs.shape[0], device=imgs.device) * 7919 + 1
+
     def loss(x: Tensor) -> Tensor:
         if not (settings.boolean_mask_loss or settings.full_prediction_loss):
-            return task({"image": x})["loss"]
+            return task({"image": x} if settings.rng_masks else {"image": x, "seed": seeds})["loss"]
         latent, mask, ids_restore = task.model.forward_encoder(x, task.mask_ratio)
         pred = task.model.forward_decoder(latent, ids_restore)  # every patch, visible ones too
         masked = boolean_mask_loss if settings.boolean_mask_loss else mae_loss

@@ -4,7 +4,7 @@ Layout of ``run_dir/checkpoints``::
 
     step-00000040/          a complete checkpoint, never modified after its rename
         trainer.pt          rank 0: the trainer's state_dict (model, optimizers, schedulers, scaler, step, epoch)
-        rank-00000.pt ...   every rank: its RNG states and data-loader position
+        rank-00000.pt ...   every rank: its RNG states and data-loader position (global: the same on every rank)
         sharded/            backend=fsdp: model + optimizer shards of every rank (torch.distributed.checkpoint)
         meta.json           step, epoch, world size, why it was saved, fingerprint of the run
         COMPLETE            the completion marker, written last, before the rename
@@ -228,10 +228,12 @@ def rank_state(loader_state: dict[str, Any] | None) -> dict[str, Any]:
     return {"rng": rng_state(), "loader": loader_state}
 
 
-def restore_rank_state(ckpt: Path, rank: int) -> dict[str, Any] | None:
-    """Restore this rank's RNG states from ``ckpt``; return its data-loader state."""
+def restore_rank_state(ckpt: Path, rank: int, *, rng: bool = True) -> dict[str, Any] | None:
+    """Restore the RNG states of ``rank`` from ``ckpt`` (unless ``rng`` is False: a resume on another
+    world size, whose ranks are not the checkpoint's); return its data-loader state."""
     state = load_file(rank_file(ckpt, rank))
-    set_rng_state(state["rng"])
+    if rng:
+        set_rng_state(state["rng"])
     return state["loader"]
 
 

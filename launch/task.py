@@ -5,7 +5,7 @@ everything else: data loading, devices, distribution, precision, optimizers,
 schedules, checkpoints and logging. A batch is the data stack's dict::
 
     {"image": FloatTensor (B, C, H, W) normalized, "label": LongTensor (B,) (-1 = none),
-     "key": list[str]}
+     "key": list[str], "seed": LongTensor (B,) (each sample's own seed; see docs/architecture.md)}
 
 Phases let one step run several optimizers in turn (an adversarial autoencoder has
 ``("recon", "disc", "gen")``); each phase steps the trainable parameters of

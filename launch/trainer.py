@@ -157,13 +157,14 @@ class Trainer:
             raise ConfigError(f"{what}, but each rank gets only {len(self.train_loader)} batches per epoch: lower accum_steps")
 
     def _build_optimizers(self, task: Task) -> tuple[list[torch.optim.Optimizer], list[Any]]:
-        optimizers, schedulers = [], []
+        optimizers, schedulers, self.optimizer_names = [], [], []
         fused = self.cfg.optim.fused if self.cfg.optim.fused is not None else self.backend.device.type == "cuda"
         for phase in self.phases:
             pcfg = phase_config(self.cfg.optim, task.phase_optim(phase))
             lr = peak_lr(pcfg, self.global_batch)
             opt = build_optimizer(task.phase_module(phase), pcfg, lr, fused=fused and not self.backend.deepspeed)
             optimizers.append(opt)
+            self.optimizer_names.append(pcfg.name)
             schedulers.append(build_scheduler(opt, pcfg, lr, steps_per_epoch=self.steps_per_epoch, total=self.total_steps))
             log.info("phase %s: %s, peak lr %.3g (global batch %d)", phase, pcfg.name, lr, self.global_batch)
         return optimizers, schedulers
@@ -393,7 +394,7 @@ class Trainer:
         under FSDP every rank its shards of them."""
         state: dict[str, Any] = {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "bad_steps": self.bad_steps,
-            "schedulers": [s.state_dict() for s in self.schedulers],
+            "global_batch": self.global_batch, "schedulers": [s.state_dict() for s in self.schedulers],
         }
         if not self.backend.deepspeed and not self.backend.fsdp:
             state["model"] = self.task.state_dict()
@@ -415,6 +416,17 @@ class Trainer:
         if "scaler" in state and self.backend.scaler is not None:
             self.backend.scaler.load_state_dict(state["scaler"])
 
+    def _continue_with_global_batch(self, old: int) -> None:
+        """Resume at the checkpoint's sample with another global batch: the step counter, epoch step and
+        schedule position are re-counted in steps of the new batch, and the lr follows its scaling rule."""
+        self.epoch_step = max(self.steps_per_epoch - self.train_loader.batches_left() // self.cfg.accum_steps, 0)
+        step, self.step = self.step, self.epoch * self.steps_per_epoch + self.epoch_step
+        for sched in self.schedulers:
+            resume_schedule(sched, self.step)
+        log.warning("global batch %d -> %d images per step since the checkpoint: continuing epoch %d at the same "
+                    "sample, as step %d of %d (was step %d), lr for the new batch", old, self.global_batch, self.epoch,
+                    self.step, self.total_steps, step)
+
     # ------------------------------------------------------------------ checkpoints
 
     def _init_checkpoints(self) -> None:
@@ -425,10 +437,9 @@ class Trainer:
                                   check_every=self.cfg.log.every_steps)
 
     def _fingerprint(self) -> dict[str, Any]:
-        # the loader position and the epoch's step count are kept in batches of this size
-        batch = {"batch_size": self.cfg.batch_size, "accum_steps": self.cfg.accum_steps}
-        settings = {"model": self.config.get("model", {}), "world_size": self.world, "phases": list(self.phases),
-                    "trainer": batch}  # fmt: skip
+        """What a resume must share; not the world size nor the batch: the data position is global (in
+        samples) and DDP's state whole; another global batch is re-counted (``_continue_with_global_batch``)."""
+        settings = {"model": self.config.get("model", {}), "phases": list(self.phases), "optimizers": self.optimizer_names}
         # the whole task, if kept: FSDP renames the sharded one's class (FSDPMAETask)
         return fingerprint(self._whole if self._whole is not None else self.task, settings)
 
@@ -475,9 +486,25 @@ class Trainer:
         if reason == "final":
             self.control.__exit__()  # the run is over: give SIGTERM / SIGUSR1 back
 
+    def _check_resumable(self, path: Path) -> int:
+        """One-line CheckpointError for what cannot be resumed; returns the checkpoint's world size."""
+        meta = read_meta(path)
+        saved_world = int(meta.get("world_size", self.world))
+        saved, current = dict(meta.get("fingerprint", {})), self._fingerprint()
+        if "optimizers" not in saved:  # written before elastic resume: it recorded the world size (and batch), not
+            saved.pop("world_size", None)  # the optimizers
+            saved.pop("trainer", None)
+            current.pop("optimizers")
+        check_compatible(path, saved, current)
+        # ZeRO partitions optimizer state per rank; an FSDP resume on another world size is untested
+        if (self.backend.deepspeed or self.backend.fsdp) and saved_world != self.world:
+            raise CheckpointError(f"cannot resume the {self.cfg.backend} checkpoint {path} of {saved_world} processes "
+                                  f"on {self.world}: relaunch with {saved_world} processes")
+        return saved_world
+
     def _maybe_resume(self) -> None:
-        """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers,
-        schedules, scaler, step, this rank's RNG and loader position) or start fresh."""
+        """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers, schedules,
+        scaler, step, loader position; this rank's RNG on the same world size) or start fresh."""
         self.control.__enter__()  # SIGTERM / SIGUSR1 now mean "save and stop"
         self.checkpoints.prepare()
         path = self.checkpoints.resolve_agreed(self.cfg.checkpoint.resume)
@@ -485,7 +512,7 @@ class Trainer:
             if self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
                 load_weights(self.task, self.cfg.checkpoint.weights_only)
             return
-        check_compatible(path, read_meta(path).get("fingerprint", {}), self._fingerprint())
+        saved_world = self._check_resumable(path)
         if self.backend.deepspeed:
             self.backend.load_engine(path)
         if self.backend.fsdp:
@@ -495,6 +522,17 @@ class Trainer:
             raise CheckpointError(f"{path} holds sharded model state (trainer.backend=deepspeed or fsdp) but this run has "
                                   f"trainer.backend={self.cfg.backend}: resume with the backend that wrote it")  # fmt: skip
         self.load_state_dict(state)
-        self.train_loader.load_state_dict(restore_rank_state(path, self.rank))
+        # another world size: the ranks' RNG streams do not map onto the new ranks (the ones that matter,
+        # augmentation and masks, follow the samples); the loader position is global, rank 0's serves all
+        same_world = saved_world == self.world
+        self.train_loader.load_state_dict(restore_rank_state(path, self.rank if same_world else 0, rng=same_world))
+        if not same_world:
+            set_seed((self.seed + 1000 * self.rank + 7919 * self.step) % 2**32)
+        if self.epoch_step == 0:  # saved at an epoch's end, the loader may still be in the epoch before (the
+            self.train_loader.set_epoch(self.epoch)  # steps leave its last len % accum_steps batches unread)
+        if state.get("global_batch", self.global_batch) != self.global_batch:
+            self._continue_with_global_batch(state["global_batch"])
+        if self.epoch_step >= self.steps_per_epoch:  # this layout has no full step left in the epoch
+            self.epoch, self.epoch_step = self.epoch + 1, 0
         self.checkpoint_path = path
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)

@@ -45,6 +45,31 @@ def random_masking(x: Tensor, mask_ratio: float, noise: Tensor | None = None) ->
     return x_visible, mask, ids_restore
 
 
+_LOW32 = 0xFFFFFFFF
+
+
+def _hash32(x: Tensor) -> Tensor:
+    """Integer hash of int64 values in [0, 2**32) (Wellons' lowbias32 shape). Multipliers stay below
+    2**31, so no product overflows int64 and the result is the same on every device and under compile."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _LOW32
+    x = x ^ (x >> 15)
+    x = (x * 0x2C1B3C6D) & _LOW32
+    return x ^ (x >> 16)
+
+
+def sample_noise(seeds: Tensor, length: int) -> Tensor:
+    """seeds: (N,) int64 >= 0, one per sample -> (N, L) float32 noise in [0, 1) for ``random_masking``.
+
+    A counter-based hash of (seed, patch index) computed where ``seeds`` live: a sample's mask depends
+    on its own seed only (not on the batch it lands in, the rank, or any generator state), and
+    drawing it needs no host sync."""
+    key = _hash32(_hash32((seeds >> 32) ^ 0x6D2B79F5) ^ (seeds & _LOW32)).unsqueeze(1)  # (N, 1)
+    patch = torch.arange(length, device=seeds.device, dtype=torch.int64) * 0x9E3779B1  # Weyl steps, < 2**48
+    bits = _hash32((key + patch) & _LOW32) >> 8  # 24 bits: exact in float32
+    return bits.to(torch.float32) * 2.0**-24
+
+
 def gather_tokens(x: Tensor, ids: Tensor) -> Tensor:
     """x: (N, L, D), ids: (N, M) token indices per sample -> (N, M, D).
 

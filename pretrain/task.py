@@ -11,7 +11,7 @@ from launch.errors import ConfigError
 from launch.flops import mae_flops
 from launch.task import Batch, Task
 from pretrain.model import MaskedAutoencoderViT
-from pretrain.masking import gather_tokens, removed_ids
+from pretrain.masking import gather_tokens, removed_ids, sample_noise
 from pretrain.objective import removed_patch_loss
 from pretrain.presets import MAEConfig, build_model
 from pretrain.visualize import reconstruction_grid
@@ -44,7 +44,11 @@ class MAETask(Task):
         self.num_pictures = num_pictures
 
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
-        return {"loss": self._loss(batch["image"])}
+        """Masks come from the samples' own seeds (``batch["seed"]``, from the loader) when present, so a
+        sample is masked the same way whichever rank and batch it lands in; else from the torch RNG."""
+        imgs = batch["image"]
+        noise = sample_noise(batch["seed"], self.model.num_patches) if "seed" in batch else None
+        return {"loss": self._loss(imgs, noise)}
 
     @torch.no_grad()
     def eval_step(self, batch: Batch) -> dict[str, Tensor]:

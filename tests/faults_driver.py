@@ -18,11 +18,16 @@ Faults exist only here, never in the product:
   attempts rank 0 starts 1 s late, so rank 1 looks up rank 0's process-group address first
   (with store keys shared across attempts: the dead attempt's, fatal when rank 1 dials).
 * ``--step-delay S``: sleep S seconds per forward, so a test can kill at a random step.
+
+Options for the resume-on-another-world-size tests (not faults): ``--masks seeded`` draws the masks
+from the samples' seeds (``batch["seed"]``, as ``MAETask`` does) instead of the torch RNG;
+``--record-keys TAG`` appends ``{"step", "keys"}`` per optimizer step to ``RUN_DIR/keys-TAG-rank-R.jsonl``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import subprocess
@@ -39,6 +44,7 @@ from launch import checkpoint, dist
 from launch.cli import entry_point
 from launch.config import TrainerConfig, load_config
 from launch.task import Batch, Task
+from pretrain.masking import sample_noise
 
 PATCH = 2
 
@@ -46,11 +52,13 @@ PATCH = 2
 class MaskedTiny(Task):
     """Reconstruct randomly masked 2x2 patches of 8x8 digits: MAE in miniature."""
 
-    def __init__(self, poison: set[int] | None = None, delay: float = 0.0, crash: int | None = None) -> None:
+    def __init__(self, poison: set[int] | None = None, delay: float = 0.0, crash: int | None = None,
+                 seeded: bool = False, record: Path | None = None) -> None:
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(PATCH * PATCH + 16, 32), nn.GELU(), nn.Linear(32, 32))
         self.decoder = nn.Linear(32, PATCH * PATCH)
         self.poison, self.delay, self.crash, self.calls = poison or set(), delay, crash, 0
+        self.seeded, self.record, self.keys = seeded, record, []
 
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
         self.calls += 1
@@ -62,11 +70,20 @@ class MaskedTiny(Task):
         time.sleep(self.delay)
         patches = rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=PATCH, q=PATCH)  # (N, 16, 4)
         n, length, _ = patches.shape
-        mask = (torch.rand(n, length, device=imgs.device) < 0.75).float()  # 1 = hidden; the RNG a resume must restore
+        noise = sample_noise(batch["seed"], length) if self.seeded else torch.rand(n, length, device=imgs.device)
+        mask = (noise < 0.75).float()  # 1 = hidden; unseeded: the RNG a resume must restore
+        if self.training:
+            self.keys += batch["key"]
         position = torch.eye(length, device=imgs.device).expand(n, -1, -1)
         pred = self.decoder(self.encoder(torch.cat([patches * (1 - mask[..., None]), position], -1)))
         loss = ((pred - patches) ** 2).mean(-1)
         return {"loss": (loss * mask).sum() / mask.sum().clamp(min=1)}
+
+    def on_step_end(self, step: int) -> None:
+        if self.record is not None:
+            with open(self.record, "a") as f:
+                f.write(json.dumps({"step": step, "keys": self.keys}) + "\n")
+        self.keys = []
 
 
 def _kill_in_save(step: int) -> None:
@@ -89,6 +106,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--fault", default="")
     parser.add_argument("--step-delay", type=float, default=0.0)
+    parser.add_argument("--masks", choices=["rng", "seeded"], default="rng")
+    parser.add_argument("--record-keys", default=None)
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(argv)
     args.run_dir.mkdir(parents=True, exist_ok=True)
@@ -106,7 +125,9 @@ def run(argv: list[str]) -> int:
     crash = int(at) if kind == "crash" and dist.rank() == 1 and attempt == "0" else None
     if kind == "crash" and dist.rank() == 0 and attempt != "0":
         time.sleep(1.0)
-    task = MaskedTiny(poison={int(n) for n in at.split(",")} if kind == "nan" else None, delay=args.step_delay, crash=crash)
+    record = args.run_dir / f"keys-{args.record_keys}-rank-{dist.rank()}.jsonl" if args.record_keys else None
+    task = MaskedTiny(poison={int(n) for n in at.split(",")} if kind == "nan" else None, delay=args.step_delay, crash=crash,
+                      seeded=args.masks == "seeded", record=record)
     result = fit(task, cfg, data, args.run_dir, seed=0, img_size=8)
     if dist.is_main():
         torch.save({k: v.detach().clone() for k, v in result.task.state_dict().items()}, args.run_dir / "final.pt")

@@ -1,4 +1,5 @@
-"""Ranks x workers: every sample exactly once per epoch, the same batch count on every rank.
+"""Ranks x workers: every sample exactly once per epoch, the same batch count on every rank, and
+global batches that do not depend on how they are split over ranks.
 
 The multi-process test runs this file under ``torchrun --nproc_per_node 2`` (see ``__main__``).
 """
@@ -13,35 +14,76 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
-from launch.data.plan import batch_sizes, exact_plan, worker_batches
+from launch.data.plan import GlobalOrder, deal, global_batch_ends, worker_batches
 
 UNEVEN = (97, 3, 40, 1, 59)  # 200 samples; fewer shards than 2 ranks x 4 workers in the plan test
 
 
-@pytest.mark.parametrize("world_size,batch_size,workers", list(itertools.product((1, 2, 3, 8), (1, 7, 64), (1, 2, 3))))
-def test_plan_covers_every_sample_once_with_equal_batch_counts(world_size: int, batch_size: int, workers: int) -> None:
+@pytest.mark.parametrize("world_size,batch_size,start", list(itertools.product((1, 2, 3, 8), (1, 7, 64), (0, 5, 150))))
+def test_deal_covers_every_position_once_with_equal_batch_counts(world_size: int, batch_size: int, start: int) -> None:
+    ranks = [deal(200, start, world_size=world_size, batch_size=batch_size, rank=r) for r in range(world_size)]
+    assert len({len(batches) for batches in ranks}) == 1
+    sizes = [len(b) for batches in ranks for b in batches]
+    assert min(sizes) >= 1 and max(sizes) <= batch_size + 1
+    for batches in ranks:  # full batches first: only the last one of the pass may differ
+        assert all(len(b) == batch_size for b in batches[:-1])
+    assert sorted(q for batches in ranks for b in batches for q in b) == list(range(start, 200))
+
+
+@pytest.mark.parametrize("start", [0, 36, 50])
+def test_global_micro_batches_do_not_depend_on_the_split_over_ranks(start: int) -> None:
+    """The same W x B from the same position: global batch i holds the same positions, whatever W."""
+    def global_batches(world_size: int, batch_size: int) -> list[list[int]]:
+        ranks = [deal(200, start, world_size=world_size, batch_size=batch_size, rank=r) for r in range(world_size)]
+        return [[q for batches in ranks for q in batches[i]] for i in range(len(ranks[0]))]
+
+    one = global_batches(1, 12)
+    assert global_batches(2, 6) == global_batches(3, 4) == global_batches(4, 3) == one
+    assert one[0][0] == start and len(one) == -(-(200 - start) // 12)
+
+
+@pytest.mark.parametrize("world_size,batch_size,start", [(1, 12, 0), (2, 6, 0), (3, 4, 36), (8, 7, 5), (3, 64, 0)])
+def test_drop_last_deals_only_full_global_micro_batches(world_size: int, batch_size: int, start: int) -> None:
+    """Training (drop_last): floor(left / (W x B)) global micro-batches, every one full, the first positions
+    of the order; the partial rest is dropped (not merged, not split)."""
+    unit = world_size * batch_size
+    ranks = [deal(200, start, world_size=world_size, batch_size=batch_size, rank=r, drop_last=True)
+             for r in range(world_size)]
+    assert all(len(batches) == (200 - start) // unit for batches in ranks)
+    assert all(len(b) == batch_size for batches in ranks for b in batches)
+    used = sorted(q for batches in ranks for b in batches for q in b)
+    assert used == list(range(start, start + (200 - start) // unit * unit))
+    assert global_batch_ends(200, start, world_size=world_size, batch_size=batch_size, drop_last=True) == [
+        start + (i + 1) * unit for i in range((200 - start) // unit)]
+
+
+def test_a_resume_in_the_last_samples_of_an_epoch_has_nothing_left() -> None:
+    assert deal(200, 199, world_size=2, batch_size=4, rank=0) == []
+    assert [len(b) for b in deal(200, 198, world_size=2, batch_size=4, rank=1)] == [1]
+
+
+@pytest.mark.parametrize("block", [0, 1, 16, 1000])
+def test_global_order_is_a_seeded_permutation_of_the_shards(block: int) -> None:
     counts = list(UNEVEN)
-    seen: list[tuple[int, int]] = []
-    batches = set()
-    for rank in range(world_size):
-        plan = exact_plan(counts, seed=1, epoch=2, shuffle=True, rank=rank, world_size=world_size, batch_size=batch_size)
-        batches.add(len(plan.sizes))
-        assert all(1 <= s <= max(batch_size, 2) for s in plan.sizes) and plan.sizes == sorted(plan.sizes, reverse=True)
-        for w in range(workers):
-            mine = sum(plan.sizes[i] for i in worker_batches(len(plan.sizes), workers, w))
-            segments = plan.worker_segments(counts, workers, w)
-            assert sum(s.stop - s.start for s in segments) == mine
-            seen += [(s.shard, i) for s in segments for i in range(s.start, s.stop)]
-    assert len(batches) == 1
-    assert sorted(seen) == [(shard, i) for shard, n in enumerate(counts) for i in range(n)]
+
+    def positions(seed: int, epoch: int) -> list[tuple[int, int]]:
+        order = GlobalOrder(counts, seed=seed, epoch=epoch, shuffle=True, block=block)
+        return [order.locate(order.storage(q)) for q in range(order.total)]
+
+    first = positions(1, 2)
+    assert sorted(first) == [(shard, i) for shard, n in enumerate(counts) for i in range(n)]
+    assert positions(1, 2) == first and positions(1, 3) != first
+    plain = GlobalOrder(counts, seed=1, epoch=2, shuffle=False, block=block)
+    assert [plain.locate(plain.storage(q)) for q in range(plain.total)] == sorted(first)
+    if block > 1:  # a position stays inside its block of the shard sequence
+        order = GlobalOrder(counts, seed=1, epoch=2, shuffle=True, block=block)
+        assert all(order.storage(q) // block == q // block for q in range(order.total))
 
 
-def test_batch_sizes_shrink_only_at_the_end() -> None:
-    assert batch_sizes(10, 3, 4) == [4, 4, 2]
-    assert batch_sizes(8, 3, 4) == [4, 3, 1]
-    assert batch_sizes(3, 3, 1) == [1, 1, 1]
-    assert batch_sizes(4, 3, 1) == [2, 1, 1]  # batch 1, three ranks over 10 samples: 3, 3, 4 -> 3 batches each
+def test_worker_batches_interleave() -> None:
+    assert [list(worker_batches(7, 3, w)) for w in range(3)] == [[0, 3, 6], [1, 4], [2, 5]]
 
 
 def test_one_shard_feeds_two_ranks_of_two_workers(tmp_path: Path) -> None:
@@ -51,7 +93,7 @@ def test_one_shard_feeds_two_ranks_of_two_workers(tmp_path: Path) -> None:
     cfg = DataConfig(source=str(tmp_path / "part-000000.tar"), workers=2, shuffle_buffer=10)
     ranks = [[b["key"] for b in build_loader(cfg, "train", preset="pretrain", batch_size=16, img_size=8, seed=0,
                                              rank=r, world_size=2)] for r in range(2)]
-    assert len(ranks[0]) == len(ranks[1]) == 4  # 97 samples: 49 + 48 per rank, ceil(49 / 16) batches each
+    assert len(ranks[0]) == len(ranks[1]) == 3  # 97 samples: 2 x 32, then 33 (the last one is merged in)
     keys = [k for rank in ranks for batch in rank for k in batch]
     assert len(keys) == len(set(keys)) == UNEVEN[0]
 
@@ -66,6 +108,43 @@ def _write_uneven(folder: Path) -> None:
     for i, n in enumerate(UNEVEN):
         write_shard(folder / f"part-{i:06d}.tar", items[start:start + n])
         start += n
+
+
+def _global_batches(folder: Path, world_size: int, batch_size: int, workers: int, stop: int | None = None,
+                    state: dict | None = None) -> tuple[list[list[tuple[str, torch.Tensor]]], dict]:
+    """Global micro-batches (rank 0's samples, then rank 1's, ...) as (key, image) pairs, and the position
+    after ``stop`` of them; ``state`` restores every rank first."""
+    from launch.data import DataConfig, build_loader
+
+    cfg = DataConfig(source=folder, workers=workers, shuffle_buffer=30)
+    loaders = [build_loader(cfg, "train", preset="pretrain", batch_size=batch_size, img_size=8, seed=5, rank=r,
+                            world_size=world_size) for r in range(world_size)]
+    ranks = []
+    for loader in loaders:
+        if state is not None:
+            loader.load_state_dict(state)
+        ranks.append([list(zip(b["key"], b["image"])) for b in itertools.islice(loader, stop)])
+    assert len({len(r) for r in ranks}) == 1 and len({repr(loader.state_dict()) for loader in loaders}) == 1
+    return [[s for rank in ranks for s in rank[i]] for i in range(len(ranks[0]))], loaders[0].state_dict()
+
+
+def _same_samples(a: list[list[tuple[str, torch.Tensor]]], b: list[list[tuple[str, torch.Tensor]]]) -> None:
+    assert [[k for k, _ in batch] for batch in a] == [[k for k, _ in batch] for batch in b]
+    assert all(torch.equal(x, y) for p, q in zip(a, b) for (_, x), (_, y) in zip(p, q))  # same augmentation
+
+
+@pytest.mark.parametrize("before,after", [((2, 8, 2), (1, 16, 1)), ((1, 16, 2), (2, 8, 1)), ((2, 8, 1), (4, 4, 2))])
+def test_resume_on_another_world_size_continues_with_the_same_global_batches(tmp_path: Path, before, after) -> None:
+    """(world size, batch size, workers) before and after a stop after 5 global batches: the rest of the
+    epoch holds the same samples, augmented the same way, as the uninterrupted run's."""
+    _write_uneven(tmp_path)
+    reference, _ = _global_batches(str(tmp_path), *before)
+    assert len(reference) == 13 and sorted(k for b in reference for k, _ in b) == sorted(
+        {k for b in reference for k, _ in b})  # 200 samples, once each
+    head, state = _global_batches(str(tmp_path), *before, stop=5)
+    assert state["position"] == 80
+    rest, _ = _global_batches(str(tmp_path), *after, state=state)
+    _same_samples(head + rest, reference)
 
 
 @pytest.mark.dist

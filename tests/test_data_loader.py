@@ -74,6 +74,18 @@ def test_resume_yields_exactly_the_uninterrupted_batches(digits: Path, mode: str
     assert all(len(b["key"]) == 16 for b in full[:-7])
 
 
+def test_state_is_a_global_position_and_old_batch_counts_still_load(digits: Path, caplog) -> None:
+    make = functools.partial(build_loader, _cfg(str(digits), workers=0), "train", preset="pretrain", img_size=8, seed=3)
+    loader = make(batch_size=16)
+    _take(loader, 5)
+    assert loader.state_dict()["position"] == 80 and loader.batches_left() == len(loader) - 5
+    legacy = {"epoch": 0, "consumed": 5, "corrupt": 0, "layout": {"batch_size": 8, "world_size": 2, "workers": 2}}
+    resumed = make(batch_size=32)
+    resumed.load_state_dict(legacy)  # a checkpoint from before global positions: 5 x 8 x 2 samples
+    assert "not sample-exact" in caplog.text
+    assert resumed.state_dict()["position"] == 80 and resumed.batches_left() == -(-(1497 - 80) // 32)
+
+
 def test_epochs_reshuffle_inside_persistent_workers_and_seed_fixes_the_order(digits: Path) -> None:
     make = functools.partial(build_loader, _cfg(str(digits)), "train", preset="pretrain", batch_size=32, img_size=8)
     loader = make(seed=0)

@@ -86,7 +86,9 @@ def test_short_finetune_exports_best_and_final(tmp_path: Path) -> None:
     })  # fmt: skip
     data = DataConfig(root=str(tmp_path / "data"), workers=0, hflip=0.0)
     result = run_finetune(cfg, backbone=mae, data=data, run_dir=tmp_path / "run", seed=0)
-    assert result.eval["top1"] > 20.0, result.eval  # 24 steps; chance is 10 %
+    # 24 steps; chance is 10 %, and 15 % of the 1,000 eval digits is 5 s.d. above it (the figure moves by a
+    # few points with the sample order: 19.9 with the world-size-independent order, above 20 before it)
+    assert result.eval["top1"] > 15.0, result.eval
     best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
     assert best["top1"] >= result.eval["top1"] - 1e-6 or best["top1"] >= result.eval["ema_top1"] - 1e-6
     final = timm.create_model(f"local-dir:{tmp_path / 'run' / 'export'}", pretrained=True).eval()

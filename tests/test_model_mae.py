@@ -13,7 +13,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from launch.config import load_config
 from launch.errors import ConfigError
-from pretrain.masking import gather_tokens
+from pretrain.masking import gather_tokens, sample_noise
 from pretrain.objective import mae_loss
 from pretrain.pos_embed import sincos_2d_pos_embed
 from pretrain.presets import PRESETS, MAEConfig, build_model, create_mae
@@ -220,6 +220,21 @@ def test_compiled_step_matches_eager() -> None:
 
     compiled = torch.compile(step, fullgraph=True)
     torch.testing.assert_close(compiled(imgs, noise), step(imgs, noise), rtol=1e-5, atol=1e-6)
+
+
+def test_task_masks_follow_the_sample_seeds_in_the_batch() -> None:
+    """With the loader's per-sample "seed", the loss does not depend on the torch RNG, and each
+    sample's mask is its own: the batch [a, b] scores the same as a and b apart."""
+    task = MAETask(small(), 0.75, norm_pix_loss=True)
+    imgs, seeds = torch.randn(2, 1, 28, 28), torch.tensor([11, 2**40 + 3])
+    torch.manual_seed(1)
+    both = task({"image": imgs, "seed": seeds})["loss"]
+    torch.manual_seed(2)
+    assert torch.equal(task({"image": imgs, "seed": seeds})["loss"], both)
+    apart = [task({"image": imgs[i:i + 1], "seed": seeds[i:i + 1]})["loss"] for i in range(2)]
+    torch.testing.assert_close(both, (apart[0] + apart[1]) / 2)  # same masks: 37 removed patches each
+    pred, mask = task.model(imgs, 0.75, sample_noise(seeds, 49))
+    torch.testing.assert_close(both, mae_loss(pred, task.model.patchify(imgs), mask))
 
 
 def test_task_loss_eval_and_pictures() -> None:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from launch.errors import ConfigError
-from pretrain.masking import num_visible, random_masking, removed_ids
+from pretrain.masking import num_visible, random_masking, removed_ids, sample_noise
 from pretrain.pos_embed import sincos_2d_pos_embed
 
 
@@ -35,6 +35,26 @@ def test_visible_tokens_are_exactly_the_unmasked_positions() -> None:
         kept_positions = sorted((visible[i, :, 0] - 1000 * i).long().tolist())
         assert kept_positions == torch.nonzero(mask[i] == 0).flatten().tolist()
 
+
+
+def test_seeded_noise_depends_only_on_the_sample_seed() -> None:
+    """A sample's mask follows its seed, not its batch: what makes masks world-size independent."""
+    seeds = torch.tensor([0, 1, 2**62 + 5, 123456789012345], dtype=torch.int64)
+    noise = sample_noise(seeds, 196)
+    assert noise.shape == (4, 196) and noise.dtype == torch.float32
+    assert 0 <= noise.min() and noise.max() < 1
+    assert torch.equal(sample_noise(seeds.flip(0)[1:], 196), noise.flip(0)[1:])  # other batch, same rows
+    assert torch.equal(sample_noise(seeds, 196), noise)
+    assert len({tuple(row.tolist()) for row in noise}) == 4
+
+
+def test_seeded_masks_are_uniform_over_patches_and_independent_across_seeds() -> None:
+    noise = sample_noise(torch.arange(4000, dtype=torch.int64) * 2654435761, 49)
+    _, mask, _ = random_masking(_tokens(4000), 0.75, noise)
+    per_patch = mask.mean(0)  # 37 of 49 patches removed: every patch ~ 37 / 49 of the time
+    assert (per_patch - 37 / 49).abs().max() < 0.04
+    overlap = (mask[1:] * mask[:-1]).sum(1).mean()  # neighbouring seeds: independent masks share ~ 37^2 / 49
+    assert abs(overlap.item() - 37 * 37 / 49) < 0.3
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.75])

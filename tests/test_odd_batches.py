@@ -1,7 +1,7 @@
 """An odd or short last batch never crashes a recipe nor outweighs full batches (issue 13 row 4).
 
-Training loaders drop the incomplete last batch of each rank, as the official MAE code does
-(``drop_last=True``), with the same number of full batches on every rank; evaluation still reads
+Training loaders drop the incomplete last global micro-batch, as the official MAE code does
+(``drop_last=True``): the same number of full batches on every rank; evaluation still reads
 every sample once. A batch left odd by a corrupt sample is mixed on its even part."""
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def test_training_loader_drops_the_short_last_batch_on_every_rank(digits: Path, 
         loader = build_loader(cfg, "train", preset="pretrain", batch_size=64, img_size=8, seed=0, rank=rank,
                               world_size=world, drop_last=True)  # fmt: skip
         batches = list(loader)
-        assert len(batches) == len(loader) == 1497 // world // 64  # equal on every rank: nobody waits
+        assert len(batches) == len(loader) == 1497 // (world * 64)  # equal on every rank: nobody waits
         assert all(len(b["key"]) == 64 for b in batches)  # every micro-batch weighs the same in the DDP mean
         keys += [k for b in batches for k in b["key"]]
-    assert len(keys) == len(set(keys))  # no sample twice within the epoch
+    assert len(keys) == len(set(keys)) == 1497 // (world * 64) * world * 64  # no sample twice within the epoch
 
 
 def test_eval_loader_still_reads_every_sample_once(digits: Path) -> None:

@@ -82,6 +82,9 @@ class SyntheticLoader:
     def __len__(self) -> int:
         return len(self.images) // (self.b * self.world)
 
+    def batches_left(self) -> int:
+        return len(self) - self.pos
+
     def set_epoch(self, epoch: int) -> None:
         self.epoch, self.pos = epoch, 0
 

@@ -25,7 +25,9 @@ class DataConfig(Schema):
         "exact", description="exact: every sample once per epoch; resampled: shards drawn with replacement, fixed epoch length"
     )
     epoch_samples: int | None = Field(None, ge=1, description="resampled mode: samples per epoch over all ranks (default: split size)")
-    shuffle_buffer: int = Field(2000, ge=0, description="samples held by each worker's shuffle buffer (0 = off)")
+    shuffle_buffer: int = Field(2000, ge=0, description="exact mode: the epoch's order is permuted within blocks of this "
+                                "many consecutive samples of the shuffled shards; resampled mode: samples held by each "
+                                "worker's shuffle buffer (0 = off)")
     workers: int = Field(2, ge=0, description="DataLoader worker processes per rank (0 = read in the main process)")
     prefetch: int = Field(2, ge=1, description="batches prefetched by each worker")
     normalize: Literal["auto", "worker", "device"] = Field(

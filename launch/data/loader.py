@@ -1,11 +1,13 @@
 """``build_loader`` -> ``ShardLoader``: one reader for every stage.
 
-Workers read their planned samples (see ``plan``) as raw bytes through a seeded shuffle
-buffer; a batch takes the next ``size`` raw samples, and only then are they decoded and
-augmented, each with its own seed. Hence a resume replays the stream of a worker without
-decoding and skips exactly the batches it had already produced; in exact mode the samples
-those batches used up are not even read (placeholders: the buffer's picks depend on
-positions only), so a restored worker reads just the samples it has not yielded.
+Exact mode: a worker computes which positions of the epoch's global order its batches hold
+(see ``plan``), reads just those samples as raw bytes, opening each shard once and in order
+(a remote shard with a sample index: one byte-range request per run of them), and only then
+decodes and augments them, each with the seed of its global position. The
+position of a loader is the number of samples of that order that all ranks together have
+consumed, so a resume -- on any number of ranks or workers -- re-deals the rest of the epoch.
+Resampled mode: workers stream drawn shards through a seeded shuffle buffer; a resume replays
+a worker's raw stream without decoding and skips the batches it had already produced.
 
 Epoch and restore position live in a small shared-memory tensor created before the
 workers start, so persistent workers see every new epoch (and a restore) on the next
@@ -19,7 +21,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -29,7 +31,8 @@ from webdataset.filters import shuffle as shuffle_filter
 
 from launch.data.config import DataConfig
 from launch.data.dataset import DatasetInfo, dataset_info, resolve_parts
-from launch.data.plan import RankPlan, Segment, cut, exact_plan, mix, resampled_plan, resampled_shards, worker_batches
+from launch.data.plan import (GlobalOrder, Segment, deal, global_batch_ends, mix, resampled_batches, resampled_shards,
+                              worker_batches)
 from launch.data.remote import ReadPolicy
 from launch.data.shards import BROKEN, Sample, ShardIndex, count_samples, read_samples
 from launch.data.transforms import IMAGE_KEYS, PRESETS, build_transform, decode
@@ -40,7 +43,7 @@ log = logging.getLogger(__name__)
 Batch = dict[str, Any]
 
 
-# a restore reads through fewer unneeded samples than this rather than open another range request:
+# a reader reads through fewer unwanted samples than this rather than open another range request:
 # a request costs about a round trip (~10 ms), about what 8 ImageNet-size JPEGs take at 1 Gbit/s
 _GAP = 8
 
@@ -61,7 +64,10 @@ class _Lost:
 
 
 class ShardStream(IterableDataset):
-    """Batches of one rank; each DataLoader worker yields its share (see module docstring)."""
+    """Batches of one rank; each DataLoader worker yields its share (see ``plan``).
+
+    ``shared`` = [epoch, start]: a pass yields the batches after global position ``start`` (samples
+    of the epoch's order already consumed by all ranks together)."""
 
     def __init__(self, cfg: DataConfig, info: DatasetInfo, urls: list[str], counts: list[int] | None, *, preset: str,
                  batch_size: int, img_size: int, seed: int, rank: int, world_size: int, shuffle: bool,
@@ -72,68 +78,88 @@ class ShardStream(IterableDataset):
         self.preset, self.batch_size, self.img_size = preset, batch_size, img_size
         self.seed, self.rank, self.world_size, self.shuffle, self.drop_last = seed, rank, world_size, shuffle, drop_last
         self.exact = preset == "eval" or cfg.mode == "exact"
-        self.shared = torch.zeros(2, dtype=torch.int64).share_memory_()  # [epoch, batches consumed at iter()]
-        self.num_batches = len(self.plan(0).sizes)
+        self.unit = batch_size * world_size  # samples of one global micro-batch
+        self.total = sum(counts) if self.exact else (cfg.epoch_samples or sum(counts or []))
+        self.shared = torch.zeros(2, dtype=torch.int64).share_memory_()
+        self.num_batches = len(self.batch_ends(0))
+        if self.num_batches == 0 and not drop_last:  # drop_last: the trainer names the batch that does not fit
+            raise DataError(f"the split has {self.total} samples, fewer than the {world_size} ranks reading it")
         self.preset_fns = build_transform(cfg, preset, img_size, info.mean, info.std)  # before fork: imports done once
         self.policy = read_policy(cfg)
         self._spare: Sample | None = None
 
-    def plan(self, epoch: int) -> RankPlan:
-        if not self.exact:
-            total = self.cfg.epoch_samples or sum(self.counts or [])
-            return resampled_plan(total, world_size=self.world_size, batch_size=self.batch_size)
+    def batch_ends(self, start: int) -> list[int]:
+        """Global position after each batch a pass from ``start`` yields (the same on every rank)."""
+        if self.exact:
+            return global_batch_ends(self.total, start, world_size=self.world_size, batch_size=self.batch_size,
+                                     drop_last=self.drop_last)
+        batches = resampled_batches(self.total, world_size=self.world_size, batch_size=self.batch_size)
+        return [(b + 1) * self.unit for b in range(start // self.unit, batches)]
+
+    def order(self, epoch: int) -> GlobalOrder:
         assert self.counts is not None
-        return exact_plan(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle, rank=self.rank,
-                          world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last)
+        return GlobalOrder(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle, block=self.cfg.shuffle_buffer)
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
         workers, physical = (worker.num_workers, worker.id) if worker else (1, 0)
         epoch, start = int(self.shared[0]), int(self.shared[1])
+        if self.exact:
+            return self._exact(epoch, start, workers, physical)
+        return self._resampled(epoch, start // self.unit, workers, physical)
+
+    def _exact(self, epoch: int, start: int, workers: int, worker: int) -> Iterator[Batch]:
+        """This worker's batches of the pass from ``start``: reads only its own samples, shard by shard."""
+        order = self.order(epoch)
+        plan = deal(self.total, start, world_size=self.world_size, batch_size=self.batch_size, rank=self.rank,
+                    drop_last=self.drop_last)
+        batches = [[(q, order.storage(q)) for q in plan[i]] for i in worker_batches(len(plan), workers, worker)]
+        reader = self._read(order, sorted(index for batch in batches for _, index in batch))
+        ready: dict[int, Sample] = {}
+        for batch in batches:
+            for _, index in batch:
+                while index not in ready:  # the reader walks the storage in order, batches the global order
+                    got, sample = next(reader)
+                    ready[got] = sample
+            yield self._batch([(mix(self.seed, epoch, q), ready.pop(index)) for q, index in batch], _Lost())
+
+    def _read(self, order: GlobalOrder, wanted: list[int]) -> Iterator[tuple[int, Sample]]:
+        """(index, raw sample) for the ascending storage indices ``wanted``, opening each shard once (a
+        remote shard with a sample index: one range request per run of them, gaps under ``_GAP`` read
+        through); ``{BROKEN: why}`` for a sample that a broken shard could not give."""
+        located = [(index, *order.locate(index)) for index in wanted]
+        for shard, group in itertools.groupby(located, key=lambda item: item[1]):
+            group = list(group)
+            gap = _GAP if self.index.indexed(shard) else math.inf
+            for lo, hi in _runs([k for _, _, k in group], gap):
+                run = [item for item in group if lo <= item[2] < hi]
+                samples = read_samples(self.urls[shard], lo, hi, self.policy, self.index.span(shard, lo, hi),
+                                       keep={k for _, _, k in run})
+                broken = None
+                for index, _, k in run:
+                    sample = broken or next(samples, None) or {BROKEN: f"{self.urls[shard]}: ended before sample {k}"}
+                    if BROKEN in sample:  # the rest of this run is lost with it
+                        broken = sample
+                    yield index, sample
+
+    def _resampled(self, epoch: int, start: int, workers: int, physical: int) -> Iterator[Batch]:
+        """Shards drawn per (rank, worker): batches before ``start`` are read again but not decoded."""
         # the DataLoader always begins at worker 0: rotate so it plays the worker whose batch is next
         logical = (physical + start) % workers
         done = start // workers + (logical < start % workers)
-        plan = self.plan(epoch)
-        mine = worker_batches(len(plan.sizes), workers, logical)
-        lost = _Lost()
-        shuffle = self._buffer(epoch, logical)
-        segments = self._segments(plan, epoch, workers, logical)
-        if done and plan.segments is not None:  # exact mode: samples used up before the restore are counted, not read
-            total = sum(plan.sizes[i] for i in mine)
-            needed = _needed(shuffle, total, consumed=sum(plan.sizes[i] for i in mine[:done]))
-            raw: Iterator[Sample | None] = self._replay(list(segments), needed, lost)
-        else:
-            raw = self._raw(segments, lost)
-        if shuffle is not None:
-            raw = shuffle(raw)
-        for j, index in enumerate(mine):
-            samples = list(itertools.islice(raw, plan.sizes[index]))
-            if j >= done:  # batches already yielded before a restore are replayed, never decoded
-                yield self._batch(samples, epoch, index, lost)
+        lost = _Lost()  # samples of broken shards met since the last batch
+        draws = resampled_shards(self.counts, len(self.urls), seed=self.seed, epoch=epoch, rank=self.rank, worker=logical)
+        raw = self._raw(draws, lost)
+        if self.shuffle and self.cfg.shuffle_buffer > 1:
+            buffer_seed = mix(self.seed, epoch, self.rank, logical, "buffer")
+            raw = shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=buffer_seed)(raw)
+        total = resampled_batches(self.total, world_size=self.world_size, batch_size=self.batch_size)
+        for j, index in enumerate(worker_batches(total, workers, logical)):
+            samples = list(itertools.islice(raw, self.batch_size))
+            if j >= done:  # batches already yielded before a restore are read, never decoded
+                seeds = [mix(self.seed, epoch, self.rank, index, k) for k in range(len(samples))]
+                yield self._batch(list(zip(seeds, samples)), lost)
             lost.count, lost.why = 0, ""  # in place: the raw stream adds to this object
-
-    def _buffer(self, epoch: int, worker: int) -> Callable[[Iterator[Any]], Iterator[Any]] | None:
-        if not self.shuffle or self.cfg.shuffle_buffer <= 1:
-            return None
-        seed = mix(self.seed, epoch, self.rank, worker, "buffer")
-        return shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=seed)
-
-    def _replay(self, segments: list[Segment], needed: list[int], lost: _Lost) -> Iterator[Sample | None]:
-        """A restored worker's stream, with a placeholder at each position used up before the restore
-        (``needed``: the others, ascending). Where every shard has a sample index, each run of needed
-        samples is one byte-range request (gaps under ``_GAP`` samples are read through); otherwise
-        the stream is read from the first needed sample on."""
-        gap = _GAP if all(self.index.indexed(s.shard) for s in segments) else math.inf
-        pos = 0
-        for lo, hi in _runs(needed, gap):
-            yield from itertools.repeat(None, lo - pos)
-            yield from self._raw(iter(cut(segments, self.counts or [], lo, hi)), lost)
-            pos = hi
-
-    def _segments(self, plan: RankPlan, epoch: int, workers: int, worker: int) -> Iterator[Segment]:
-        if plan.segments is not None:
-            return iter(plan.worker_segments(self.counts or [], workers, worker))
-        return resampled_shards(self.counts, len(self.urls), seed=self.seed, epoch=epoch, rank=self.rank, worker=worker)
 
     def _raw(self, segments: Iterator[Segment], lost: _Lost) -> Iterator[Sample]:
         """Raw samples of the segments in order; samples a broken shard could not give are added to ``lost``."""
@@ -152,12 +178,16 @@ class ShardStream(IterableDataset):
             if barren > 2 * len(self.urls) + 8:  # only resampled streams are endless
                 raise DataError(f"no readable sample in {barren} shard draws in a row (e.g. {self.urls[seg.shard]})")
 
-    def _batch(self, samples: list[Sample], epoch: int, index: int, lost: _Lost) -> Batch:
-        """Decode + augment; sample ``j`` of batch ``index`` is seeded by (seed, epoch, rank, index, j)."""
-        images, labels, keys = [], [], []
-        for j, sample in enumerate(samples):
+    def _batch(self, items: list[tuple[int, Sample]], lost: _Lost) -> Batch:
+        """Decode + augment (seed, raw sample) pairs (``{BROKEN: why}``: lost to a broken shard); a sample's
+        seed also goes out in the batch's "seed", for the task's own per-sample randomness (masks)."""
+        images, labels, keys, seeds = [], [], [], []
+        for seed, sample in items:
+            if BROKEN in sample:
+                lost.add(1, sample[BROKEN])
+                continue
             try:
-                image, label = self._sample(sample, mix(self.seed, epoch, self.rank, index, j))
+                image, label = self._sample(sample, seed)
             except _Corrupt as err:
                 log.warning("skipping corrupt sample %s in %s: %s", sample["__key__"], sample["__url__"], err)
                 lost.add(1, f"{sample['__url__']}: sample {sample['__key__']}: {err}")
@@ -165,13 +195,14 @@ class ShardStream(IterableDataset):
             images.append(image)
             labels.append(label)
             keys.append(sample["__key__"])
-        if not images:
-            spare = self.spare()
-            image, label = self._sample(spare, mix(self.seed, epoch, self.rank, index, 0))
-            images, labels, keys = [image], [label], [spare["__key__"]]
+            seeds.append(seed)
+        if not images:  # the stand-in takes the seed of its batch's first sample
+            spare, seed = self.spare(), items[0][0]
+            image, label = self._sample(spare, seed)
+            images, labels, keys, seeds = [image], [label], [spare["__key__"]], [seed]
         image = self.preset_fns.stack(images) if self.stack_only else self.preset_fns.batch(images)
         return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
-                "corrupt": lost.count, "corrupt_why": lost.why}
+                "seed": torch.tensor(seeds, dtype=torch.int64), "corrupt": lost.count, "corrupt_why": lost.why}
 
     def _sample(self, sample: Sample, seed: int) -> tuple[torch.Tensor, int]:
         """-> ((C, img_size, img_size) uint8, float for finetune; label); raises _Corrupt for a bad image or label."""
@@ -214,14 +245,6 @@ class ShardStream(IterableDataset):
         return self._spare
 
 
-def _needed(shuffle: Callable[[Iterator[Any]], Iterator[Any]] | None, total: int, consumed: int) -> list[int]:
-    """Positions (ascending) of a worker's ``total`` samples that the first ``consumed`` outputs of
-    ``shuffle`` did not use: what a restore must read. The buffer's picks depend on positions only,
-    never on contents, so replaying it on placeholders for the others gives the same batches."""
-    used = set(itertools.islice(shuffle(iter(range(total))), consumed)) if shuffle else set(range(consumed))
-    return [i for i in range(total) if i not in used]
-
-
 def _runs(positions: list[int], gap: float) -> list[tuple[int, int]]:
     """Ascending ``positions`` as ``[lo, hi)`` runs, joining runs fewer than ``gap`` apart."""
     runs: list[list[int]] = []
@@ -234,17 +257,21 @@ def _runs(positions: list[int], gap: float) -> list[tuple[int, int]]:
 
 
 class ShardLoader:
-    """Iterable of batches ``{"image": float (B, C, H, W), "label": int64 (B,), "key": list[str]}``;
-    ``len()`` batches per epoch, equal on every rank. Iterating to the end advances the epoch.
-    With a ``device``, workers hand over uint8 images (4x fewer bytes through shared memory and
-    pinned memory) and "image" is normalized on that device, as timm's PrefetchLoader does."""
+    """Iterable of batches ``{"image": float (B, C, H, W), "label": int64 (B,), "key": list[str],
+    "seed": int64 (B,)}``; ``len()`` batches per epoch, equal on every rank. Iterating to the end
+    advances the epoch. With a ``device``, workers hand over uint8 images (4x fewer bytes through
+    shared memory and pinned memory) and "image" is normalized on that device, as timm's
+    PrefetchLoader does.
+
+    The position is global: samples of the epoch's order consumed by all ranks together, so a
+    loader with another world size, batch size or worker count continues at the same sample."""
 
     def __init__(self, stream: ShardStream, info: DatasetInfo, workers: int, prefetch: int,
                  device: torch.device | None = None) -> None:
         self.info = info
         self.device = device
         self._stream = stream
-        self._epoch = self._consumed = self._corrupt = 0
+        self._epoch = self._position = self._corrupt = 0
         self._corrupt_why = ""  # the reason of the last skip, for the max_skipped_fraction stop
         self._loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
                                   prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available(),
@@ -253,15 +280,19 @@ class ShardLoader:
     def __len__(self) -> int:
         return self._stream.num_batches
 
+    def batches_left(self) -> int:
+        """Batches the next iteration yields in the current epoch (``len()`` at the epoch's start)."""
+        return len(self._stream.batch_ends(self._position))
+
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` on the next iteration; the current position is kept if it is the same epoch."""
         if epoch != self._epoch:
-            self._epoch, self._consumed = epoch, 0
+            self._epoch, self._position = epoch, 0
 
     def restart(self, epoch: int = 0) -> None:
         """Read ``epoch`` from its first batch on the next iteration, wherever the last pass
         stopped (evaluation passes and picture batches, which must not resume mid-epoch)."""
-        self._epoch, self._consumed = epoch, 0
+        self._epoch, self._position = epoch, 0
 
     def corrupt_samples(self) -> int:
         return self._corrupt
@@ -270,47 +301,55 @@ class ShardLoader:
         """Why the last skipped sample was skipped ("" if none was): "<url>: <error>"."""
         return self._corrupt_why
 
-    def _layout(self) -> dict[str, Any]:
+    def _order_key(self) -> dict[str, Any]:
+        """What the epoch's sample order depends on (a position means the same samples iff equal)."""
         s = self._stream
-        return {"exact": s.exact, "seed": s.seed, "world_size": s.world_size, "batch_size": s.batch_size,
-                "workers": self._loader.num_workers, "batches": len(self), "shuffle": s.shuffle}
+        key = {"exact": s.exact, "seed": s.seed, "shuffle": s.shuffle, "samples": s.total}
+        if s.exact:
+            return {**key, "block": s.cfg.shuffle_buffer}
+        # resampled streams are drawn per (rank, worker): only the same layout replays them
+        return {**key, "world_size": s.world_size, "batch_size": s.batch_size, "workers": self._loader.num_workers}
 
     def _roll_over(self) -> None:
-        # a consumer that stops after exactly len() batches never resumes the generator past its last
-        # yield, so a finished epoch is also recognized here
-        if self._consumed >= len(self):
-            self._epoch, self._consumed = self._epoch + 1, 0
+        # a consumer that stops after the epoch's last batch never resumes the generator past its
+        # last yield, so a finished epoch is also recognized here
+        if self.batches_left() == 0:
+            self._epoch, self._position = self._epoch + 1, 0
 
     def state_dict(self) -> dict[str, Any]:
-        """Position after the last yielded batch (plus the layout it is valid for)."""
+        """Global position after the last yielded batch (plus what the order depends on)."""
         self._roll_over()
-        return {"epoch": self._epoch, "consumed": self._consumed, "corrupt": self._corrupt, "layout": self._layout()}
+        return {"epoch": self._epoch, "position": self._position, "corrupt": self._corrupt, "order": self._order_key()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        epoch, consumed = int(state["epoch"]), int(state["consumed"])
-        if state.get("layout") != self._layout():
-            # another world size / batch / worker count: the same fraction of the epoch, not the same samples
-            consumed = round(consumed * len(self) / max(int(state.get("layout", {}).get("batches", len(self))), 1))
-            log.warning("data layout changed since the checkpoint (%s -> %s); resuming epoch %d at batch %d, "
-                        "which is not sample-exact", state.get("layout"), self._layout(), epoch, consumed)
-        self._epoch, self._consumed, self._corrupt = epoch, consumed, int(state.get("corrupt", 0))
+        epoch, position = int(state["epoch"]), int(state.get("position", -1))
+        if position < 0:  # a checkpoint of per-rank batch counts (before global positions)
+            layout = state.get("layout", {})
+            position = int(state["consumed"]) * int(layout.get("batch_size", 1)) * int(layout.get("world_size", 1))
+            log.warning("the checkpoint counts batches per rank, not samples: resuming epoch %d at sample %d, "
+                        "which is not sample-exact", epoch, position)
+        elif state.get("order") != self._order_key():
+            log.warning("the sample order changed since the checkpoint (%s -> %s): resuming epoch %d at sample %d, "
+                        "which is not sample-exact", state.get("order"), self._order_key(), epoch, position)
+        self._epoch, self._position, self._corrupt = epoch, min(position, self._stream.total), int(state.get("corrupt", 0))
         self._roll_over()
 
     def __iter__(self) -> Iterator[Batch]:
         self._roll_over()
-        self._stream.shared[0], self._stream.shared[1] = self._epoch, self._consumed
+        self._stream.shared[0], self._stream.shared[1] = self._epoch, self._position
+        ends = self._stream.batch_ends(self._position)
         try:
-            for batch in self._loader:
+            for batch, end in zip(self._loader, ends):
                 if self.device is not None:
                     image = batch["image"].to(self.device, non_blocking=True)
                     batch["image"] = self._stream.preset_fns.normalize(image)
                 self._corrupt += batch.pop("corrupt")
                 self._corrupt_why = batch.pop("corrupt_why") or self._corrupt_why
-                self._consumed += 1
+                self._position = end
                 yield batch
         except DataError as err:  # re-raised from a worker with its traceback: keep the one line
             raise DataError(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
-        self._epoch, self._consumed = self._epoch + 1, 0
+        self._epoch, self._position = self._epoch + 1, 0
 
 
 def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, img_size: int, seed: int,
@@ -318,8 +357,7 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
                  device: torch.device | str | None = None) -> ShardLoader:
     """The loader of ``split`` for one rank. ``preset`` "eval" reads in exact mode, unshuffled unless
     ``shuffle`` says otherwise; other presets follow ``cfg.mode`` and shuffle. ``drop_last`` (training):
-    only full batches, the same number on every rank (exact mode; resampled batches are always full).
-    ``cfg.normalize``
+    only full global micro-batches (exact mode; resampled batches are always full). ``cfg.normalize``
     "device" normalizes on ``device`` (default: this rank's GPU, else the CPU of the main process)."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")

@@ -1,28 +1,37 @@
-"""Who reads which samples: the deterministic per-(seed, epoch) plan of one rank.
+"""Who reads which samples: the epoch's global sample order and how it is dealt to ranks.
 
-Exact mode: shards are put in a seeded order, their samples concatenated, and the
-sequence cut contiguously into ``world_size`` near-equal parts. Every rank gets the
-same number of batches ``K = ceil(ceil(N / world) / batch)``; batches are full except
-at the end of an epoch, where sizes shrink so that every sample is used exactly once. With
-``drop_last`` (training) every rank reads ``K = floor(floor(N / world) / batch)`` full batches from
-the start of its part, as the official MAE code's ``drop_last=True``: a short batch would weigh as
-much as a full one in the DDP mean and break pairwise Mixup; the shard shuffle changes which
-samples fall off from epoch to epoch.
-Worker ``w`` of ``W`` makes the rank's batches ``w, w + W, ...`` and fills them from one
-contiguous stretch of the rank's samples, so it opens few shards; fewer shards than
-ranks x workers simply means several workers read different parts of the same shard.
+Exact mode (every sample once per epoch). The **global order** of an epoch depends only on
+(seed, epoch, shard sample counts, shuffle block), never on the number of ranks or workers:
+shards are put in a seeded order, their samples concatenated, and that sequence is cut into
+blocks of ``block`` samples, each permuted by its own seeded RNG (a world-size-independent
+stand-in for a shuffle buffer of the same size).
+
+The **deal**: from a start position ``p`` (0, or the samples a resumed run had consumed), the rest
+of the order is cut into global micro-batches of ``world_size x batch_size`` samples, and rank ``r``
+takes part ``r`` of each: for a full one, positions ``[p + i*W*B + r*B, p + i*W*B + (r+1)*B)``. Hence,
+whatever the world size, the trainer's optimizer step ``s`` (``accum_steps`` micro-batches on every
+rank) holds the positions ``[p + s*G, p + (s+1)*G)`` with ``G = batch_size x accum_steps x world_size``:
+the same samples for every split of the same ``G``. A last, partial global micro-batch is split into
+near-equal contiguous parts; one with fewer samples than ranks is merged into the one before, so every
+rank yields the same number of batches, each with at least one sample. With ``drop_last`` (training
+loaders) the partial global micro-batch is dropped instead, as the official MAE code's
+``drop_last=True``: an epoch uses ``floor(N / (W*B)) * W*B`` samples, every batch full (a short batch
+would weigh as much as a full one in the DDP mean and break pairwise Mixup); the shard order and
+blocks change which samples fall off from epoch to epoch. The trainer's epoch is the first
+``len // accum_steps`` steps of these micro-batches.
+
+Worker ``w`` of ``K`` makes the rank's batches ``w, w + K, ...``; the DataLoader takes them
+round-robin, so output batch ``i`` is plan batch ``i``.
 
 Resampled mode: each (rank, worker) draws whole shards with replacement (weighted by size)
 from its own seeded RNG; an epoch is ``epoch_samples // (world * batch)`` full batches per rank.
-
-The DataLoader takes batches from its workers round-robin, so output batch ``i`` of a
-rank is worker ``i % W``'s ``i // W``-th batch; that is what makes a resume from
-"batches consumed" exact.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -45,75 +54,79 @@ class Segment:
     stop: int | None
 
 
-def batch_sizes(samples: int, batches: int, batch_size: int) -> list[int]:
-    """``batches`` sizes summing to ``samples``: full first, a shortfall taken from the end (every batch
-    keeps >= 1 sample); a surplus of one (batch_size 1 on a rank with one sample more) goes to the first."""
-    if samples < batches or samples > batches * (batch_size + 1):
-        raise DataError(f"{samples} samples cannot fill {batches} batches of {batch_size}")
-    sizes = [batch_size + (i < samples - batches * batch_size) for i in range(batches)]
-    deficit = sum(sizes) - samples
-    for i in reversed(range(batches)):
-        take = min(deficit, sizes[i] - 1)
-        sizes[i] -= take
-        deficit -= take
-    return sizes
+class GlobalOrder:
+    """The epoch's sample order: position ``q`` -> (shard, index in shard). See the module docstring."""
+
+    def __init__(self, counts: list[int], *, seed: int, epoch: int, shuffle: bool, block: int) -> None:
+        self.total = sum(counts)
+        self.shards = list(range(len(counts)))
+        if shuffle:
+            random.Random(mix(seed, epoch, "shards")).shuffle(self.shards)
+        self.starts = list(itertools.accumulate((counts[s] for s in self.shards), initial=0))  # in shard order
+        self.block = block if shuffle and block > 1 else 1
+        self.seed, self.epoch = seed, epoch
+        self._current: tuple[int, list[int]] = (-1, [])  # readers walk positions upwards: one block at a time
+
+    def _permutation(self, block: int) -> list[int]:
+        if self._current[0] != block:
+            lo = block * self.block
+            perm = list(range(lo, min(lo + self.block, self.total)))
+            random.Random(mix(self.seed, self.epoch, "block", block)).shuffle(perm)
+            self._current = (block, perm)
+        return self._current[1]
+
+    def storage(self, position: int) -> int:
+        """Position in the epoch's order -> index in the concatenation of the shards (in shard order)."""
+        if self.block == 1:
+            return position
+        block, offset = divmod(position, self.block)
+        return self._permutation(block)[offset]
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """Index in the shard concatenation -> (shard number, sample index inside that shard)."""
+        k = bisect.bisect_right(self.starts, index) - 1
+        return self.shards[k], index - self.starts[k]
 
 
-def cut(segments: list[Segment], counts: list[int], lo: int, hi: int) -> list[Segment]:
-    """The part ``[lo, hi)`` of the sample sequence that ``segments`` spell out."""
-    out, pos = [], 0
-    for seg in segments:
-        stop = counts[seg.shard] if seg.stop is None else seg.stop
-        n = stop - seg.start
-        a, b = max(lo, pos), min(hi, pos + n)
-        if a < b:
-            out.append(Segment(seg.shard, seg.start + a - pos, seg.start + b - pos))
-        pos += n
+def deal(total: int, start: int, *, world_size: int, batch_size: int, rank: int,
+         drop_last: bool = False) -> list[range]:
+    """This rank's batches, as ranges of positions in the global order, for positions ``[start, total)``;
+    with ``drop_last`` only the full global micro-batches.
+
+    Empty when fewer samples than ranks (``drop_last``: than one global micro-batch) are left."""
+    unit, left = world_size * batch_size, total - start
+    full, rem = divmod(max(left, 0), unit)
+    if drop_last:
+        rem = 0
+    elif left < world_size:
+        return []
+    sizes = [unit] * full + ([rem] if rem else [])
+    if 0 < rem < world_size:  # not one sample per rank: merged into the batch before (which exists: left >= W)
+        sizes[-2:] = [unit + rem]
+    out, pos = [], start
+    for size in sizes:
+        out.append(range(pos + rank * size // world_size, pos + (rank + 1) * size // world_size))
+        pos += size
     return out
+
+
+def global_batch_ends(total: int, start: int, *, world_size: int, batch_size: int, drop_last: bool = False) -> list[int]:
+    """The position after each global micro-batch of ``deal`` (where a checkpoint resumes)."""
+    last = deal(total, start, world_size=world_size, batch_size=batch_size, rank=world_size - 1, drop_last=drop_last)
+    return [r.stop for r in last]
 
 
 def worker_batches(batches: int, workers: int, worker: int) -> range:
     """Plan indices of ``worker``'s batches: ``worker, worker + W, ...`` -- the DataLoader's round-robin
-    then yields plan batch ``i`` as output batch ``i``, so the short batches come last."""
+    then yields plan batch ``i`` as output batch ``i``."""
     return range(worker, batches, workers)
 
 
-@dataclass(frozen=True)
-class RankPlan:
-    sizes: list[int]                 # samples per batch, K entries, in output order
-    segments: list[Segment] | None   # exact mode: this rank's samples in order; None = resampled
-
-    def worker_segments(self, counts: list[int], workers: int, worker: int) -> list[Segment]:
-        """The contiguous stretch of samples that fills ``worker``'s batches (workers in order)."""
-        assert self.segments is not None
-        lo = sum(sum(self.sizes[w::workers]) for w in range(worker))
-        return cut(self.segments, counts, lo, lo + sum(self.sizes[worker::workers]))
-
-
-def exact_plan(counts: list[int], *, seed: int, epoch: int, shuffle: bool, rank: int, world_size: int,
-               batch_size: int, drop_last: bool = False) -> RankPlan:
-    order = list(range(len(counts)))
-    if shuffle:
-        random.Random(mix(seed, epoch, "shards")).shuffle(order)
-    total = sum(counts)
-    if total < world_size:
-        raise DataError(f"the split has {total} samples, fewer than the {world_size} ranks reading it")
-    bounds = [total * r // world_size for r in range(world_size + 1)]
-    shards = [Segment(i, 0, counts[i]) for i in order]
-    if drop_last:  # full batches only, as many on every rank as the smallest share holds
-        batches = total // world_size // batch_size
-        return RankPlan([batch_size] * batches, cut(shards, counts, bounds[rank], bounds[rank] + batches * batch_size))
-    # ceil(largest rank share / batch), unless the smallest share has fewer samples (batch_size 1)
-    batches = min(-(-(-(-total // world_size)) // batch_size), total // world_size)
-    segments = cut(shards, counts, bounds[rank], bounds[rank + 1])
-    return RankPlan(batch_sizes(bounds[rank + 1] - bounds[rank], batches, batch_size), segments)
-
-
-def resampled_plan(epoch_samples: int, *, world_size: int, batch_size: int) -> RankPlan:
+def resampled_batches(epoch_samples: int, *, world_size: int, batch_size: int) -> int:
     batches = epoch_samples // (world_size * batch_size)
     if batches < 1:
         raise DataError(f"epoch_samples={epoch_samples} is less than one batch per rank ({world_size} x {batch_size})")
-    return RankPlan([batch_size] * batches, None)
+    return batches
 
 
 def resampled_shards(counts: list[int] | None, num_shards: int, *, seed: int, epoch: int, rank: int,

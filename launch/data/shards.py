@@ -14,7 +14,7 @@ import json
 import logging
 import tarfile
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -98,8 +98,9 @@ def _split_name(name: str) -> tuple[str, str] | None:
 
 
 def read_samples(url: str, start: int = 0, stop: int | None = None, policy: ReadPolicy = NO_RETRY,
-                 span: tuple[int | None, int | None] = (None, None)) -> Iterator[Sample]:
-    """Samples ``[start, stop)`` of one shard, member bytes read only for those.
+                 span: tuple[int | None, int | None] = (None, None), keep: Container[int] | None = None) -> Iterator[Sample]:
+    """Samples ``[start, stop)`` of one shard (only those whose index is in ``keep``, if given),
+    member bytes read only for those.
 
     A remote shard that fails transiently is re-opened (``policy``) at the byte where the
     first sample not yet yielded starts. ``span``: the bytes where samples ``start`` and ``stop``
@@ -110,11 +111,11 @@ def read_samples(url: str, start: int = 0, stop: int | None = None, policy: Read
     ``policy.fail`` it raises DataError instead.
     """
     if is_remote(url):
-        yield from _read_remote(url, start, stop, policy, span)
+        yield from _read_remote(url, start, stop, policy, span, keep)
         return
     got = start
     try:
-        for index, sample in _group(_local_members(url), url, start=start, stop=stop):
+        for index, sample in _group(_local_members(url), url, start=start, stop=stop, keep=keep):
             got = index + 1
             yield sample
     except READ_ERRORS as err:
@@ -122,9 +123,10 @@ def read_samples(url: str, start: int = 0, stop: int | None = None, policy: Read
 
 
 def _group(members: Iterable[tuple[tarfile.TarFile, tarfile.TarInfo]], url: str, *, first: int = 0, start: int = 0,
-           stop: int | None = None, cursor: RemoteTar | None = None) -> Iterator[tuple[int, Sample]]:
-    """``(index, sample)`` for samples ``[start, stop)``; the first key met is sample ``first``.
-    Member bytes of earlier samples are not read (a local tar seeks over them). A sample is
+           stop: int | None = None, keep: Container[int] | None = None,
+           cursor: RemoteTar | None = None) -> Iterator[tuple[int, Sample]]:
+    """``(index, sample)`` for samples ``[start, stop)`` (those in ``keep``, if given); the first key
+    met is sample ``first``. Member bytes of other samples are not read (a local tar seeks over them). A sample is
     yielded once the next key's header has been read (or at the end), so a sample cut by a
     fault is never yielded; ``cursor`` learns the byte where each sample starts."""
     index, current, key = first - 1, None, None
@@ -138,7 +140,8 @@ def _group(members: Iterable[tuple[tarfile.TarFile, tarfile.TarInfo]], url: str,
             index, key = index + 1, parts[0]
             if stop is not None and index >= stop:
                 return
-            current = {"__key__": key, "__url__": url} if index >= start else None
+            wanted = index >= start and (keep is None or index in keep)
+            current = {"__key__": key, "__url__": url} if wanted else None
             if cursor is not None:
                 cursor.mark(index, member.offset)
         if current is not None:
@@ -148,14 +151,15 @@ def _group(members: Iterable[tuple[tarfile.TarFile, tarfile.TarInfo]], url: str,
 
 
 def _read_remote(url: str, start: int, stop: int | None, policy: ReadPolicy,
-                 span: tuple[int | None, int | None]) -> Iterator[Sample]:
+                 span: tuple[int | None, int | None], keep: Container[int] | None) -> Iterator[Sample]:
     offset, end = span
     cursor = RemoteTar(url, start if offset is not None else 0, offset or 0, end)
     done, failures, failed_at = start, 0, -1  # done: the first sample not yet yielded
     while True:
         try:
             with cursor.open() as members:
-                for index, sample in _group(members, url, first=cursor.index, start=done, stop=stop, cursor=cursor):
+                for index, sample in _group(members, url, first=cursor.index, start=done, stop=stop, keep=keep,
+                                            cursor=cursor):
                     done = index + 1
                     yield sample
             return

@@ -9,7 +9,8 @@ Presets (normalization with the dataset mean/std always comes last):
   because timm's RandAugment operates on PIL images.
 
 Every sample's randomness comes from its own seed, so an augmented sample depends only on
-(seed, epoch, rank, batch, slot), never on what the worker did before. ``pretrain`` draws its
+(seed, epoch, position in the epoch's global order) in exact mode -- so not on the world size --
+and never on what the worker did before. ``pretrain`` draws its
 crop and flip from a ``random.Random(seed)`` of its own; ``finetune`` seeds the global RNGs timm
 draws from (``seeded``).
 """
