@@ -34,6 +34,7 @@ from launch.errors import ConfigError
 log = logging.getLogger(__name__)
 
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def deepspeed_config(cfg: TrainerConfig, world: int) -> dict[str, Any]:
@@ -156,6 +157,15 @@ def _has_accelerator() -> bool:
     return probe.is_available() if probe is not None else torch.cuda.is_available()
 
 
+#: per-module attributes ZeRO-3 adds besides ``ds_*`` (they hold the partitioned Parameters)
+_ZERO_MODULE_ATTRS = ("_original_parameters", "_external_params")
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, Tensor | None]]:
+    """``module``'s own parameters and buffers (not its children's), by attribute name."""
+    return [*module._parameters.items(), *module._buffers.items()]
+
+
 class Backend:
     """Accelerate (+ DeepSpeed) for one run; built once, before the data loaders."""
 
@@ -193,12 +203,20 @@ class Backend:
             step_scheduler_with_optimizer=False,
         )
         self.device = self.accelerator.device
+        # DeepSpeed's bf16 / fp16 cast the module itself and add no autocast, so floating inputs
+        # must arrive in the module's dtype (as the Hugging Face Trainer casts them for DeepSpeed)
+        self.input_dtype = _HALF.get(cfg.precision) if self.deepspeed else None
 
     # ------------------------------------------------------------------ setup
 
     def prepare(self, task: nn.Module, optimizers: list[Optimizer]) -> tuple[nn.Module, list[Optimizer]]:
         """Wrap ``task`` (DDP / DeepSpeed engine / compiled) and its optimizers. Loaders are
         never prepared: each rank reads its own shards."""
+        # DeepSpeed casts the task's tensors in place: ``release`` gives them their dtypes back, and
+        # non-persistent buffers (constants such as a normalization, in no checkpoint) their values
+        self._dtypes = {(id(m), k): t.dtype for m in task.modules() for k, t in _tensors(m) if t is not None}
+        self._constants = {(id(m), k): m._buffers[k].detach().clone() for m in task.modules()
+                           for k in m._non_persistent_buffers_set if m._buffers.get(k) is not None}  # fmt: skip
         prepared = self.accelerator.prepare(task, *optimizers)
         return prepared[0], list(prepared[1:])
 
@@ -211,8 +229,13 @@ class Backend:
         return self.accelerator.scaler
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Tensors to the training device; asynchronous from pinned host memory on CUDA."""
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        """Tensors to the training device (asynchronous from pinned host memory on CUDA); floating
+        ones in ``input_dtype`` under DeepSpeed bf16 / fp16. Tasks compute their losses in fp32."""
+        return {k: self._move(v) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _move(self, tensor: Tensor) -> Tensor:
+        dtype = self.input_dtype if tensor.is_floating_point() else None
+        return tensor.to(self.device, dtype=dtype, non_blocking=True)
 
     # ------------------------------------------------------------------ steps
 
@@ -288,14 +311,70 @@ class Backend:
         if path is None:
             raise ConfigError(f"no DeepSpeed engine state in {directory}")
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
-        """The whole model's weights on every rank (ZeRO-3 gathers its shards)."""
-        if self.deepspeed and self.cfg.zero_stage == 3:
-            import deepspeed
+    def whole_weights(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Every parameter whole and read-only on every rank, for code that reads weights outside
+        the engine's forward (``eval_step``, ``pictures``, ``on_eval_end``); collective under ZeRO-3.
 
-            with deepspeed.zero.GatheredParameters(list(self._engine.module.parameters())):
-                return {k: v.detach().clone().cpu() for k, v in self._engine.module.state_dict().items()}
-        return self.unwrap(model).state_dict()
+        Gathering once per evaluation, rather than routing each eval batch through the engine's
+        forward, costs one all-gather of the model instead of one per layer per batch, needs no
+        change to any task, and fits: evaluation keeps no activations for backward, and the
+        optimizer states stay partitioned."""
+        if not (self.deepspeed and self.cfg.zero_stage == 3):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.unwrap(model).parameters()), modifier_rank=None)
+
+    def full_state_dict(self, model: nn.Module, *, frozen_only: bool = False) -> dict[str, Tensor]:
+        """The whole task's weights (or only its frozen parameters); under DeepSpeed fp32 copies on
+        the CPU, on every rank (collective): trained parameters from DeepSpeed's fp32 masters (the
+        module holds bf16 / fp16 copies), frozen ones and buffers from the module, upcast (they
+        have no master)."""
+        module = self.unwrap(model)
+        if not self.deepspeed:
+            state = module.state_dict()
+            frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
+            return {k: v for k, v in state.items() if k in frozen} if frozen_only else state
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        state = {}
+        with self.whole_weights(model):
+            for name, value in module.state_dict(keep_vars=True).items():
+                trained = isinstance(value, nn.Parameter) and value.requires_grad
+                if frozen_only and (trained or not isinstance(value, nn.Parameter)):
+                    continue
+                master = safe_get_full_fp32_param(value) if trained else None
+                value = (master if master is not None else value).detach()
+                state[name] = (value.float() if value.is_floating_point() else value).cpu().clone()
+        return state
+
+    def release(self, model: nn.Module) -> nn.Module:
+        """End of a fit: the task itself, whole, holding the trained weights in their original
+        dtypes on every rank (collective), so that the caller can evaluate, export or fit it
+        again as after DDP. Under DeepSpeed the weights come from its fp32 masters, and its
+        hooks, partitions and casts are taken off the task."""
+        task = self.unwrap(model)
+        if not self.deepspeed:
+            return task
+        state = self.full_state_dict(model)
+        self._engine.destroy()  # ZeRO's module and gradient hooks
+        fresh: dict[int, nn.Parameter] = {}  # one new Parameter per old one: tied weights stay tied
+        for prefix, module in task.named_modules():
+            for key in [k for k in vars(module) if k.startswith("ds_") or k in _ZERO_MODULE_ATTRS]:
+                delattr(module, key)
+            # ZeRO-3 swaps in its own parameter dict and partitions the Parameters: new ones, whole
+            module._parameters = dict(module._parameters)
+            for key, value in _tensors(module):
+                if value is None:
+                    continue
+                full = state.get(f"{prefix}.{key}" if prefix else key, self._constants.get((id(module), key), value))
+                full = full.to(self.device, self._dtypes[id(module), key])
+                if isinstance(value, nn.Parameter):
+                    full = fresh.setdefault(id(value), nn.Parameter(full, requires_grad=value.requires_grad))
+                    module._parameters[key] = full
+                else:
+                    module._buffers[key] = full
+        return task
 
     @property
     def _engine(self) -> Any:

@@ -13,7 +13,6 @@ and the one scalar of the non-finite guard per optimizer step.
 
 from __future__ import annotations
 
-import copy
 import itertools
 import logging
 import math
@@ -106,8 +105,8 @@ class Trainer:
         self._check_batch_split(splits[0])
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        # ZeRO-3 partitions the task's parameters in place: keep a whole copy for the result
-        self._whole = copy.deepcopy(task) if self.backend.deepspeed and cfg.zero_stage == 3 else None
+        self._init_checkpoints()
+        self._resume_path = self._resolve_resume(task)
         self.phase_params = {p: [q for q in task.phase_module(p).parameters() if q.requires_grad] for p in self.phases}
         optimizers, self.schedulers = self._build_optimizers(task)
         self.model, self.optimizers = self.backend.prepare(task.to(self.backend.device), optimizers)
@@ -120,7 +119,6 @@ class Trainer:
         self.eval_metrics: dict[str, float] = {}
         self.last_loss: float | None = None
         self.checkpoint_path: Path | None = None
-        self._init_checkpoints()
 
     # ------------------------------------------------------------------ setup
 
@@ -316,18 +314,19 @@ class Trainer:
         training RNG stream is untouched (a resumed run stays bit-identical)."""
         self.model.eval()
         sums: dict[str, Tensor] = {}
-        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
-            torch.manual_seed(self.seed + self.rank)
-            self.eval_loader.restart(0)
-            for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
-                for name, value in self.task.eval_step(self.backend.to_device(batch)).items():
-                    sums[name] = sums.get(name, 0.0) + value.float()
-        self.model.train()
-        totals = {k: v.item() for k, v in self.backend.all_reduce(sums).items()}
-        count = totals.pop("count", 0.0) or 1.0
-        self.eval_metrics = {k: v / count for k, v in totals.items()}
-        self.logger.scalars(self.step, self.eval_metrics, prefix="eval")
-        self.task.on_eval_end(dict(self.eval_metrics), self.step)
+        with self.backend.whole_weights(self.model):  # ZeRO-3: eval_step and on_eval_end read weights
+            with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
+                torch.manual_seed(self.seed + self.rank)
+                self.eval_loader.restart(0)
+                for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
+                    for name, value in self.task.eval_step(self.backend.to_device(batch)).items():
+                        sums[name] = sums.get(name, 0.0) + value.float()
+            self.model.train()
+            totals = {k: v.item() for k, v in self.backend.all_reduce(sums).items()}
+            count = totals.pop("count", 0.0) or 1.0
+            self.eval_metrics = {k: v / count for k, v in totals.items()}
+            self.logger.scalars(self.step, self.eval_metrics, prefix="eval")
+            self.task.on_eval_end(dict(self.eval_metrics), self.step)
         self.eval_metrics["step"] = self.step
         return self.eval_metrics
 
@@ -337,7 +336,8 @@ class Trainer:
         if loader is self.train_loader:
             return  # iterating the train loader here would move its resumable position
         self.model.eval()
-        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
+        with self.backend.whole_weights(self.model), torch.random.fork_rng(devices=self._rng_devices()), \
+                self.backend.autocast():
             torch.manual_seed(self.seed)
             loader.restart(0)
             pictures = self.task.pictures(self.backend.to_device(next(iter(loader))))
@@ -349,10 +349,7 @@ class Trainer:
 
     def _result(self) -> FitResult:
         speed = self.meter.summary()
-        task = self.task
-        if self._whole is not None:
-            self._whole.load_state_dict(self.backend.full_state_dict(self.model))
-            task = self._whole
+        task = self.backend.release(self.model)  # DeepSpeed: the fp32 masters, gathered on every rank
         return FitResult(
             steps=self.step, epochs=self.epoch, final_loss=self.last_loss,
             eval={k: v for k, v in self.eval_metrics.items() if k != "step"},
@@ -363,12 +360,16 @@ class Trainer:
     # ------------------------------------------------------------------ state (checkpointed)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything shared by all ranks. Under DeepSpeed the engine saves model + optimizer."""
+        """Everything shared by all ranks (called on every rank: collective under ZeRO-3). Under
+        DeepSpeed the engine saves model + optimizer; ``"frozen"`` adds the frozen parameters,
+        which DeepSpeed's consolidation to fp32 omits below ZeRO stage 2 (exports need them)."""
         state: dict[str, Any] = {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "bad_steps": self.bad_steps,
             "schedulers": [s.state_dict() for s in self.schedulers],
         }
-        if not self.backend.deepspeed:
+        if self.backend.deepspeed:
+            state["frozen"] = self.backend.full_state_dict(self.model, frozen_only=True)
+        else:
             state["model"] = self.task.state_dict()
             state["optimizers"] = [o.state_dict() for o in self.optimizers]
         if self.backend.scaler is not None:
@@ -424,8 +425,8 @@ class Trainer:
         def write(tmp: Path) -> None:
             if self.backend.deepspeed:
                 self.backend.save_engine(tmp)
+            state = self.state_dict()  # every rank: collective under ZeRO-3
             if self.rank == 0:
-                state = self.state_dict()
                 bad = nonfinite_keys(state)  # skipped steps keep weights finite; never save otherwise
                 if bad:
                     raise ValueError(f"refusing to save NaN/inf in {bad[0]} ({len(bad)} tensors)")
@@ -438,15 +439,22 @@ class Trainer:
         if reason == "final":
             self.control.__exit__()  # the run is over: give SIGTERM / SIGUSR1 back
 
+    def _resolve_resume(self, task: Task) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` names, or None: then ``checkpoint.weights_only``
+        is loaded into ``task`` here, before the backend wraps it (DeepSpeed copies its fp32
+        masters from the module at initialization, and ZeRO-3 partitions the module)."""
+        self.checkpoints.prepare()
+        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+        if path is None and self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
+            load_weights(task, self.cfg.checkpoint.weights_only)
+        return path
+
     def _maybe_resume(self) -> None:
         """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers,
         schedules, scaler, step, this rank's RNG and loader position) or start fresh."""
         self.control.__enter__()  # SIGTERM / SIGUSR1 now mean "save and stop"
-        self.checkpoints.prepare()
-        path = self.checkpoints.resolve(self.cfg.checkpoint.resume)
+        path = self._resume_path
         if path is None:
-            if self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
-                load_weights(self.task, self.cfg.checkpoint.weights_only)
             return
         check_compatible(path, read_meta(path).get("fingerprint", {}), self._fingerprint())
         if self.backend.deepspeed:
