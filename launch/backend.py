@@ -295,6 +295,8 @@ class Backend:
             return
         optimizer.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # as on an fp16 overflow: back off, and forget this step's unscale_ (clipping)
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast for calls that bypass the prepared forward (eval, pictures)."""
