@@ -17,7 +17,7 @@ import logging
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as torch_dist
@@ -169,12 +169,18 @@ def _tensors(module: nn.Module) -> list[tuple[str, Tensor | None]]:
 class Backend:
     """Accelerate (+ DeepSpeed) for one run; built once, before the data loaders."""
 
+    #: `accelerate launch` settings describe the stage the launcher started, checked by the first
+    #: fit of the process; later fits (the probe after pretraining) follow their own config
+    _launcher_checked: ClassVar[bool] = False
+
     def __init__(self, cfg: TrainerConfig, *, multi_phase: bool = False) -> None:
         self.cfg = cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision)})
         self.deepspeed = cfg.backend == "deepspeed"
         if self.deepspeed and multi_phase:
             raise ConfigError("trainer.backend=deepspeed supports one optimizer; this task has several phases: use backend=ddp")
-        check_launcher(cfg)
+        if not Backend._launcher_checked:
+            check_launcher(cfg)
+            Backend._launcher_checked = True
         # Accelerate's state is a per-process singleton that refuses new settings; one process
         # runs several fits (pretrain, then probe), each with its own precision and backend.
         # The process group itself survives the reset.
@@ -182,7 +188,8 @@ class Backend:
         GradientState._reset_state()
         for key in _LAUNCH_KEYS:  # back to the launcher's values: Accelerate reads them in __init__
             os.environ.pop(key, None)
-        os.environ.update(_LAUNCH_ENV)
+        # a DDP fit after a DeepSpeed one (the probe): Accelerate would build DeepSpeed from these
+        os.environ.update({k: v for k, v in _LAUNCH_ENV.items() if self.deepspeed or "DEEPSPEED" not in k})
         dist.init_process_group()  # before Accelerate / DeepSpeed, which then reuse it
         plugin = None
         if self.deepspeed:

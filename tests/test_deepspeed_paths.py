@@ -21,6 +21,7 @@ import torch
 
 pytestmark = pytest.mark.dist
 TESTS = Path(__file__).parent
+ROOT = TESTS.parent
 TINY_MAE = ["model.preset=mae_vit_mnist_p4", "model.img_size=8", "model.embed_dim=16", "model.depth=1",
             "model.num_heads=2", "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"]  # fmt: skip
 
@@ -28,7 +29,7 @@ TINY_MAE = ["model.preset=mae_vit_mnist_p4", "model.img_size=8", "model.embed_di
 def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -40,10 +41,14 @@ def ds_json(tmp_path: Path, stage: int) -> Path:
 
 
 def masters(ckpt: Path) -> dict[str, torch.Tensor]:
-    """DeepSpeed's own consolidation of a checkpoint's fp32 master weights (trained parameters)."""
+    """A checkpoint's fp32 master weights: DeepSpeed's own consolidation, or at ZeRO stage 0
+    (which it cannot consolidate) the trainer's copy."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")
+    from launch.checkpoint import TRAINER_FILE, load_file
+
+    state = load_file(ckpt / TRAINER_FILE)
+    return state["model"] if "model" in state else get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")
 
 
 def assert_masters(state: dict[str, torch.Tensor], ckpt: Path) -> None:
@@ -112,3 +117,35 @@ def test_every_task_trains_under_deepspeed_bf16(tmp_path, stage):
             assert all(math.isfinite(v) for v in values) and fit["same_task"], (kind, name, fit)
         assert record["whole"] and record["dtypes"] == ["torch.float32"] and not record["deepspeed_leftovers"], kind
     assert_masters(torch.load(out / "states.pt")["mae"], Path(results["mae"]["train"]["checkpoint"]))
+
+
+def accelerate_env(config: Path) -> dict[str, str]:
+    """The ``ACCELERATE_*`` variables ``accelerate launch --config_file CONFIG`` gives its processes,
+    computed by Accelerate's own launcher code (on a CPU ``accelerate launch`` starts one process,
+    so torchrun starts the two)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", "2", "-m", "pretrain"])
+    args, defaults, mixed_from_file = _validate_launch_command(args)
+    fields = [*defaults.deepspeed_config, *(["mixed_precision"] if mixed_from_file else [])]
+    args.deepspeed_fields_from_accelerate_config = ",".join(fields)  # as accelerate's launch_command
+    _, env = prepare_deepspeed_cmd_env(args)
+    return {k: v for k, v in env.items() if k.startswith("ACCELERATE_")}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_accelerate_launch_with_the_shipped_zero_files_runs_through_the_probe(tmp_path, digits, stage):
+    """``accelerate launch --config_file launch/accelerate/zeroN.yaml -m pretrain ...``: DeepSpeed
+    pretraining with the shipped JSON, then the DDP linear probe in the same processes."""
+    run_dir = tmp_path / "run"
+    env = accelerate_env(ROOT / "launch" / "accelerate" / f"zero{stage}.yaml")
+    torchrun("-m", "pretrain", f"run_dir={run_dir}", f"data.root={digits}", "data.source=digits", "data.workers=0",
+             "data.hflip=0", *TINY_MAE, "trainer.backend=deepspeed", f"trainer.zero_stage={stage}",
+             "trainer.precision=bf16", "trainer.max_steps=2", "trainer.batch_size=64", "trainer.eval_batches=1",
+             "trainer.log.progress=false", "probe.trainer.max_steps=2", "probe.trainer.batch_size=32",
+             "probe.trainer.eval_batches=1", "probe.trainer.log.progress=false", env=env)  # fmt: skip
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == 2 and math.isfinite(summary["final_loss"]) and summary["probe_top1"] is not None
+    assert list((run_dir / "checkpoints" / "step-00000002" / "engine").glob("*optim_states.pt"))  # DeepSpeed's files
