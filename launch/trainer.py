@@ -360,14 +360,17 @@ class Trainer:
     # ------------------------------------------------------------------ state (checkpointed)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything shared by all ranks (called on every rank: collective under ZeRO-3). Under
-        DeepSpeed the engine saves model + optimizer; ``"frozen"`` adds the frozen parameters,
-        which DeepSpeed's consolidation to fp32 omits below ZeRO stage 2 (exports need them)."""
+        """Everything shared by all ranks (called on every rank: collective under DeepSpeed). Under
+        DeepSpeed the engine saves model + optimizer; for exports, ``"frozen"`` adds the frozen
+        parameters, which DeepSpeed's consolidation to fp32 omits below ZeRO stage 2, and at
+        stage 0 (which it cannot consolidate) ``"model"`` holds the fp32 masters."""
         state: dict[str, Any] = {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "bad_steps": self.bad_steps,
             "schedulers": [s.state_dict() for s in self.schedulers],
         }
-        if self.backend.deepspeed:
+        if self.backend.deepspeed and self.cfg.zero_stage == 0:
+            state["model"] = self.backend.full_state_dict(self.model)
+        elif self.backend.deepspeed:
             state["frozen"] = self.backend.full_state_dict(self.model, frozen_only=True)
         else:
             state["model"] = self.task.state_dict()
@@ -383,7 +386,7 @@ class Trainer:
             shape = sched.lr_lambdas  # this run's warmup / length win, e.g. when extending the epochs
             sched.load_state_dict(s)
             sched.lr_lambdas = shape
-        if "model" in state:
+        if not self.backend.deepspeed:  # DeepSpeed's engine restored model and optimizer
             self.task.load_state_dict(state["model"])
             for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
                 opt.load_state_dict(s)
