@@ -219,11 +219,11 @@ class Backend:
     def prepare(self, task: nn.Module, optimizers: list[Optimizer]) -> tuple[nn.Module, list[Optimizer]]:
         """Wrap ``task`` (DDP / DeepSpeed engine / compiled) and its optimizers. Loaders are
         never prepared: each rank reads its own shards."""
-        # DeepSpeed casts the task's tensors in place: ``release`` gives them their dtypes back, and
-        # non-persistent buffers (constants such as a normalization, in no checkpoint) their values
-        self._dtypes = {(id(m), k): t.dtype for m in task.modules() for k, t in _tensors(m) if t is not None}
-        self._constants = {(id(m), k): m._buffers[k].detach().clone() for m in task.modules()
-                           for k in m._non_persistent_buffers_set if m._buffers.get(k) is not None}  # fmt: skip
+        if self.deepspeed:  # it casts the task's tensors in place: ``release`` gives them their dtypes
+            # back, and non-persistent buffers (constants such as a normalization, in no checkpoint) their values
+            self._dtypes = {(id(m), k): t.dtype for m in task.modules() for k, t in _tensors(m) if t is not None}
+            self._constants = {(id(m), k): m._buffers[k].detach().clone() for m in task.modules()
+                               for k in m._non_persistent_buffers_set if m._buffers.get(k) is not None}  # fmt: skip
         prepared = self.accelerator.prepare(task, *optimizers)
         return prepared[0], list(prepared[1:])
 
@@ -296,14 +296,38 @@ class Backend:
         optimizer.zero_grad(set_to_none=True)
 
     def discard_grads(self, model: nn.Module, optimizer: Optimizer) -> None:
-        """Drop accumulated gradients without stepping (a skipped non-finite step)."""
-        if self.deepspeed:
-            self._engine.zero_grad()
-            return
+        """Drop accumulated gradients without an update (a skipped non-finite step)."""
+        if self.deepspeed and self.cfg.precision == "fp16":
+            self._engine.step()  # its loss scaler sees the overflow: skips, clears and backs off
+        elif self.deepspeed:
+            self._discard_deepspeed_grads()
+        else:
+            self._discard_grads(model, optimizer)
+
+    def _discard_grads(self, model: nn.Module, optimizer: Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
         if self.scaler is not None:  # as on an fp16 overflow: back off, and forget this step's unscale_ (clipping)
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+
+    def _discard_deepspeed_grads(self) -> None:
+        """Drop the step's gradients from DeepSpeed's own buffers (under ZeRO ``param.grad`` is
+        None: the reduced partitions live in the optimizer), as its fp16 overflow branch does;
+        without this they poison the next step. Its ``step()`` is not called: no update at all."""
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        opt = self._engine.optimizer
+        opt.zero_grad(set_to_none=True)  # parameter grads; BF16_Optimizer also its fp32 grads
+        if hasattr(opt, "_overflow_clean_up"):  # ZeRO-3
+            opt._overflow_clean_up(opt.loss_scale)
+        elif hasattr(opt, "averaged_gradients"):  # ZeRO-1/2
+            opt._release_preflattened_grad_buffers()
+            if opt.cpu_offload:
+                opt.reset_cpu_buffers()
+            else:
+                for key in opt.averaged_gradients:
+                    opt.averaged_gradients[key] = opt.all_grad_tensors[key] = None
+            opt.micro_step_id = INITIAL_MICRO_STEP_ID  # the next backward copies, not accumulates
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast for calls that bypass the prepared forward (eval, pictures)."""

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from faults_driver import finish, start
 from trainer_tiny import TinyTask, synthetic_factory
 
 from launch.checkpoint import TRAINER_FILE, load_file
@@ -50,3 +51,33 @@ def test_fp16_clipped_run_skips_a_poisoned_step_and_trains_on(tmp_path, cpu_grad
     assert not torch.equal(weights[2]["net.1.weight"], weights[3]["net.1.weight"])
     assert all(torch.isfinite(v).all() for v in result.task.state_dict().values())
     assert trainer.backend.scaler.get_scale() == 2.0**16 * 0.5  # one back-off, for the poisoned step
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("digits")
+
+
+def _masters(run: Path, step: int) -> dict[str, torch.Tensor]:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(run / "checkpoints" / f"step-{step:08d}"), tag="engine")
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("stage", [pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow), 3])
+def test_deepspeed_bf16_skips_a_poisoned_step_and_trains_on(tmp_path, digits, stage):
+    """Rank 0's batch of step 3 is NaN: under ZeRO the gradients live in DeepSpeed's own buffers
+    (``p.grad`` is None), so the skip must clear those; the fp32 masters of steps 2 and 3 are
+    equal, step 4 trains, every weight stays finite."""
+    run = tmp_path / "run"
+    code, log = finish(start(run, "--fault=nan@3", "backend=deepspeed", f"zero_stage={stage}", "precision=bf16",
+                             "max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep=100", "log.every_steps=1",
+                             data_root=digits, nproc=2), run, timeout=600)  # fmt: skip
+    assert code == 0, log[-3000:]
+    assert "step 3: non-finite loss or gradients, step skipped (1 in a row)" in log
+    weights = {step: _masters(run, step) for step in (2, 3, 4)}
+    assert all(torch.equal(weights[2][k], weights[3][k]) for k in weights[2])
+    assert not torch.equal(weights[3]["decoder.weight"], weights[4]["decoder.weight"])
+    final = torch.load(run / "final.pt")
+    assert all(torch.isfinite(v).all() for v in [*weights[4].values(), *final.values()])
