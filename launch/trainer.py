@@ -46,7 +46,8 @@ LoaderFactory = Callable[..., Any]
 
 @dataclass
 class FitResult:
-    """What a finished run reports; ``task`` is the trained, unwrapped task (full weights)."""
+    """What a finished run reports; ``task`` is the task passed to ``fit``, trained, unwrapped and
+    whole (under DeepSpeed: holding the fp32 masters again, DeepSpeed's hooks and partitions removed)."""
 
     steps: int
     epochs: int
