@@ -27,7 +27,7 @@ from launch.task import Task
 from launch.trainer import fit
 
 CLASSES = 4
-VIT = dict(img_size=8, patch_size=4, in_chans=1, embed_dim=16, depth=1, num_heads=2)
+VIT = {"img_size": 8, "patch_size": 4, "in_chans": 1, "embed_dim": 16, "depth": 1, "num_heads": 2}
 
 
 def build(kind: str) -> Task:

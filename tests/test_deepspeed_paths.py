@@ -29,7 +29,7 @@ TINY_MAE = ["model.preset=mae_vit_mnist_p4", "model.img_size=8", "model.embed_di
 def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -123,7 +123,10 @@ def accelerate_env(config: Path) -> dict[str, str]:
     """The ``ACCELERATE_*`` variables ``accelerate launch --config_file CONFIG`` gives its processes,
     computed by Accelerate's own launcher code (on a CPU ``accelerate launch`` starts one process,
     so torchrun starts the two)."""
-    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.commands.launch import (
+        _validate_launch_command,
+        launch_command_parser,
+    )
     from accelerate.utils.launch import prepare_deepspeed_cmd_env
 
     args = launch_command_parser().parse_args(["--config_file", str(config), "--num_processes", "2", "-m", "pretrain"])
