@@ -62,8 +62,9 @@ class MaskedTiny(Task):
         time.sleep(self.delay)
         patches = rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=PATCH, q=PATCH)  # (N, 16, 4)
         n, length, _ = patches.shape
-        mask = (torch.rand(n, length, device=imgs.device) < 0.75).float()  # 1 = hidden; the RNG a resume must restore
-        position = torch.eye(length, device=imgs.device).expand(n, -1, -1)
+        # 1 = hidden; the RNG a resume must restore. In the batch's dtype: bf16 under DeepSpeed
+        mask = (torch.rand(n, length, device=imgs.device) < 0.75).to(imgs.dtype)
+        position = torch.eye(length, device=imgs.device, dtype=imgs.dtype).expand(n, -1, -1)
         pred = self.decoder(self.encoder(torch.cat([patches * (1 - mask[..., None]), position], -1)))
         loss = ((pred - patches) ** 2).mean(-1)
         return {"loss": (loss * mask).sum() / mask.sum().clamp(min=1)}
