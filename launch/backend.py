@@ -409,21 +409,15 @@ class Backend:
         return deepspeed.zero.GatheredParameters(list(self.unwrap(model).parameters()), modifier_rank=None)
 
     def full_state_dict(self, model: nn.Module, *, frozen_only: bool = False) -> dict[str, Tensor]:
-        """The whole task's weights (or, DeepSpeed only, its frozen parameters); FSDP gathers its
-        shards on every rank (collective); under DeepSpeed fp32 copies on
-        the CPU, on every rank (collective): trained parameters from DeepSpeed's fp32 masters (the
-        module holds bf16 / fp16 copies), frozen ones and buffers from the module, upcast (they
-        have no master)."""
+        """The whole task's weights on every rank (collective). FSDP gathers its shards; DeepSpeed
+        gives fp32 copies on the CPU (or only its frozen parameters): trained parameters from its
+        fp32 masters (the module holds bf16 / fp16 copies), frozen ones and buffers from the module,
+        upcast (they have no master)."""
         if self.fsdp:
             return fsdp2.full_state_dict(model)
-        module = self.unwrap(model)
-        if not self.deepspeed:
-            state = module.state_dict()
-            frozen = {n for n, p in module.named_parameters(remove_duplicate=False) if not p.requires_grad}
-            return {k: v for k, v in state.items() if k in frozen} if frozen_only else state
-        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.utils import safe_get_full_fp32_param  # None for a parameter without a master
 
-        state = {}
+        module, state = self.unwrap(model), {}
         with self.whole_weights(model):
             for name, value in module.state_dict(keep_vars=True).items():
                 trained = isinstance(value, nn.Parameter) and value.requires_grad

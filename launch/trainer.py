@@ -344,18 +344,20 @@ class Trainer:
         training RNG stream is untouched (a resumed run stays bit-identical)."""
         self.model.eval()
         sums: dict[str, Tensor] = {}
-        with self.backend.outside_forward(self.model):  # ZeRO-3 / FSDP: eval_step and on_eval_end read weights
-            with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast():
-                torch.manual_seed(self.seed + self.rank)
-                self.eval_loader.restart(0)
-                for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
-                    for name, value in self.task.eval_step(self.backend.to_device(batch)).items():
-                        sums[name] = sums.get(name, 0.0) + value.float()
-            self.model.train()
-            totals = {k: v.item() for k, v in self.backend.all_reduce(sums).items()}
-            count = totals.pop("count", 0.0) or 1.0
-            self.eval_metrics = {k: v / count for k, v in totals.items()}
-            self.logger.scalars(self.step, self.eval_metrics, prefix="eval")
+        # ZeRO-3 / FSDP: eval_step and on_eval_end (e.g. a best-weights export) read weights outside the forward
+        with self.backend.outside_forward(self.model), torch.random.fork_rng(devices=self._rng_devices()), \
+                self.backend.autocast():
+            torch.manual_seed(self.seed + self.rank)
+            self.eval_loader.restart(0)
+            for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
+                for name, value in self.task.eval_step(self.backend.to_device(batch)).items():
+                    sums[name] = sums.get(name, 0.0) + value.float()
+        self.model.train()
+        totals = {k: v.item() for k, v in self.backend.all_reduce(sums).items()}
+        count = totals.pop("count", 0.0) or 1.0
+        self.eval_metrics = {k: v / count for k, v in totals.items()}
+        self.logger.scalars(self.step, self.eval_metrics, prefix="eval")
+        with self.backend.outside_forward(self.model):
             self.task.on_eval_end(dict(self.eval_metrics), self.step)
         self.eval_metrics["step"] = self.step
         return self.eval_metrics

@@ -3,9 +3,10 @@
     torchrun --standalone --nproc_per_node 2 tests/deepspeed_tasks.py OUT STAGE PRECISION KIND[,KIND...]
 
 KIND is mae, probe, finetune (mixup + cutmix on) or a baseline family (ae, dae, cae, vae, sdae:
-every greedy stage of the stack). Each trains a few steps on synthetic 1 x 8 x 8 images with
+every greedy stage of the stack). Each trains 8 steps on synthetic 1 x 8 x 8 images with
 ZeRO-3's ``stage3_param_persistence_threshold`` 0 (every parameter partitioned, as at ViT-L
-scale), evaluates and draws pictures. Rank 0 writes ``OUT/results.json``: per kind the train
+scale), evaluating and drawing pictures at the end of epoch 1 (step 6, then training goes on)
+and at the end. Rank 0 writes ``OUT/results.json``: per kind the train
 and eval losses and what ``fit`` handed back (fp32, whole, DeepSpeed's attributes gone).
 """
 
@@ -84,7 +85,7 @@ def main(out: Path, stage: str, precision: str, kinds: list[str]) -> None:
     dist.barrier()
     cfg = load_config(TrainerConfig, None, [
         "backend=deepspeed", f"zero_stage={stage}", f"precision={precision}", f"deepspeed_config={ds_json}",
-        "max_steps=3", "batch_size=8", "eval_batches=1", "log.every_steps=1", "log.progress=false",
+        "max_steps=8", "batch_size=8", "eval_batches=1", "log.every_steps=1", "log.progress=false",
         "log.images_every_epochs=1", "optim.warmup_steps=0", "optim.base_lr=0.01"])  # fmt: skip
     results = {kind: train(kind, out, cfg) for kind in kinds}
     if dist.is_main():
