@@ -33,12 +33,13 @@ class Pixels(nn.Module):
         return self.mean.shape[1]
 
     def to_unit(self, images: Tensor) -> Tensor:
-        """images: (N, C, H, W) normalized -> (N, C, H, W) in [0, 1]; clamped against resize overshoot."""
-        return (images * self.std + self.mean).clamp_(0.0, 1.0)
+        """images: (N, C, H, W) normalized -> (N, C, H, W) in [0, 1]; clamped against resize overshoot.
+        Keeps the images' dtype (bf16 batches under DeepSpeed meet bf16 weights)."""
+        return (images * self.std + self.mean).clamp_(0.0, 1.0).to(images.dtype)
 
     def from_unit(self, pixels: Tensor) -> Tensor:
-        """pixels: (N, C, H, W) in [0, 1] -> normalized like the batch."""
-        return (pixels - self.mean) / self.std
+        """pixels: (N, C, H, W) in [0, 1] -> normalized like the batch, in the pixels' dtype."""
+        return ((pixels - self.mean) / self.std).to(pixels.dtype)
 
 
 def corrupt(pixels: Tensor, kind: NoiseKind, level: float) -> Tensor:

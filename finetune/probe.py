@@ -84,7 +84,9 @@ class ProbeTask(Task):
         return tokens[:, self.encoder.num_prefix_tokens :].mean(dim=1)
 
     def logits(self, imgs: Tensor) -> Tensor:
-        return self.head(self.features(imgs).float())
+        """(N, K) fp32 logits; the head sees features in its own dtype (fp32, or bf16 / fp16 when
+        DeepSpeed casts the module)."""
+        return self.head(self.features(imgs).to(self.head[1].weight.dtype)).float()
 
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
         logits = self.logits(batch["image"])

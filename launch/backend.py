@@ -21,7 +21,7 @@ import os
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.distributed as torch_dist
@@ -39,6 +39,7 @@ from launch.errors import CheckpointError, ConfigError
 log = logging.getLogger(__name__)
 
 _MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def deepspeed_config(cfg: TrainerConfig, world: int) -> dict[str, Any]:
@@ -161,8 +162,21 @@ def _has_accelerator() -> bool:
     return probe.is_available() if probe is not None else torch.cuda.is_available()
 
 
+#: per-module attributes ZeRO-3 adds besides ``ds_*`` (they hold the partitioned Parameters)
+_ZERO_MODULE_ATTRS = ("_original_parameters", "_external_params")
+
+
+def _tensors(module: nn.Module) -> list[tuple[str, Tensor | None]]:
+    """``module``'s own parameters and buffers (not its children's), by attribute name."""
+    return [*module._parameters.items(), *module._buffers.items()]
+
+
 class Backend:
     """Accelerate (+ DeepSpeed) for one run; built once, before the data loaders."""
+
+    #: `accelerate launch` settings describe the stage the launcher started, checked by the first
+    #: fit of the process; later fits (the probe after pretraining) follow their own config
+    _launcher_checked: ClassVar[bool] = False
 
     def __init__(self, cfg: TrainerConfig, *, multi_phase: bool = False) -> None:
         self.cfg = cfg = cfg.model_copy(update={"precision": resolve_precision(cfg.precision)})
@@ -174,7 +188,9 @@ class Backend:
             raise ConfigError("trainer.backend=fsdp has no fp16 loss scaling: use trainer.precision=bf16 (or fp32)")
         if self.deepspeed and multi_phase:
             raise ConfigError("trainer.backend=deepspeed supports one optimizer; this task has several phases: use backend=ddp")
-        check_launcher(cfg)
+        if not Backend._launcher_checked:
+            check_launcher(cfg)
+            Backend._launcher_checked = True
         # Accelerate's state is a per-process singleton that refuses new settings; one process
         # runs several fits (pretrain, then probe), each with its own precision and backend.
         # The process group itself survives the reset.
@@ -182,7 +198,8 @@ class Backend:
         GradientState._reset_state()
         for key in _LAUNCH_KEYS:  # back to the launcher's values: Accelerate reads them in __init__
             os.environ.pop(key, None)
-        os.environ.update(_LAUNCH_ENV)
+        # a DDP fit after a DeepSpeed one (the probe): Accelerate would build DeepSpeed from these
+        os.environ.update({k: v for k, v in _LAUNCH_ENV.items() if self.deepspeed or "DEEPSPEED" not in k})
         dist.init_process_group()  # before Accelerate / DeepSpeed, which then reuse it
         plugin = None
         if self.deepspeed:
@@ -207,6 +224,9 @@ class Backend:
             dist.init_single_process_group()  # fully_shard needs a group, also for one process
         # DCP's background writer coordinates over its own gloo group, never the training one
         self._async_group = torch_dist.new_group(backend="gloo") if self.fsdp and cfg.checkpoint.async_save else None
+        # DeepSpeed's bf16 / fp16 cast the module itself and add no autocast, so floating inputs
+        # must arrive in the module's dtype (as the Hugging Face Trainer casts them for DeepSpeed)
+        self.input_dtype = _HALF.get(cfg.precision) if self.deepspeed else None
 
     # ------------------------------------------------------------------ setup
 
@@ -220,6 +240,11 @@ class Backend:
             fsdp2.repoint_optimizers(optimizers, names, model)
             self._autocast_forward(model)
             return model, optimizers
+        if self.deepspeed:  # it casts the task's tensors in place: ``release`` gives them their dtypes
+            # back, and non-persistent buffers (constants such as a normalization, in no checkpoint) their values
+            self._dtypes = {(id(m), k): t.dtype for m in task.modules() for k, t in _tensors(m) if t is not None}
+            self._constants = {(id(m), k): m._buffers[k].detach().clone() for m in task.modules()
+                               for k in m._non_persistent_buffers_set if m._buffers.get(k) is not None}  # fmt: skip
         prepared = self.accelerator.prepare(task, *optimizers)
         return prepared[0], list(prepared[1:])
 
@@ -235,8 +260,13 @@ class Backend:
         return self.accelerator.scaler
 
     def to_device(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Tensors to the training device; asynchronous from pinned host memory on CUDA."""
-        return {k: v.to(self.device, non_blocking=True) if isinstance(v, Tensor) else v for k, v in batch.items()}
+        """Tensors to the training device (asynchronous from pinned host memory on CUDA); floating
+        ones in ``input_dtype`` under DeepSpeed bf16 / fp16. Tasks compute their losses in fp32."""
+        return {k: self._move(v) if isinstance(v, Tensor) else v for k, v in batch.items()}
+
+    def _move(self, tensor: Tensor) -> Tensor:
+        dtype = self.input_dtype if tensor.is_floating_point() else None
+        return tensor.to(self.device, dtype=dtype, non_blocking=True)
 
     # ------------------------------------------------------------------ steps
 
@@ -295,12 +325,38 @@ class Backend:
         optimizer.zero_grad(set_to_none=True)
 
     def discard_grads(self, model: nn.Module, optimizer: Optimizer) -> None:
-        """Drop accumulated gradients without stepping (a skipped non-finite step)."""
-        if self.deepspeed:
-            self._engine.zero_grad()
-            return
+        """Drop accumulated gradients without an update (a skipped non-finite step)."""
+        if self.deepspeed and self.cfg.precision == "fp16":
+            self._engine.step()  # its loss scaler sees the overflow: skips, clears and backs off
+        elif self.deepspeed:
+            self._discard_deepspeed_grads()
+        else:
+            self._discard_grads(model, optimizer)
+
+    def _discard_grads(self, model: nn.Module, optimizer: Optimizer) -> None:
         optimizer.zero_grad(set_to_none=True)
         model.zero_grad(set_to_none=True)
+        if self.scaler is not None:  # as on an fp16 overflow: back off, and forget this step's unscale_ (clipping)
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+
+    def _discard_deepspeed_grads(self) -> None:
+        """Drop the step's gradients from DeepSpeed's own buffers (under ZeRO ``param.grad`` is
+        None: the reduced partitions live in the optimizer), as its fp16 overflow branch does;
+        without this they poison the next step. Its ``step()`` is not called: no update at all."""
+        from deepspeed.runtime.zero.stage_1_and_2 import INITIAL_MICRO_STEP_ID
+
+        opt = self._engine.optimizer
+        opt.zero_grad(set_to_none=True)  # parameter grads; BF16_Optimizer also its fp32 grads
+        if hasattr(opt, "_overflow_clean_up"):  # ZeRO-3
+            opt._overflow_clean_up(opt.loss_scale)
+        elif hasattr(opt, "averaged_gradients"):  # ZeRO-1/2
+            opt._release_preflattened_grad_buffers()
+            if opt.cpu_offload:
+                opt.reset_cpu_buffers()
+            else:
+                for key in opt.averaged_gradients:
+                    opt.averaged_gradients[key] = opt.all_grad_tensors[key] = None
+            opt.micro_step_id = INITIAL_MICRO_STEP_ID  # the next backward copies, not accumulates
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """Autocast for calls that bypass the prepared forward (eval, pictures)."""
@@ -318,9 +374,10 @@ class Backend:
         model.forward = autocast_forward
 
     def outside_forward(self, model: nn.Module) -> contextlib.AbstractContextManager:
-        """While calling the task outside its forward (eval, pictures): FSDP gathers the root's
-        parameters (each block gathers its own when called); elsewhere nothing is needed."""
-        return fsdp2.outside_forward(model) if self.fsdp else contextlib.nullcontext()
+        """While calling the task outside its forward (eval, pictures, ``on_eval_end``): FSDP
+        gathers the root's parameters (each block gathers its own when called), ZeRO-3 every
+        parameter (:meth:`whole_weights`); elsewhere nothing is needed. Collective."""
+        return fsdp2.outside_forward(model) if self.fsdp else self.whole_weights(model)
 
     def local_grads(self, params: Any) -> list[Tensor | None]:
         """Each parameter's gradient as held by this rank (FSDP: its shard)."""
@@ -337,21 +394,67 @@ class Backend:
         if path is None:
             raise ConfigError(f"no DeepSpeed engine state in {directory}")
 
-    def full_state_dict(self, model: nn.Module) -> dict[str, Tensor]:
-        """The whole model's weights on every rank (ZeRO-3 and FSDP gather their shards)."""
+    def whole_weights(self, model: nn.Module) -> contextlib.AbstractContextManager:
+        """Every parameter whole and read-only on every rank, for code that reads weights outside
+        the engine's forward (``eval_step``, ``pictures``, ``on_eval_end``); collective under ZeRO-3.
+
+        Gathering once per evaluation, rather than routing each eval batch through the engine's
+        forward, costs one all-gather of the model instead of one per layer per batch, needs no
+        change to any task, and fits: evaluation keeps no activations for backward, and the
+        optimizer states stay partitioned."""
+        if not (self.deepspeed and self.cfg.zero_stage == 3):
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(list(self.unwrap(model).parameters()), modifier_rank=None)
+
+    def full_state_dict(self, model: nn.Module, *, frozen_only: bool = False) -> dict[str, Tensor]:
+        """The whole task's weights on every rank (collective). FSDP gathers its shards; DeepSpeed
+        gives fp32 copies on the CPU (or only its frozen parameters): trained parameters from its
+        fp32 masters (the module holds bf16 / fp16 copies), frozen ones and buffers from the module,
+        upcast (they have no master)."""
         if self.fsdp:
             return fsdp2.full_state_dict(model)
-        if self.deepspeed and self.cfg.zero_stage == 3:
-            import deepspeed
+        from deepspeed.utils import safe_get_full_fp32_param  # None for a parameter without a master
 
-            with deepspeed.zero.GatheredParameters(list(self._engine.module.parameters())):
-                return {k: v.detach().clone().cpu() for k, v in self._engine.module.state_dict().items()}
-        return self.unwrap(model).state_dict()
+        module, state = self.unwrap(model), {}
+        with self.whole_weights(model):
+            for name, value in module.state_dict(keep_vars=True).items():
+                trained = isinstance(value, nn.Parameter) and value.requires_grad
+                if frozen_only and (trained or not isinstance(value, nn.Parameter)):
+                    continue
+                master = safe_get_full_fp32_param(value) if trained else None
+                value = (master if master is not None else value).detach()
+                state[name] = (value.float() if value.is_floating_point() else value).cpu().clone()
+        return state
 
-    @property
-    def shards_weights(self) -> bool:
-        """Whether the task's own parameters are partitioned (ZeRO-3, FSDP)."""
-        return self.fsdp or (self.deepspeed and self.cfg.zero_stage == 3)
+    def release(self, model: nn.Module) -> nn.Module:
+        """End of a fit: the task itself, whole, holding the trained weights in their original
+        dtypes on every rank (collective), so that the caller can evaluate, export or fit it
+        again as after DDP. Under DeepSpeed the weights come from its fp32 masters, and its
+        hooks, partitions and casts are taken off the task."""
+        task = self.unwrap(model)
+        if not self.deepspeed:
+            return task
+        state = self.full_state_dict(model)
+        self._engine.destroy()  # ZeRO's module and gradient hooks
+        fresh: dict[int, nn.Parameter] = {}  # one new Parameter per old one: tied weights stay tied
+        for prefix, module in task.named_modules():
+            for key in [k for k in vars(module) if k.startswith("ds_") or k in _ZERO_MODULE_ATTRS]:
+                delattr(module, key)
+            # ZeRO-3 swaps in its own parameter dict and partitions the Parameters: new ones, whole
+            module._parameters = dict(module._parameters)
+            for key, value in _tensors(module):
+                if value is None:
+                    continue
+                full = state.get(f"{prefix}.{key}" if prefix else key, self._constants.get((id(module), key), value))
+                full = full.to(self.device, self._dtypes[id(module), key])
+                if isinstance(value, nn.Parameter):
+                    full = fresh.setdefault(id(value), nn.Parameter(full, requires_grad=value.requires_grad))
+                    module._parameters[key] = full
+                else:
+                    module._buffers[key] = full
+        return task
 
     # ------------------------------------------------------------------ FSDP state
 

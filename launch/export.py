@@ -233,7 +233,8 @@ def _task_state(ckpt: Path, like: dict[str, Tensor]) -> dict[str, Tensor]:
         raise CheckpointError(f"{ckpt} holds no model weights (neither 'model' in {TRAINER_FILE}, FSDP shards nor a DeepSpeed engine)")
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")
+    # below ZeRO stage 2 DeepSpeed's consolidation omits frozen parameters (pos_embed): the trainer saves them
+    return {**state.get("frozen", {}), **get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")}
 
 
 def _normalization(meta: dict[str, Any], args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...]]:

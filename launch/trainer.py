@@ -48,7 +48,8 @@ LoaderFactory = Callable[..., Any]
 
 @dataclass
 class FitResult:
-    """What a finished run reports; ``task`` is the trained, unwrapped task (full weights)."""
+    """What a finished run reports; ``task`` is the task passed to ``fit``, trained, unwrapped and
+    whole (under DeepSpeed: holding the fp32 masters again, DeepSpeed's hooks and partitions removed)."""
 
     steps: int
     epochs: int
@@ -108,12 +109,14 @@ class Trainer:
         self._check_batch_split(splits[0])
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        # ZeRO-3 partitions the task's parameters in place: keep a whole copy for the result. FSDP
-        # shards a copy instead: the caller's task stays whole and receives the trained weights at
-        # the end, as under DDP (the baselines keep using it for pictures, probes, the next stage)
-        self._whole = copy.deepcopy(task) if self.backend.shards_weights else None
-        if self.backend.fsdp:
-            self._whole, task = task, self._whole
+        self._init_checkpoints()
+        self._resume_path = self._resolve_resume(task)
+        # FSDP shards a copy: the caller's task stays whole and receives the trained weights at the
+        # end, as under DDP (the baselines keep using it for pictures, probes, the next stage);
+        # DeepSpeed hands the task itself back, whole (Backend.release)
+        self._whole = task if self.backend.fsdp else None
+        if self._whole is not None:
+            task = copy.deepcopy(task)
         optimizers, self.schedulers = self._build_optimizers(task)
         self.model, self.optimizers = self.backend.prepare(task.to(self.backend.device), optimizers)
         self.task: Task = self.backend.unwrap(self.model)
@@ -128,7 +131,6 @@ class Trainer:
         self.last_loss: float | None = None
         self.skipped_samples = 0  # all ranks, as of the last log point
         self.checkpoint_path: Path | None = None
-        self._init_checkpoints()
 
     # ------------------------------------------------------------------ setup
 
@@ -343,7 +345,9 @@ class Trainer:
         training RNG stream is untouched (a resumed run stays bit-identical)."""
         self.model.eval()
         sums: dict[str, Tensor] = {}
-        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast(), self.backend.outside_forward(self.model):
+        # ZeRO-3 / FSDP: eval_step and on_eval_end (e.g. a best-weights export) read weights outside the forward
+        with self.backend.outside_forward(self.model), torch.random.fork_rng(devices=self._rng_devices()), \
+                self.backend.autocast():
             torch.manual_seed(self.seed + self.rank)
             self.eval_loader.restart(0)
             for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
@@ -354,7 +358,8 @@ class Trainer:
         count = totals.pop("count", 0.0) or 1.0
         self.eval_metrics = {k: v / count for k, v in totals.items()}
         self.logger.scalars(self.step, self.eval_metrics, prefix="eval")
-        self.task.on_eval_end(dict(self.eval_metrics), self.step)
+        with self.backend.outside_forward(self.model):
+            self.task.on_eval_end(dict(self.eval_metrics), self.step)
         self.eval_metrics["step"] = self.step
         return self.eval_metrics
 
@@ -364,7 +369,8 @@ class Trainer:
         if loader is self.train_loader:
             return  # iterating the train loader here would move its resumable position
         self.model.eval()
-        with torch.random.fork_rng(devices=self._rng_devices()), self.backend.autocast(), self.backend.outside_forward(self.model):
+        with self.backend.outside_forward(self.model), torch.random.fork_rng(devices=self._rng_devices()), \
+                self.backend.autocast():
             torch.manual_seed(self.seed)
             loader.restart(0)
             pictures = self.task.pictures(self.backend.to_device(next(iter(loader))))
@@ -376,10 +382,11 @@ class Trainer:
 
     def _result(self) -> FitResult:
         speed = self.meter.summary()
-        task = self.task
-        if self._whole is not None:
+        if self._whole is not None:  # FSDP trained a sharded copy: the caller's task takes its weights
             self._whole.load_state_dict(self.backend.full_state_dict(self.model))
             task = self._whole
+        else:
+            task = self.backend.release(self.model)  # DeepSpeed: the fp32 masters, gathered on every rank
         return FitResult(
             steps=self.step, epochs=self.epoch, final_loss=self.last_loss,
             eval={k: v for k, v in self.eval_metrics.items() if k != "step"},
@@ -390,13 +397,20 @@ class Trainer:
     # ------------------------------------------------------------------ state (checkpointed)
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything shared by all ranks. Under DeepSpeed the engine saves model + optimizer,
-        under FSDP every rank its shards of them."""
+        """Everything shared by all ranks (called on every rank: collective under DeepSpeed). Under
+        DeepSpeed the engine saves model + optimizer, under FSDP every rank its shards of them; for
+        DeepSpeed exports, ``"frozen"`` adds the frozen parameters, which DeepSpeed's consolidation to
+        fp32 omits below ZeRO stage 2, and at stage 0 (which it cannot consolidate) ``"model"`` holds
+        the fp32 masters."""
         state: dict[str, Any] = {
             "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "bad_steps": self.bad_steps,
             "global_batch": self.global_batch, "schedulers": [s.state_dict() for s in self.schedulers],
         }
-        if not self.backend.deepspeed and not self.backend.fsdp:
+        if self.backend.deepspeed and self.cfg.zero_stage == 0:
+            state["model"] = self.backend.full_state_dict(self.model)
+        elif self.backend.deepspeed:
+            state["frozen"] = self.backend.full_state_dict(self.model, frozen_only=True)
+        elif not self.backend.fsdp:
             state["model"] = self.task.state_dict()
             state["optimizers"] = [o.state_dict() for o in self.optimizers]
         if self.backend.scaler is not None:
@@ -406,7 +420,7 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
         self.bad_steps = state.get("bad_steps", 0)
-        if "model" in state:
+        if "model" in state and not self.backend.deepspeed:  # DeepSpeed's engine restored model and optimizer
             self.task.load_state_dict(state["model"])
             for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
                 opt.load_state_dict(s)
@@ -468,8 +482,8 @@ class Trainer:
             if self.backend.deepspeed:
                 self.backend.save_engine(tmp)
             shards = self.backend.save_sharded(tmp, self.model, self.optimizers) if self.backend.fsdp else None
+            state = self.state_dict()  # every rank: collective under ZeRO-3
             if self.rank == 0:
-                state = self.state_dict()
                 bad = nonfinite_keys(state)  # skipped steps keep weights finite; never save otherwise
                 if bad:
                     raise ValueError(f"refusing to save NaN/inf in {bad[0]} ({len(bad)} tensors)")
@@ -485,6 +499,16 @@ class Trainer:
         self.control.saved()
         if reason == "final":
             self.control.__exit__()  # the run is over: give SIGTERM / SIGUSR1 back
+
+    def _resolve_resume(self, task: Task) -> Path | None:
+        """The checkpoint ``checkpoint.resume`` names, or None: then ``checkpoint.weights_only``
+        is loaded into ``task`` here, before the backend wraps it (DeepSpeed copies its fp32
+        masters from the module at initialization, and ZeRO-3 partitions the module)."""
+        self.checkpoints.prepare()
+        path = self.checkpoints.resolve_agreed(self.cfg.checkpoint.resume)
+        if path is None and self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
+            load_weights(task, self.cfg.checkpoint.weights_only)
+        return path
 
     def _check_resumable(self, path: Path) -> int:
         """One-line CheckpointError for what cannot be resumed; returns the checkpoint's world size."""
@@ -506,11 +530,8 @@ class Trainer:
         """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers, schedules,
         scaler, step, loader position; this rank's RNG on the same world size) or start fresh."""
         self.control.__enter__()  # SIGTERM / SIGUSR1 now mean "save and stop"
-        self.checkpoints.prepare()
-        path = self.checkpoints.resolve_agreed(self.cfg.checkpoint.resume)
+        path = self._resume_path
         if path is None:
-            if self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
-                load_weights(self.task, self.cfg.checkpoint.weights_only)
             return
         saved_world = self._check_resumable(path)
         if self.backend.deepspeed:

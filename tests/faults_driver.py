@@ -71,10 +71,11 @@ class MaskedTiny(Task):
         patches = rearrange(imgs, "n c (h p) (w q) -> n (h w) (p q c)", p=PATCH, q=PATCH)  # (N, 16, 4)
         n, length, _ = patches.shape
         noise = sample_noise(batch["seed"], length) if self.seeded else torch.rand(n, length, device=imgs.device)
-        mask = (noise < 0.75).float()  # 1 = hidden; unseeded: the RNG a resume must restore
+        # 1 = hidden; unseeded: the RNG a resume must restore. In the batch's dtype: bf16 under DeepSpeed
+        mask = (noise < 0.75).to(imgs.dtype)
         if self.training:
             self.keys += batch["key"]
-        position = torch.eye(length, device=imgs.device).expand(n, -1, -1)
+        position = torch.eye(length, device=imgs.device, dtype=imgs.dtype).expand(n, -1, -1)
         pred = self.decoder(self.encoder(torch.cat([patches * (1 - mask[..., None]), position], -1)))
         loss = ((pred - patches) ** 2).mean(-1)
         return {"loss": (loss * mask).sum() / mask.sum().clamp(min=1)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -37,8 +38,12 @@ def test_shipped_deepspeed_files_fill_from_the_run_config(stage):
 
 
 def test_accelerate_files_leave_precision_to_the_run_config():
+    """'no' where Accelerate would otherwise pick one; absent from DeepSpeed files, where
+    Accelerate refuses any value next to a DeepSpeed config file."""
     for path in sorted((ROOT / "launch/accelerate").glob("*.yaml")):
-        assert yaml.safe_load(path.read_text())["mixed_precision"] == "no", path.name
+        config = yaml.safe_load(path.read_text())
+        deepspeed = config["distributed_type"] == "DEEPSPEED"
+        assert config.get("mixed_precision", "absent") == ("absent" if deepspeed else "no"), path.name
 
 
 def test_launcher_environment_must_agree():
@@ -72,3 +77,18 @@ def test_slurm_script_requeues_on_the_preemption_status():
     assert subprocess.run(["bash", "-n", str(ROOT / "launch/slurm/pretrain.sbatch")]).returncode == 0
     assert f"EXIT_REQUEUE={EXIT_REQUEUE}" in script and "scontrol requeue" in script
     assert "--rdzv_backend c10d" in script and "trainer.checkpoint.resume=auto" in script
+
+
+def test_a_later_ddp_fit_follows_its_own_config_after_a_deepspeed_launch(monkeypatch):
+    """The probe after a DeepSpeed pretraining started by `accelerate launch`: the launcher was
+    the first fit's business; the DDP fit neither trips the check nor gets a DeepSpeed engine."""
+    from launch.backend import Backend
+
+    env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no"}
+    monkeypatch.setattr(backend, "_LAUNCH_ENV", env)
+    monkeypatch.setattr(Backend, "_launcher_checked", False)
+    with pytest.raises(ConfigError, match="DeepSpeed Accelerate config but trainer.backend=ddp"):
+        Backend(_cfg())  # the fit the launcher started must agree with it
+    monkeypatch.setattr(Backend, "_launcher_checked", True)
+    later = Backend(_cfg())
+    assert later.accelerator.distributed_type.value != "DEEPSPEED" and "ACCELERATE_USE_DEEPSPEED" not in os.environ

@@ -71,13 +71,15 @@ class SyntheticLoader:
     every batch also reports ``skips * (rank + 1)`` skipped samples (ranks differ, so sums show)."""
 
     def __init__(self, batch_size: int, seed: int, rank: int, world_size: int, num: int = NUM_SAMPLES,
-                 poison: int | None = None, skips: int = 0) -> None:
+                 poison: int | None = None, skips: int = 0, shape: tuple[int, ...] = SHAPE, classes: int = 0) -> None:
         gen = torch.Generator().manual_seed(1234)
-        self.images = torch.randn(num, *SHAPE, generator=gen)
+        self.images = torch.randn(num, *shape, generator=gen)
+        # labels 0..classes-1 in a fixed order (classes=0: unlabeled, -1)
+        self.labels = torch.arange(num) % classes if classes else torch.full((num,), -1)
         self.b, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self.epoch, self.pos, self.poison = 0, 0, poison
         self.skips, self.skipped = skips * (rank + 1), 0
-        self.info = SimpleNamespace(splits={"train": num, "val": num}, num_classes=1, mean=(0.0,), std=(1.0,))
+        self.info = SimpleNamespace(splits={"train": num, "val": num}, num_classes=max(classes, 1), mean=(0.0,), std=(1.0,))
 
     def __len__(self) -> int:
         return len(self.images) // (self.b * self.world)
@@ -100,7 +102,7 @@ class SyntheticLoader:
                 images[0, 0, 0, 0] = float("nan")
             self.pos += 1
             self.skipped += self.skips
-            yield {"image": images, "label": torch.full((self.b,), -1), "key": [f"{i:06d}" for i in idx.tolist()]}
+            yield {"image": images, "label": self.labels[idx], "key": [f"{i:06d}" for i in idx.tolist()]}
 
     def state_dict(self) -> dict[str, Any]:
         return {"epoch": self.epoch, "pos": self.pos, "skipped": self.skipped}
