@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.data.plan import GlobalOrder, deal, global_batch_ends, worker_batches
+from launch.data.plan import GlobalOrder, deal, global_batch_ends, runs, worker_batches
 
 UNEVEN = (97, 3, 40, 1, 59)  # 200 samples; fewer shards than 2 ranks x 4 workers in the plan test
 
@@ -80,6 +80,12 @@ def test_global_order_is_a_seeded_permutation_of_the_shards(block: int) -> None:
     if block > 1:  # a position stays inside its block of the shard sequence
         order = GlobalOrder(counts, seed=1, epoch=2, shuffle=True, block=block)
         assert all(order.storage(q) // block == q // block for q in range(order.total))
+
+
+def test_runs_join_indices_fewer_than_gap_apart() -> None:
+    assert runs([1, 2, 3, 7, 20], 8) == [(1, 8), (20, 21)]  # 4..6 are read through
+    assert runs([1, 2, 3, 7, 20], 1) == [(1, 4), (7, 8), (20, 21)]
+    assert runs([5, 900], float("inf")) == [(5, 901)] and runs([], 8) == []
 
 
 def test_worker_batches_interleave() -> None:

@@ -32,7 +32,7 @@ from webdataset.filters import shuffle as shuffle_filter
 from launch.data.config import DataConfig
 from launch.data.dataset import DatasetInfo, dataset_info, resolve_parts
 from launch.data.plan import (GlobalOrder, Segment, deal, global_batch_ends, mix, resampled_batches, resampled_shards,
-                              worker_batches)
+                              runs, worker_batches)
 from launch.data.remote import ReadPolicy
 from launch.data.shards import BROKEN, Sample, ShardIndex, count_samples, read_samples
 from launch.data.transforms import IMAGE_KEYS, PRESETS, build_transform, decode
@@ -131,7 +131,7 @@ class ShardStream(IterableDataset):
         for shard, group in itertools.groupby(located, key=lambda item: item[1]):
             group = list(group)
             gap = _GAP if self.index.indexed(shard) else math.inf
-            for lo, hi in _runs([k for _, _, k in group], gap):
+            for lo, hi in runs([k for _, _, k in group], gap):
                 run = [item for item in group if lo <= item[2] < hi]
                 samples = read_samples(self.urls[shard], lo, hi, self.policy, self.index.span(shard, lo, hi),
                                        keep={k for _, _, k in run})
@@ -243,17 +243,6 @@ class ShardStream(IterableDataset):
             else:
                 raise DataError(f"no readable sample in any of the {len(self.urls)} shards (e.g. {self.urls[0]})")
         return self._spare
-
-
-def _runs(positions: list[int], gap: float) -> list[tuple[int, int]]:
-    """Ascending ``positions`` as ``[lo, hi)`` runs, joining runs fewer than ``gap`` apart."""
-    runs: list[list[int]] = []
-    for p in positions:
-        if runs and p - runs[-1][1] < gap:
-            runs[-1][1] = p + 1
-        else:
-            runs.append([p, p + 1])
-    return [(lo, hi) for lo, hi in runs]
 
 
 class ShardLoader:

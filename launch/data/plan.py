@@ -122,6 +122,18 @@ def worker_batches(batches: int, workers: int, worker: int) -> range:
     return range(worker, batches, workers)
 
 
+def runs(indices: list[int], gap: float) -> list[tuple[int, int]]:
+    """Ascending ``indices`` as ``[lo, hi)`` runs, joining runs fewer than ``gap`` apart (a reader's
+    byte-range requests: the samples between two joined runs are read through)."""
+    out: list[list[int]] = []
+    for i in indices:
+        if out and i - out[-1][1] < gap:
+            out[-1][1] = i + 1
+        else:
+            out.append([i, i + 1])
+    return [(lo, hi) for lo, hi in out]
+
+
 def resampled_batches(epoch_samples: int, *, world_size: int, batch_size: int) -> int:
     batches = epoch_samples // (world_size * batch_size)
     if batches < 1:
