@@ -18,6 +18,7 @@ sample of the split instead, so every rank still yields the same number of batch
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import logging
 import math
@@ -130,9 +131,10 @@ class ShardStream(IterableDataset):
         located = [(index, *order.locate(index)) for index in wanted]
         for shard, group in itertools.groupby(located, key=lambda item: item[1]):
             group = list(group)
+            inner = [k for _, _, k in group]  # ascending: indices inside the shard
             gap = _GAP if self.index.indexed(shard) else math.inf
-            for lo, hi in runs([k for _, _, k in group], gap):
-                run = [item for item in group if lo <= item[2] < hi]
+            for lo, hi in runs(inner, gap):
+                run = group[bisect.bisect_left(inner, lo):bisect.bisect_left(inner, hi)]
                 samples = read_samples(self.urls[shard], lo, hi, self.policy, self.index.span(shard, lo, hi),
                                        keep={k for _, _, k in run})
                 broken = None
