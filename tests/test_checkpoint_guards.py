@@ -93,7 +93,8 @@ except CheckpointError as err:
     expected = "No space left on device" if rank == 1 else "failed on another rank"
     out.append("agreed" if expected in str(err) else str(err))
 out.append(f"published={len(mgr.checkpoints())}")
-print(f"rank{rank} " + " ".join(map(str, out)), flush=True)
+# one write: torchrun runs workers unbuffered (python -u), and print writes its end separately
+print(f"rank{rank} " + " ".join(map(str, out)) + "\n", end="", flush=True)
 td.destroy_process_group()
 '''
 

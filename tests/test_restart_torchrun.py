@@ -71,6 +71,8 @@ def test_process_group_left_to_accelerate_unless_one_agent_shares_its_store(monk
         raise AssertionError("init_process_group connected to the agent's store")
 
     monkeypatch.setattr(torch_dist, "TCPStore", no_store)
+    if torch_dist.is_initialized():  # left by an earlier in-process fit (FSDP and DeepSpeed keep a world-1 group)
+        torch_dist.destroy_process_group()
     with caplog.at_level(logging.WARNING, logger="launch.dist"):
         dist.init_process_group()
     assert not torch_dist.is_initialized()
