@@ -3,9 +3,7 @@ shared ground floor) imports no stage package (pretrain, finetune, baselines).
 
 Every ``import`` / ``from ... import`` of every ``.py`` file is read with ``ast``, the ones
 inside functions included (they are how cycles hide). An edge ``a -> b`` is "on a cycle" when
-``b`` also reaches ``a``. The edges violating either rule today are listed once below; the lead
-is removing them, so each entry that goes away must be deleted from its list, and any edge not
-listed fails the test.
+``b`` also reaches ``a``. There are no exceptions: ``docs/architecture.md`` shows the graph.
 """
 
 from __future__ import annotations
@@ -16,29 +14,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("launch", "pretrain", "finetune", "baselines", "benchmarks")
 STAGES = ("pretrain", "finetune", "baselines")
-
-#: Known violations (importer -> imported), being removed by the lead: edges on an import cycle
-#: and ``launch`` modules importing a stage package. Delete an entry once its import is gone.
-KNOWN_CYCLE_EDGES = frozenset({
-    ("finetune.backbone", "launch.export"),  # load_pretraining_mae
-    ("finetune.probe", "finetune.backbone"),
-    ("launch.export", "pretrain.card"),
-    ("launch.export", "pretrain.config"),
-    ("launch.export", "pretrain.task"),
-    ("pretrain.card", "pretrain.config"),
-    ("pretrain.config", "finetune.probe"),  # for ProbeConfig
-    ("pretrain.task", "pretrain.visualize"),  # MAETask's pictures live in the mae-visualize CLI
-    ("pretrain.visualize", "launch.export"),
-    ("pretrain.visualize", "pretrain.config"),
-    ("pretrain.visualize", "pretrain.task"),
-})
-KNOWN_LAUNCH_TO_STAGE = frozenset({
-    ("launch.export", "pretrain.card"),
-    ("launch.export", "pretrain.config"),
-    ("launch.export", "pretrain.model"),
-    ("launch.export", "pretrain.task"),
-})
-
 
 def _modules() -> dict[str, Path]:
     """Dotted module name -> file, for every module of the project's packages."""
@@ -116,21 +91,13 @@ def test_the_scan_sees_function_level_and_relative_imports() -> None:
         assert _targets(ast.parse(source).body[0], module, is_package, modules) == expected, source
 
 
-def test_no_new_import_cycle() -> None:
+def test_no_import_cycle() -> None:
     edges = import_edges()
-    new = cycle_edges(edges) - KNOWN_CYCLE_EDGES
-    assert not new, _report("imports on a cycle (break it: move the shared piece down, e.g. into launch/)", new, edges)
+    on_cycle = cycle_edges(edges)
+    assert not on_cycle, _report("imports on a cycle (break it: move the shared piece down, e.g. into launch/)", on_cycle, edges)
 
 
-def test_launch_imports_no_new_stage_package() -> None:
+def test_launch_imports_no_stage_package() -> None:
     edges = import_edges()
     up = {(a, b) for a, b in edges if a.split(".")[0] == "launch" and b.split(".")[0] in STAGES}
-    new = up - KNOWN_LAUNCH_TO_STAGE
-    assert not new, _report("launch/ importing a stage package (launch is the ground floor)", new, edges)
-
-
-def test_the_known_violations_still_exist() -> None:
-    """Keeps the allow-lists honest: an entry whose import is gone must be deleted."""
-    edges = import_edges()
-    gone = (KNOWN_CYCLE_EDGES - cycle_edges(edges)) | (KNOWN_LAUNCH_TO_STAGE - set(edges))
-    assert not gone, f"fixed, delete from the allow-list: {sorted(gone)}"
+    assert not up, _report("launch/ importing a stage package (launch is the ground floor)", up, edges)
