@@ -1,5 +1,6 @@
-"""The import graph flows one way: no cycles between the project's modules, and ``launch`` (the
-shared ground floor) imports no stage package (pretrain, finetune, baselines).
+"""The import graph flows one way: no cycles between the project's modules, ``launch`` (the
+shared ground floor) imports no stage package (pretrain, finetune, baselines), and the stages
+import each other only downwards (``LAYERS``).
 
 Every ``import`` / ``from ... import`` of every ``.py`` file is read with ``ast``, the ones
 inside functions included (they are how cycles hide). An edge ``a -> b`` is "on a cycle" when
@@ -9,11 +10,24 @@ inside functions included (they are how cycles hide). An edge ``a -> b`` is "on 
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("launch", "pretrain", "finetune", "baselines", "benchmarks")
 STAGES = ("pretrain", "finetune", "baselines")
+#: package -> the project packages its library modules may import (``docs/architecture.md``).
+#: finetune consumes MAE checkpoints; baselines reuse the probe and the classifier heads.
+LAYERS = {
+    "launch": set(),
+    "pretrain": {"launch"},
+    "finetune": {"launch", "pretrain"},
+    "baselines": {"launch", "finetune"},
+    "benchmarks": set(PACKAGES),
+}
+#: torch-free settings any stage may read (``mae-pretrain``'s and ``mae-baseline``'s ``probe:`` section)
+CONFIG_MODULES = {"finetune.config"}
 
 def _modules() -> dict[str, Path]:
     """Dotted module name -> file, for every module of the project's packages."""
@@ -101,3 +115,23 @@ def test_launch_imports_no_stage_package() -> None:
     edges = import_edges()
     up = {(a, b) for a, b in edges if a.split(".")[0] == "launch" and b.split(".")[0] in STAGES}
     assert not up, _report("launch/ importing a stage package (launch is the ground floor)", up, edges)
+
+
+def _entry_point(module: str) -> bool:
+    """``python -m pkg`` modules: no module imports them, so they may compose the stages
+    (``mae-pretrain`` pretrains, exports, then runs the linear probe)."""
+    return module.split(".")[-1] == "__main__"
+
+
+def test_stages_import_only_downwards() -> None:
+    edges = import_edges()
+    up = {(a, b) for a, b in edges
+          if not _entry_point(a) and b not in CONFIG_MODULES
+          and b.split(".")[0] not in LAYERS[a.split(".")[0]] | {a.split(".")[0]}}  # fmt: skip
+    assert not up, _report("imports against the layers (see LAYERS; move the shared piece down)", up, edges)
+
+
+def test_config_modules_import_no_torch() -> None:
+    code = f"import sys; import {', '.join(sorted(CONFIG_MODULES))}; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout
