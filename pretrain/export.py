@@ -80,7 +80,7 @@ def export_full(
     return write_atomically(Path(out_dir), write, overwrite)
 
 
-def load_full(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
+def load_full(path: str | Path) -> tuple[MaskedAutoencoderViT, dict[str, Any]]:
     """Rebuild a :func:`export_full` folder: ``(MaskedAutoencoderViT in eval mode, config)``."""
     path = Path(path)
     config = read_export_config(path)
