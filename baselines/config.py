@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, model_validator
 
 from baselines.families import FAMILIES, ModelConfig, check_img_size
-from finetune.probe import ProbeConfig
+from finetune.config import ProbeConfig
 from launch.config import Schema, TrainerConfig, describe_error, load_config, merge, over_defaults, read_yaml
 from launch.data.config import DataConfig
 from launch.errors import ConfigError

@@ -27,7 +27,9 @@ from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
 from launch.errors import ConfigError, DataError
-from launch.export import load_full, load_strict, read_export_config, timm_architecture
+from launch.export import load_strict, read_export_config, timm_architecture
+from pretrain.export import load_full, load_pretraining_mae
+from pretrain.official import load_official
 
 log = logging.getLogger(__name__)
 
@@ -163,8 +165,6 @@ def _from_folder(path: Path) -> BackboneSource:
     for candidate in (path, path / "timm", path / "full", path / "export" / "timm"):
         if (candidate / "config.json").is_file():
             return _from_export(candidate)
-    from launch.export import load_pretraining_mae  # resolves run dirs and step-* checkpoints
-
     model, meta = load_pretraining_mae(path)
     source = _from_module(model)
     source.mean, source.std, source.name = meta.get("mean"), meta.get("std"), str(path)
@@ -188,8 +188,6 @@ def _from_export(path: Path) -> BackboneSource:
 
 def _from_official_file(path: Path) -> BackboneSource:
     """An official MAE checkpoint (encoder-only or with decoder) or a full export file."""
-    from pretrain.official import load_official  # architecture read from the tensor shapes
-
     source = _from_module(load_official(path))
     source.name = str(path)
     return source

@@ -28,10 +28,11 @@ from launch.cli import config_parser, entry_point
 from launch.config import load_config
 from launch.data import DataConfig, DatasetInfo, build_loader, dataset_info
 from launch.errors import ConfigError
-from launch.export import export_full, export_timm
+from launch.export import export_timm
 from launch.trainer import FitResult, fit
 from pretrain.card import pretrain_card
 from pretrain.config import DEFAULT_CONFIG, PretrainConfig
+from pretrain.export import export_full
 from pretrain.task import MAETask, build_task
 
 log = logging.getLogger("mae-pretrain")

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from finetune.probe import ProbeConfig
+from finetune.config import ProbeConfig
 from launch.config import OptimConfig, Schema, TrainerConfig
 from launch.data import DataConfig
 from pretrain.presets import MAEConfig

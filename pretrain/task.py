@@ -13,8 +13,8 @@ from launch.task import Batch, Task
 from pretrain.model import MaskedAutoencoderViT
 from pretrain.masking import gather_tokens, removed_ids, sample_noise
 from pretrain.objective import removed_patch_loss
+from pretrain.pictures import reconstruction_grid
 from pretrain.presets import MAEConfig, build_model
-from pretrain.visualize import reconstruction_grid
 
 
 class MAETask(Task):

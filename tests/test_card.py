@@ -17,7 +17,7 @@ from huggingface_hub import ModelCard
 from finetune.finetune import FinetuneConfig, run_finetune
 from launch.card import CARD_FILE
 from launch.data import DataConfig
-from launch.export import main as export_main
+from pretrain.export import main as export_main
 from pretrain.__main__ import main as pretrain_main
 from pretrain.presets import create_mae
 

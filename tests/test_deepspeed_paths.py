@@ -72,7 +72,7 @@ def digits(tmp_path_factory) -> Path:
 def test_bf16_pretraining_evaluates_pictures_exports_and_probes(tmp_path, digits, stage):
     """``-m pretrain`` under DeepSpeed bf16: eval + pictures every epoch, export, linear probe.
     The exports are the fp32 masters; ``mae-export`` of the checkpoint gives every tensor."""
-    from launch.export import load_full, run
+    from pretrain.export import load_full, run
 
     run_dir = tmp_path / "run"
     torchrun("-m", "pretrain", f"run_dir={run_dir}", f"data.root={digits}", "data.source=digits", "data.workers=0",

@@ -10,7 +10,8 @@ import timm
 import torch
 
 from launch.errors import CheckpointError
-from launch.export import export_full, export_timm, load_full, timm_encoder
+from launch.export import export_timm, timm_encoder
+from pretrain.export import export_full, load_full
 from pretrain.presets import create_mae
 
 MEAN, STD = (0.1307,), (0.3081,)

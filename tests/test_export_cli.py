@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from launch.checkpoint import TRAINER_FILE, load_file, save_file
-from launch.export import load_full, load_pretraining_mae, main
+from pretrain.export import load_full, load_pretraining_mae, main
 from pretrain.__main__ import main as pretrain_main
 
 TINY = ["model.depth=1", "trainer.max_steps=2", "trainer.batch_size=16", "trainer.eval_every_epochs=0",

@@ -21,8 +21,8 @@ import torch
 from test_trainer_dist import COMMON, assert_same_weights, torchrun
 from trainer_tiny import run
 
-from launch.export import load_full
-from launch.export import main as export_main
+from pretrain.export import load_full
+from pretrain.export import main as export_main
 
 pytestmark = pytest.mark.dist
 ROOT = Path(__file__).resolve().parents[1]

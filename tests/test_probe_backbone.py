@@ -9,7 +9,8 @@ import torch
 
 from finetune.backbone import build_vit, resolve_backbone
 from launch.errors import CheckpointError, ConfigError
-from launch.export import export_full, export_timm
+from launch.export import export_timm
+from pretrain.export import export_full
 from pretrain.presets import create_mae
 
 X = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(0))

@@ -13,12 +13,13 @@ from launch.checkpoint import TRAINER_FILE, CheckpointManager, save_file
 from launch.config import save_config
 from launch.data import DataConfig
 from launch.data.prepare import prepare
-from launch.export import export_full
 from pretrain.config import PretrainConfig
+from pretrain.export import export_full
 from pretrain.objective import normalize_patches
 from pretrain.presets import MAEConfig, create_mae
 from pretrain.task import MAETask
-from pretrain.visualize import PANELS, main, reconstruction_grid, reconstruction_panels
+from pretrain.pictures import PANELS, reconstruction_grid, reconstruction_panels
+from pretrain.visualize import main
 
 SMALL = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
 MEAN, STD = (0.1307,), (0.3081,)
