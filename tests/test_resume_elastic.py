@@ -145,16 +145,17 @@ def test_fsdp_two_processes_killed_resume_on_two(tmp_path, data_root, fsdp_refer
 
 @pytest.mark.slow
 @pytest.mark.dist
-def test_one_process_killed_resumes_on_two(tmp_path, data_root, reference) -> None:
-    weights, keys = reference
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_one_process_killed_resumes_on_two(tmp_path, data_root, request, backend) -> None:
+    weights, keys = request.getfixturevalue("fsdp_reference" if backend == "fsdp" else "reference")
     run = tmp_path / "run"
-    proc = start(run, SEEDED, "--step-delay=0.1", "--record-keys=a", ONE_PROC, data_root=data_root)
+    proc = start(run, SEEDED, "--step-delay=0.1", "--record-keys=a", ONE_PROC, f"backend={backend}", data_root=data_root)
     wait_for(_ckpt(run, 8), proc)
     time.sleep(random.uniform(0.0, 1.0))
     proc.kill()
     code, _ = finish(proc, run)
     assert code == -signal.SIGKILL and not (run / "final.pt").exists(), "the run ended before the kill"
-    log = _run(run, "--record-keys=b", data_root=data_root, nproc=2)
+    log = _run(run, "--record-keys=b", f"backend={backend}", data_root=data_root, nproc=2)
     assert "resumed from" in log
     assert _keys(run, ["a", "b"]) == keys
     _assert_close_weights(final_weights(run), weights)
