@@ -520,8 +520,9 @@ class Trainer:
             saved.pop("trainer", None)
             current.pop("optimizers")
         check_compatible(path, saved, current)
-        # ZeRO partitions optimizer state per rank; an FSDP resume on another world size is untested
-        if (self.backend.deepspeed or self.backend.fsdp) and saved_world != self.world:
+        # ZeRO's files hold each rank's partition of the optimizer state; FSDP's DCP checkpoint is keyed by
+        # global tensor and reshards on load (launch/fsdp.load), so only DeepSpeed needs its world size
+        if self.backend.deepspeed and saved_world != self.world:
             raise CheckpointError(f"cannot resume the {self.cfg.backend} checkpoint {path} of {saved_world} processes "
                                   f"on {self.world}: relaunch with {saved_world} processes")
         return saved_world

@@ -1,10 +1,11 @@
-"""Resume on another number of processes: real DDP runs killed with SIGKILL mid-epoch and continued.
+"""Resume on another number of processes: real DDP and FSDP runs killed with SIGKILL mid-epoch and continued.
 
 The driver (``faults_driver.py``) trains on the built-in digits shards with the real ``ShardLoader``
 (2 DataLoader workers per rank) and masks drawn from the samples' seeds, and records the keys of
 every optimizer step. 2 processes x batch 16 and 1 process x 2 micro-batches of 16 have the same
 global batch (32): after a resume on either, every step holds exactly the uninterrupted run's
-samples, and the final weights match it (bit for bit on the same world size).
+samples, and the final weights match it (bit for bit on the same world size). An FSDP checkpoint holds
+each rank's shards of weights and AdamW state; ``torch.distributed.checkpoint`` re-splits them on load.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from faults_driver import assert_same_weights, final_weights, finish, start, wai
 
 SEEDED = "--masks=seeded"
 ONE_PROC = "accum_steps=2"  # 1 process x 2 micro-batches of 16 = the 2-process global batch of 32
+FSDP = "backend=fsdp"
 
 
 def _ckpt(run: Path, step: int) -> Path:
@@ -70,14 +72,32 @@ def data_root(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("digits")
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_root) -> tuple[dict, dict[int, list[str]]]:
-    """The uninterrupted 2-process run: final weights and keys per step."""
-    run = tmp_path_factory.mktemp("reference") / "run"
-    _run(run, "--record-keys=a", data_root=data_root, nproc=2)
+def _reference(run: Path, *args: str, data_root: Path) -> tuple[dict, dict[int, list[str]]]:
+    """An uninterrupted 2-process run: final weights and keys per step."""
+    _run(run, "--record-keys=a", *args, data_root=data_root, nproc=2)
     keys = _keys(run, ["a"])
     assert sorted(keys) == list(range(1, 31)) and all(len(k) == 32 for k in keys.values())
     return final_weights(run), keys
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_root) -> tuple[dict, dict[int, list[str]]]:
+    return _reference(tmp_path_factory.mktemp("reference") / "run", data_root=data_root)
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(tmp_path_factory, data_root) -> tuple[dict, dict[int, list[str]]]:
+    return _reference(tmp_path_factory.mktemp("fsdp-reference") / "run", FSDP, data_root=data_root)
+
+
+@pytest.fixture(scope="module")
+def fsdp_killed(tmp_path_factory, data_root) -> Path:
+    """A 2-process FSDP run killed mid-epoch (its sharded checkpoints hold 2 ranks' shards); tests copy it."""
+    run = tmp_path_factory.mktemp("fsdp-killed") / "run"
+    _killed(run, FSDP, data_root=data_root, nproc=2)
+    latest = max((run / "checkpoints").glob("step-*"))  # the one a resume loads
+    assert sorted(p.name for p in (latest / "sharded").glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    return run
 
 
 @pytest.mark.dist
@@ -99,18 +119,43 @@ def test_two_processes_killed_resume_on_one_and_on_two(tmp_path, data_root, refe
     assert_same_weights(final_weights(again), weights)
 
 
+@pytest.mark.dist
+def test_fsdp_two_processes_killed_resume_on_one(tmp_path, data_root, fsdp_reference, fsdp_killed) -> None:
+    """The 2 ranks' shards of weights and AdamW state (moments, step) are re-read whole by 1 process."""
+    weights, keys = fsdp_reference
+    run = tmp_path / "run"
+    shutil.copytree(fsdp_killed, run)
+    log = _run(run, "--record-keys=b", FSDP, ONE_PROC, data_root=data_root, nproc=1)
+    assert "resumed from" in log and "since the checkpoint" not in log
+    assert _keys(run, ["a", "b"]) == keys
+    _assert_close_weights(final_weights(run), weights)
+
+
 @pytest.mark.slow
 @pytest.mark.dist
-def test_one_process_killed_resumes_on_two(tmp_path, data_root, reference) -> None:
-    weights, keys = reference
+def test_fsdp_two_processes_killed_resume_on_two(tmp_path, data_root, fsdp_reference, fsdp_killed) -> None:
+    weights, keys = fsdp_reference
     run = tmp_path / "run"
-    proc = start(run, SEEDED, "--step-delay=0.1", "--record-keys=a", ONE_PROC, data_root=data_root)
+    shutil.copytree(fsdp_killed, run)
+    log = _run(run, "--record-keys=b", FSDP, data_root=data_root, nproc=2)
+    assert "resumed from" in log
+    assert _keys(run, ["a", "b"]) == keys
+    assert_same_weights(final_weights(run), weights)
+
+
+@pytest.mark.slow
+@pytest.mark.dist
+@pytest.mark.parametrize("backend", ["ddp", "fsdp"])
+def test_one_process_killed_resumes_on_two(tmp_path, data_root, request, backend) -> None:
+    weights, keys = request.getfixturevalue("fsdp_reference" if backend == "fsdp" else "reference")
+    run = tmp_path / "run"
+    proc = start(run, SEEDED, "--step-delay=0.1", "--record-keys=a", ONE_PROC, f"backend={backend}", data_root=data_root)
     wait_for(_ckpt(run, 8), proc)
     time.sleep(random.uniform(0.0, 1.0))
     proc.kill()
     code, _ = finish(proc, run)
     assert code == -signal.SIGKILL and not (run / "final.pt").exists(), "the run ended before the kill"
-    log = _run(run, "--record-keys=b", data_root=data_root, nproc=2)
+    log = _run(run, "--record-keys=b", f"backend={backend}", data_root=data_root, nproc=2)
     assert "resumed from" in log
     assert _keys(run, ["a", "b"]) == keys
     _assert_close_weights(final_weights(run), weights)
@@ -192,9 +237,8 @@ def test_another_optimizer_is_refused_with_one_line(tmp_path) -> None:
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("backend", ["deepspeed", "fsdp"])
-def test_a_sharded_checkpoint_of_another_world_size_is_refused_with_one_line(tmp_path, backend) -> None:
-    """ZeRO partitions the optimizer state per rank (FSDP's resume on another world size is untested):
+def test_a_deepspeed_checkpoint_of_another_world_size_is_refused_with_one_line(tmp_path) -> None:
+    """ZeRO partitions the optimizer state per rank (FSDP's DCP checkpoint reshards: tests above):
     the world size must match; the checkpoint stays as it was."""
     import subprocess
     import sys
@@ -202,7 +246,7 @@ def test_a_sharded_checkpoint_of_another_world_size_is_refused_with_one_line(tmp
     def tiny(max_steps: int) -> subprocess.CompletedProcess:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                str(Path(__file__).parent / "trainer_tiny.py"), str(tmp_path), f"max_steps={max_steps}", "batch_size=8",
-               f"backend={backend}"]
+               "backend=deepspeed"]
         return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
     assert tiny(2).returncode == 0
@@ -210,6 +254,6 @@ def test_a_sharded_checkpoint_of_another_world_size_is_refused_with_one_line(tmp
     meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "world_size": 2}))  # as if 2 processes wrote it
     proc = tiny(4)
     assert proc.returncode != 0
-    assert (f"CheckpointError: cannot resume the {backend} checkpoint {_ckpt(tmp_path, 2)} of 2 processes on 1: "
+    assert (f"CheckpointError: cannot resume the deepspeed checkpoint {_ckpt(tmp_path, 2)} of 2 processes on 1: "
             "relaunch with 2 processes\n") in proc.stderr
     assert (_ckpt(tmp_path, 2) / "COMPLETE").exists() and not _ckpt(tmp_path, 4).exists()
