@@ -38,7 +38,8 @@ from launch.flops import peak_flops
 from launch.logger import RunLogger, check_available
 from launch.meter import StepMeter
 from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config, resume_schedule
-from launch.preemption import EXIT_REQUEUE, NonFiniteError, Preempted, RunControl, nonfinite_flag
+from launch.guard import NonFiniteGuard
+from launch.preemption import EXIT_REQUEUE, Preempted, RunControl
 from launch.task import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -123,9 +124,7 @@ class Trainer:
         # after prepare: FSDP replaces the parameters
         self.phase_params = {p: [q for q in self.task.phase_module(p).parameters() if q.requires_grad] for p in self.phases}
         self.step = self.epoch = self.epoch_step = 0
-        self.bad_steps = 0
-        self._bad_run: Tensor | None = None  # consecutive skips on device (fused optimizers)
-        self._bad_peak: Tensor | None = None  # their maximum since the last log point
+        self.guard = NonFiniteGuard(cfg.max_bad_steps, last_checkpoint=lambda: self.checkpoint_path)
         self.meter = self._build_meter()
         self.eval_metrics: dict[str, float] = {}
         self.last_loss: float | None = None
@@ -237,57 +236,27 @@ class Trainer:
                 for name, value in out.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() / k
             grad_norm = self.backend.clip(self.phase_params[phase])
-            bad = self._nonfinite(sums["loss"], grad_norm)
+            bad = self.guard.flag(sums["loss"], self._guarded_grads(grad_norm))
             if self.backend.skips_on_device(optimizer):  # no host sync: the fused kernel skips
                 self.backend.step(optimizer, found_inf=bad)
-                self._count_bad_on_device(bad)
-            elif self._step_is_finite(bad):
+                self.guard.count_on_device(bad)
+                self._accumulate_metrics({"skipped_steps": bad}, prefix="")
+            elif self.guard.step_is_finite(bad, self.step + 1):
                 self.backend.step(optimizer)
             else:
                 self.backend.discard_grads(self.model, optimizer)
+                self._accumulate_metrics({"skipped_steps": torch.ones((), device=bad.device)}, prefix="")
             scheduler.step()
             if grad_norm is not None:
                 sums["grad_norm"] = grad_norm.detach().float()
             self._accumulate_metrics(sums, prefix="" if len(self.phases) == 1 else f"{phase}_")
 
-    def _nonfinite(self, loss: Tensor, grad_norm: Tensor | None) -> Tensor:
-        """1.0 on every rank when any rank saw a NaN / inf loss or gradient (a device scalar,
-        all-reduced on device; fp16 overflow is the GradScaler's to skip)."""
-        grads: list[Tensor | None] = []
-        if self.backend.scaler is None:
-            grads = [grad_norm] if grad_norm is not None else self.backend.local_grads(self.task.parameters())
-        return dist.all_reduce_max(nonfinite_flag(loss, grads))
-
-    def _step_is_finite(self, bad: Tensor) -> bool:
-        """Guard for optimizers that cannot skip on device: one host sync per step."""
-        if not bool(bad):
-            self.bad_steps = 0
-            return True
-        self.bad_steps += 1
-        self._accumulate_metrics({"skipped_steps": torch.ones((), device=bad.device)}, prefix="")
-        log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)", self.step + 1, self.bad_steps)
-        if self.bad_steps >= self.cfg.max_bad_steps:
-            self._stop_nonfinite(self.bad_steps, f"up to step {self.step + 1}")
-        return False
-
-    def _count_bad_on_device(self, bad: Tensor) -> None:
-        """Skip counters kept on device (fused optimizers); read at log points by ``_check_bad_steps``."""
-        run = self._bad_run = bad.clone() if self._bad_run is None else (self._bad_run + bad) * bad
-        self._bad_peak = run.clone() if self._bad_peak is None else torch.maximum(self._bad_peak, run)
-        self._accumulate_metrics({"skipped_steps": bad}, prefix="")
-
-    def _check_bad_steps(self) -> None:
-        """Stop when the on-device counters saw ``max_bad_steps`` consecutive skips."""
-        peak, self._bad_peak = self._bad_peak, None
-        if peak is not None and int(peak) >= self.cfg.max_bad_steps:
-            self._stop_nonfinite(int(peak), f"by step {self.step}")
-
-    def _stop_nonfinite(self, count: int, when: str) -> None:
-        raise NonFiniteError(
-            f"loss or gradients were NaN/inf for {count} consecutive steps {when} "
-            f"(trainer.max_bad_steps={self.cfg.max_bad_steps}): lower the lr, enable trainer.optim.clip_grad "
-            f"or check the data; {self.checkpoint_path or 'no checkpoint yet'} holds finite weights"
-        )
+    def _guarded_grads(self, grad_norm: Tensor | None) -> list[Tensor | None]:
+        """What the guard checks besides the loss: the clipped norm if there is one, else the
+        local gradients; none under fp16, whose overflow is the GradScaler's to skip."""
+        if self.backend.scaler is not None:
+            return []
+        return [grad_norm] if grad_norm is not None else self.backend.local_grads(self.task.parameters())
 
     # ------------------------------------------------------------------ metrics
 
@@ -296,7 +265,7 @@ class Trainer:
 
     def _log_train(self) -> None:
         """Interval means over steps and ranks, throughput, lr: the host sync point."""
-        self._check_bad_steps()
+        self.guard.check(self.step)
         metrics = self.meter.read(self.step, counts={"skipped_samples": self.train_loader.corrupt_samples()})
         metrics.update(lr=self.schedulers[0].get_last_lr()[0], epoch=self.epoch)
         self.last_loss = metrics.get("loss", next(iter(metrics.values())))
@@ -403,7 +372,7 @@ class Trainer:
         fp32 omits below ZeRO stage 2, and at stage 0 (which it cannot consolidate) ``"model"`` holds
         the fp32 masters."""
         state: dict[str, Any] = {
-            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "bad_steps": self.bad_steps,
+            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, **self.guard.state_dict(),
             "global_batch": self.global_batch, "schedulers": [s.state_dict() for s in self.schedulers],
         }
         if self.backend.deepspeed and self.cfg.zero_stage == 0:
@@ -419,7 +388,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        self.bad_steps = state.get("bad_steps", 0)
+        self.guard.load_state_dict(state)
         if "model" in state and not self.backend.deepspeed:  # DeepSpeed's engine restored model and optimizer
             self.task.load_state_dict(state["model"])
             for opt, s in zip(self.optimizers, state["optimizers"], strict=True):

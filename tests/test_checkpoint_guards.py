@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from launch import preemption
-from launch.preemption import EXIT_REQUEUE, Preempted, RunControl, nonfinite_flag
+from launch.guard import nonfinite_flag
+from launch.preemption import EXIT_REQUEUE, Preempted, RunControl
 
 NAN, INF = float("nan"), float("inf")
 
@@ -65,7 +66,8 @@ from pathlib import Path
 from launch import dist
 from launch.checkpoint import CheckpointManager, save_file, rank_file
 from launch.errors import CheckpointError
-from launch.preemption import RunControl, nonfinite_flag
+from launch.guard import nonfinite_flag
+from launch.preemption import RunControl
 td.init_process_group("gloo")
 rank = dist.rank()
 out = []
