@@ -181,19 +181,19 @@ class Trainer:
 
     def fit(self) -> FitResult:
         set_seed(self.seed + 1000 * self.rank)  # distinct per rank (masks, noise); a resume restores its RNG
-        self._maybe_resume()
-        if dist.is_main() and self.config:  # after every check that can fail on bad input
-            _write_yaml(self.config, self.run_dir / "config.yaml")
-        self.logger = RunLogger(self.run_dir, self.cfg.log, total_steps=self.total_steps,
-                                enabled=dist.is_main(), config=self.config, initial_step=self.step)
-        self.meter.restart(self.step)
-        try:
-            while self.step < self.total_steps:
-                self._train_epoch()
-            self._finish()
-        finally:
-            self.control.__exit__()  # SIGTERM / SIGUSR1 handlers back, also after an error
-            self.logger.close()
+        with self.control:  # SIGTERM / SIGUSR1 mean "save and stop" until the run is over, however it ends
+            self._maybe_resume()
+            if dist.is_main() and self.config:  # after every check that can fail on bad input
+                _write_yaml(self.config, self.run_dir / "config.yaml")
+            self.logger = RunLogger(self.run_dir, self.cfg.log, total_steps=self.total_steps,
+                                    enabled=dist.is_main(), config=self.config, initial_step=self.step)
+            self.meter.restart(self.step)
+            try:
+                while self.step < self.total_steps:
+                    self._train_epoch()
+                self._finish()
+            finally:
+                self.logger.close()
         return self._result()
 
     def _train_epoch(self) -> None:
@@ -438,7 +438,6 @@ class Trainer:
         if decision.save:
             self._save_checkpoint(reason="preempted" if decision.stop else "periodic")
         if decision.stop:
-            self.control.__exit__()
             raise Preempted(
                 f"stopped by {self.control.received} after step {self.step}, saved {self.checkpoint_path}; "
                 f"the same command continues it (trainer.checkpoint.resume=auto); exit status {EXIT_REQUEUE} = requeue"
@@ -466,8 +465,6 @@ class Trainer:
         if reason != "periodic":  # the run ends here: the shards must be on disk and the checkpoint complete
             self.checkpoint_path = self.checkpoints.poll(block=True) or self.checkpoint_path
         self.control.saved()
-        if reason == "final":
-            self.control.__exit__()  # the run is over: give SIGTERM / SIGUSR1 back
 
     def _resolve_resume(self, task: Task) -> Path | None:
         """The checkpoint ``checkpoint.resume`` names, or None: then ``checkpoint.weights_only``
@@ -498,7 +495,6 @@ class Trainer:
     def _maybe_resume(self) -> None:
         """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers, schedules,
         scaler, step, loader position; this rank's RNG on the same world size) or start fresh."""
-        self.control.__enter__()  # SIGTERM / SIGUSR1 now mean "save and stop"
         path = self._resume_path
         if path is None:
             return
