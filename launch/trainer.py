@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate.utils import set_seed
 from torch import Tensor
 
@@ -32,7 +31,7 @@ from launch import dist
 from launch.backend import Backend
 from launch.checkpoint import (TRAINER_FILE, CheckpointManager, check_compatible, fingerprint, load_file, load_weights,
                                nonfinite_keys, rank_file, rank_state, read_meta, restore_rank_state, save_file)
-from launch.config import TrainerConfig
+from launch.config import TrainerConfig, save_config
 from launch.errors import CheckpointError, ConfigError, DataError
 from launch.flops import peak_flops
 from launch.logger import RunLogger, check_available
@@ -78,14 +77,6 @@ def fit(task: Task, cfg: TrainerConfig, data: Any, run_dir: Path, *, seed: int, 
                       presets=(train_preset, eval_preset), splits=(train_split, eval_split),
                       loader_factory=loader_factory, config=config)
     return trainer.fit()
-
-
-def _write_yaml(tree: dict[str, Any], path: Path) -> None:
-    """The resolved run config, replaced atomically so that it is never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
-    tmp.replace(path)
 
 
 class Trainer:
@@ -184,7 +175,7 @@ class Trainer:
         with self.control:  # SIGTERM / SIGUSR1 mean "save and stop" until the run is over, however it ends
             self._maybe_resume()
             if dist.is_main() and self.config:  # after every check that can fail on bad input
-                _write_yaml(self.config, self.run_dir / "config.yaml")
+                save_config(self.config, self.run_dir / "config.yaml")
             self.logger = RunLogger(self.run_dir, self.cfg.log, total_steps=self.total_steps,
                                     enabled=dist.is_main(), config=self.config, initial_step=self.step)
             self.meter.restart(self.step)

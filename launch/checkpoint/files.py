@@ -11,9 +11,10 @@ from typing import Any
 import torch
 
 from launch.errors import CheckpointError
+from launch.fileio import TMP_PREFIX as TMP_PREFIX  # the layout names it; fileio owns it
+from launch.fileio import fsync_dir
 
 COMPLETE, META, LATEST, TRAINER_FILE = "COMPLETE", "meta.json", "latest", "trainer.pt"
-TMP_PREFIX = ".tmp-"
 STEP_RE = re.compile(r"^step-(\d{8,})$")
 
 
@@ -67,22 +68,6 @@ def load_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a truncated or foreign file: the message is the story
         raise CheckpointError(f"cannot read checkpoint file {path}: {str(err).splitlines()[0]}") from None
-
-
-
-def write_text(path: Path, text: str) -> None:
-    with open(path, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_tree(root: Path) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from launch import dist
+from launch import fileio
 from launch.checkpoint import files
 from launch.checkpoint.files import COMPLETE, LATEST, META, STEP_RE, TMP_PREFIX, is_complete, step_dir_name
 from launch.errors import CheckpointError
@@ -184,21 +185,18 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             else:  # the marker of a start that was killed
                 stale.unlink(missing_ok=True)
-        files.write_text(self._marker(token), token)  # proves the directory writable; every rank reads it
+        fileio.write_synced(self._marker(token), token)  # proves the directory writable; every rank reads it
 
     def _publish(self, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
         files.fsync_tree(tmp)
-        files.write_text(tmp / META, json.dumps(meta, indent=1))
-        files.write_text(tmp / COMPLETE, f"{final.name}\n")
-        files.fsync_dir(tmp)
+        fileio.write_synced(tmp / META, json.dumps(meta, indent=1))
+        fileio.write_synced(tmp / COMPLETE, f"{final.name}\n")
+        fileio.fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. end of run right after a periodic save)
             _remove(final)
         os.rename(tmp, final)
-        files.fsync_dir(self.directory)
-        pointer = self.directory / f"{TMP_PREFIX}{LATEST}"
-        files.write_text(pointer, f"{final.name}\n")
-        os.replace(pointer, self.directory / LATEST)
-        files.fsync_dir(self.directory)
+        fileio.fsync_dir(self.directory)
+        fileio.write_atomic(self.directory / LATEST, f"{final.name}\n")
         for old in self.checkpoints()[: -self.keep]:
             _remove(old)
 
