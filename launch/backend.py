@@ -15,9 +15,7 @@ Accelerate reports rank 0 of 1 on every process.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
-import os
 from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
@@ -33,103 +31,14 @@ from torch.optim import Optimizer
 
 from launch import dist
 from launch import fsdp as fsdp2
+from launch import launcher
 from launch.config import TrainerConfig
+from launch.launcher import MIXED_PRECISION, check_launcher, deepspeed_config
 from launch.errors import CheckpointError, ConfigError
 
 log = logging.getLogger(__name__)
 
-_MIXED = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def deepspeed_config(cfg: TrainerConfig, world: int) -> dict[str, Any]:
-    """The DeepSpeed JSON for this run: ``cfg`` fills every batch / precision / ZeRO key;
-    a user file (``cfg.deepspeed_config``) may add other keys but must not contradict."""
-    ours: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.batch_size,
-        "gradient_accumulation_steps": cfg.accum_steps,
-        "train_batch_size": cfg.batch_size * cfg.accum_steps * world,
-        "zero_optimization": {"stage": cfg.zero_stage},
-        "gradient_clipping": cfg.optim.clip_grad or 0.0,
-        "bf16": {"enabled": cfg.precision == "bf16"},
-        "fp16": {"enabled": cfg.precision == "fp16"},
-        "zero_allow_untested_optimizer": True,
-        "steps_per_print": 2**31 - 1,
-    }
-    # `accelerate launch` with a DeepSpeed config file passes it through the environment
-    path = cfg.deepspeed_config or _LAUNCH_ENV.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
-    if not path:
-        return ours
-    user = _read_json(Path(path))
-    for section in ("optimizer", "scheduler"):
-        if section in user:
-            raise ConfigError(f"DeepSpeed config {path} has an '{section}' section: remove it, the {section} comes from trainer.optim")
-    _check_agrees(user, ours, path)
-    return _overlay(user, ours)
-
-
-#: the launcher's settings as the process started: Accelerate writes some of these variables
-#: itself when it builds a DeepSpeed run, which must not leak into the next fit (e.g. the probe)
-_LAUNCH_KEYS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_MIXED_PRECISION",
-                "ACCELERATE_DEEPSPEED_CONFIG_FILE")  # fmt: skip
-_LAUNCH_ENV = {k: os.environ[k] for k in _LAUNCH_KEYS if k in os.environ}
-
-
-def check_launcher(cfg: TrainerConfig, env: dict[str, str] | None = None) -> None:
-    """The run config decides precision and backend; an `accelerate launch` config file that
-    asks for something else is refused rather than silently overridden either way."""
-    env = _LAUNCH_ENV if env is None else env
-    if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and cfg.backend != "deepspeed":
-        raise ConfigError(f"launched with a DeepSpeed Accelerate config but trainer.backend={cfg.backend}: add trainer.backend=deepspeed trainer.zero_stage=N")
-    stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
-    if cfg.backend == "deepspeed" and stage and int(stage) != cfg.zero_stage:
-        raise ConfigError(f"the launcher asks for ZeRO stage {stage} but trainer.zero_stage={cfg.zero_stage}: make them agree")
-    launcher = env.get("ACCELERATE_MIXED_PRECISION", "no")
-    if launcher not in ("no", _MIXED[cfg.precision]):
-        raise ConfigError(f"the launcher asks mixed_precision={launcher} but trainer.precision={cfg.precision}: set trainer.precision "
-                          f"(and mixed_precision: 'no' in the Accelerate config)")  # fmt: skip
-
-
-_SETTING = {
-    "train_micro_batch_size_per_gpu": "trainer.batch_size",
-    "gradient_accumulation_steps": "trainer.accum_steps",
-    "train_batch_size": "trainer.batch_size * trainer.accum_steps * world size",
-    "zero_optimization.stage": "trainer.zero_stage",
-    "gradient_clipping": "trainer.optim.clip_grad",
-    "bf16.enabled": "trainer.precision",
-    "fp16.enabled": "trainer.precision",
-}
-
-
-def _check_agrees(user: dict[str, Any], ours: dict[str, Any], path: str) -> None:
-    for dotted, setting in _SETTING.items():
-        node: Any = user
-        for part in dotted.split("."):
-            node = node.get(part, "auto") if isinstance(node, dict) else "auto"
-        want: Any = ours
-        for part in dotted.split("."):
-            want = want[part]
-        if node != "auto" and node != want and not (dotted == "gradient_clipping" and not node and not want):
-            raise ConfigError(f"DeepSpeed config {path} sets {dotted}={node} but the run config gives {want} ({setting})")
-
-
-def _overlay(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in top.items():
-        out[key] = _overlay(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"trainer.deepspeed_config: file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"trainer.deepspeed_config {path} is not valid JSON: {err}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"trainer.deepspeed_config {path} must hold a JSON object")
-    return data
 
 
 def resolve_precision(precision: str) -> str:
@@ -196,10 +105,7 @@ class Backend:
         # The process group itself survives the reset.
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
-        for key in _LAUNCH_KEYS:  # back to the launcher's values: Accelerate reads them in __init__
-            os.environ.pop(key, None)
-        # a DDP fit after a DeepSpeed one (the probe): Accelerate would build DeepSpeed from these
-        os.environ.update({k: v for k, v in _LAUNCH_ENV.items() if self.deepspeed or "DEEPSPEED" not in k})
+        launcher.restore_env(deepspeed=self.deepspeed)
         dist.init_process_group()  # before Accelerate / DeepSpeed, which then reuse it
         plugin = None
         if self.deepspeed:
@@ -211,7 +117,7 @@ class Backend:
             # without cpu=True Accelerate sees no accelerator and runs each torchrun rank alone;
             # with it, DeepSpeed would be silently dropped (DeepSpeed picks its CPU accelerator itself)
             cpu=not self.deepspeed and not _has_accelerator(),
-            mixed_precision=_MIXED[cfg.precision],
+            mixed_precision=MIXED_PRECISION[cfg.precision],
             deepspeed_plugin=plugin,
             # DeepSpeed counts micro-steps itself; elsewhere `backward` scales by 1 / accum_steps
             gradient_accumulation_steps=cfg.accum_steps if self.deepspeed else 1,

@@ -24,6 +24,7 @@ import safetensors
 from huggingface_hub import EvalResult, ModelCardData
 
 from launch.config import TrainerConfig
+from launch.fileio import write_atomic
 from launch.optim import peak_lr
 
 CARD_FILE = "README.md"
@@ -77,9 +78,8 @@ def write_card(export_dir: str | Path, facts: CardFacts) -> Path:
     """(Re)write ``export_dir/README.md`` for the export in it; returns the card's path."""
     export_dir = Path(export_dir)
     card = render_card(export_dir, facts)
-    path, tmp = export_dir / CARD_FILE, export_dir / f".{CARD_FILE}.tmp"
-    tmp.write_text(card)
-    tmp.replace(path)  # a reader never sees half a card
+    path = export_dir / CARD_FILE
+    write_atomic(path, card)  # a reader never sees half a card
     return path
 
 

@@ -20,6 +20,7 @@ import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from launch.errors import ConfigError
+from launch.fileio import write_atomic
 
 S = TypeVar("S", bound="Schema")
 
@@ -277,11 +278,8 @@ def describe_fields(schema: type[BaseModel], prefix: str = "") -> list[str]:
     return lines
 
 
-def save_config(cfg: Schema, path: str | Path) -> None:
-    """Write the resolved config as YAML (atomically), so the run can be reproduced."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    tmp.replace(path)
+def save_config(cfg: Schema | dict[str, Any], path: str | Path) -> None:
+    """Write the resolved config (a schema or its tree) as YAML, atomically, so the run can be reproduced."""
+    tree = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
+    write_atomic(path, yaml.safe_dump(tree, sort_keys=False))
 

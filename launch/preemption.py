@@ -1,9 +1,6 @@
-"""Decisions every rank must take together at a step boundary: skip a non-finite step,
-stop for preemption, save on a step or wall-clock trigger.
+"""Decisions every rank must take together at a step boundary: stop for preemption, save on a
+step or wall-clock trigger (skipping a non-finite step is :mod:`launch.guard`'s).
 
-* :func:`nonfinite_flag` marks a step whose loss or gradients hold NaN / inf (one fused
-  norm, on device); the trainer all-reduces it (MAX) so every rank skips together, counts
-  consecutive skips and raises :class:`NonFiniteError` after ``trainer.max_bad_steps``.
 * :class:`RunControl` turns SIGTERM / SIGUSR1 into a flag (forked DataLoader workers ignore
   them, so a signal to the whole process group does not kill the step in flight) and, every ``check_every`` steps,
   agrees across ranks (one all-reduce of two numbers) on "stop now" and on rank 0's
@@ -21,12 +18,10 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass
 from types import FrameType
 
 import torch
-from torch import Tensor
 
 from launch import dist
 from launch.errors import UserError
@@ -42,27 +37,6 @@ class Preempted(UserError):
 
     exit_code = EXIT_REQUEUE
 
-
-class NonFiniteError(UserError):
-    """Too many consecutive steps with NaN / inf loss or gradients."""
-
-
-# ----------------------------------------------------------------------------- non-finite steps
-
-
-def nonfinite_flag(loss: Tensor, grads: Iterable[Tensor | None]) -> Tensor:
-    """1.0 if ``loss`` or any gradient holds NaN / inf on this rank, else 0.0 (device scalar).
-    One fused norm over all gradients: NaN / inf entries make it non-finite (so does a
-    norm overflowing fp32, a step that would diverge anyway)."""
-    grads = [g for g in grads if g is not None]
-    bad = ~torch.isfinite(loss.detach().float()).all()
-    if grads:
-        norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0, error_if_nonfinite=False)
-        bad = bad | ~torch.isfinite(norm.to(bad.device))
-    return bad.float()
-
-
-# ----------------------------------------------------------------------------- stop and save triggers
 
 _STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _shield_children = False

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate.utils import set_seed
 from torch import Tensor
 
@@ -32,13 +31,14 @@ from launch import dist
 from launch.backend import Backend
 from launch.checkpoint import (TRAINER_FILE, CheckpointManager, check_compatible, fingerprint, load_file, load_weights,
                                nonfinite_keys, rank_file, rank_state, read_meta, restore_rank_state, save_file)
-from launch.config import TrainerConfig
+from launch.config import TrainerConfig, save_config
 from launch.errors import CheckpointError, ConfigError, DataError
 from launch.flops import peak_flops
 from launch.logger import RunLogger, check_available
 from launch.meter import StepMeter
 from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config, resume_schedule
-from launch.preemption import EXIT_REQUEUE, NonFiniteError, Preempted, RunControl, nonfinite_flag
+from launch.guard import NonFiniteGuard
+from launch.preemption import EXIT_REQUEUE, Preempted, RunControl
 from launch.task import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -79,14 +79,6 @@ def fit(task: Task, cfg: TrainerConfig, data: Any, run_dir: Path, *, seed: int, 
     return trainer.fit()
 
 
-def _write_yaml(tree: dict[str, Any], path: Path) -> None:
-    """The resolved run config, replaced atomically so that it is never half written."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(yaml.safe_dump(tree, sort_keys=False))
-    tmp.replace(path)
-
-
 class Trainer:
     """One run: backend, loaders, optimizers and schedules per phase, logger, checkpoints."""
 
@@ -123,9 +115,7 @@ class Trainer:
         # after prepare: FSDP replaces the parameters
         self.phase_params = {p: [q for q in self.task.phase_module(p).parameters() if q.requires_grad] for p in self.phases}
         self.step = self.epoch = self.epoch_step = 0
-        self.bad_steps = 0
-        self._bad_run: Tensor | None = None  # consecutive skips on device (fused optimizers)
-        self._bad_peak: Tensor | None = None  # their maximum since the last log point
+        self.guard = NonFiniteGuard(cfg.max_bad_steps, last_checkpoint=lambda: self.checkpoint_path)
         self.meter = self._build_meter()
         self.eval_metrics: dict[str, float] = {}
         self.last_loss: float | None = None
@@ -182,19 +172,19 @@ class Trainer:
 
     def fit(self) -> FitResult:
         set_seed(self.seed + 1000 * self.rank)  # distinct per rank (masks, noise); a resume restores its RNG
-        self._maybe_resume()
-        if dist.is_main() and self.config:  # after every check that can fail on bad input
-            _write_yaml(self.config, self.run_dir / "config.yaml")
-        self.logger = RunLogger(self.run_dir, self.cfg.log, total_steps=self.total_steps,
-                                enabled=dist.is_main(), config=self.config, initial_step=self.step)
-        self.meter.restart(self.step)
-        try:
-            while self.step < self.total_steps:
-                self._train_epoch()
-            self._finish()
-        finally:
-            self.control.__exit__()  # SIGTERM / SIGUSR1 handlers back, also after an error
-            self.logger.close()
+        with self.control:  # SIGTERM / SIGUSR1 mean "save and stop" until the run is over, however it ends
+            self._maybe_resume()
+            if dist.is_main() and self.config:  # after every check that can fail on bad input
+                save_config(self.config, self.run_dir / "config.yaml")
+            self.logger = RunLogger(self.run_dir, self.cfg.log, total_steps=self.total_steps,
+                                    enabled=dist.is_main(), config=self.config, initial_step=self.step)
+            self.meter.restart(self.step)
+            try:
+                while self.step < self.total_steps:
+                    self._train_epoch()
+                self._finish()
+            finally:
+                self.logger.close()
         return self._result()
 
     def _train_epoch(self) -> None:
@@ -237,57 +227,27 @@ class Trainer:
                 for name, value in out.items():
                     sums[name] = sums.get(name, 0.0) + value.detach().float() / k
             grad_norm = self.backend.clip(self.phase_params[phase])
-            bad = self._nonfinite(sums["loss"], grad_norm)
+            bad = self.guard.flag(sums["loss"], self._guarded_grads(grad_norm))
             if self.backend.skips_on_device(optimizer):  # no host sync: the fused kernel skips
                 self.backend.step(optimizer, found_inf=bad)
-                self._count_bad_on_device(bad)
-            elif self._step_is_finite(bad):
+                self.guard.count_on_device(bad)
+                self._accumulate_metrics({"skipped_steps": bad}, prefix="")
+            elif self.guard.step_is_finite(bad, self.step + 1):
                 self.backend.step(optimizer)
             else:
                 self.backend.discard_grads(self.model, optimizer)
+                self._accumulate_metrics({"skipped_steps": torch.ones((), device=bad.device)}, prefix="")
             scheduler.step()
             if grad_norm is not None:
                 sums["grad_norm"] = grad_norm.detach().float()
             self._accumulate_metrics(sums, prefix="" if len(self.phases) == 1 else f"{phase}_")
 
-    def _nonfinite(self, loss: Tensor, grad_norm: Tensor | None) -> Tensor:
-        """1.0 on every rank when any rank saw a NaN / inf loss or gradient (a device scalar,
-        all-reduced on device; fp16 overflow is the GradScaler's to skip)."""
-        grads: list[Tensor | None] = []
-        if self.backend.scaler is None:
-            grads = [grad_norm] if grad_norm is not None else self.backend.local_grads(self.task.parameters())
-        return dist.all_reduce_max(nonfinite_flag(loss, grads))
-
-    def _step_is_finite(self, bad: Tensor) -> bool:
-        """Guard for optimizers that cannot skip on device: one host sync per step."""
-        if not bool(bad):
-            self.bad_steps = 0
-            return True
-        self.bad_steps += 1
-        self._accumulate_metrics({"skipped_steps": torch.ones((), device=bad.device)}, prefix="")
-        log.warning("step %d: non-finite loss or gradients, step skipped (%d in a row)", self.step + 1, self.bad_steps)
-        if self.bad_steps >= self.cfg.max_bad_steps:
-            self._stop_nonfinite(self.bad_steps, f"up to step {self.step + 1}")
-        return False
-
-    def _count_bad_on_device(self, bad: Tensor) -> None:
-        """Skip counters kept on device (fused optimizers); read at log points by ``_check_bad_steps``."""
-        run = self._bad_run = bad.clone() if self._bad_run is None else (self._bad_run + bad) * bad
-        self._bad_peak = run.clone() if self._bad_peak is None else torch.maximum(self._bad_peak, run)
-        self._accumulate_metrics({"skipped_steps": bad}, prefix="")
-
-    def _check_bad_steps(self) -> None:
-        """Stop when the on-device counters saw ``max_bad_steps`` consecutive skips."""
-        peak, self._bad_peak = self._bad_peak, None
-        if peak is not None and int(peak) >= self.cfg.max_bad_steps:
-            self._stop_nonfinite(int(peak), f"by step {self.step}")
-
-    def _stop_nonfinite(self, count: int, when: str) -> None:
-        raise NonFiniteError(
-            f"loss or gradients were NaN/inf for {count} consecutive steps {when} "
-            f"(trainer.max_bad_steps={self.cfg.max_bad_steps}): lower the lr, enable trainer.optim.clip_grad "
-            f"or check the data; {self.checkpoint_path or 'no checkpoint yet'} holds finite weights"
-        )
+    def _guarded_grads(self, grad_norm: Tensor | None) -> list[Tensor | None]:
+        """What the guard checks besides the loss: the clipped norm if there is one, else the
+        local gradients; none under fp16, whose overflow is the GradScaler's to skip."""
+        if self.backend.scaler is not None:
+            return []
+        return [grad_norm] if grad_norm is not None else self.backend.local_grads(self.task.parameters())
 
     # ------------------------------------------------------------------ metrics
 
@@ -296,7 +256,7 @@ class Trainer:
 
     def _log_train(self) -> None:
         """Interval means over steps and ranks, throughput, lr: the host sync point."""
-        self._check_bad_steps()
+        self.guard.check(self.step)
         metrics = self.meter.read(self.step, counts={"skipped_samples": self.train_loader.corrupt_samples()})
         metrics.update(lr=self.schedulers[0].get_last_lr()[0], epoch=self.epoch)
         self.last_loss = metrics.get("loss", next(iter(metrics.values())))
@@ -403,7 +363,7 @@ class Trainer:
         fp32 omits below ZeRO stage 2, and at stage 0 (which it cannot consolidate) ``"model"`` holds
         the fp32 masters."""
         state: dict[str, Any] = {
-            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, "bad_steps": self.bad_steps,
+            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, **self.guard.state_dict(),
             "global_batch": self.global_batch, "schedulers": [s.state_dict() for s in self.schedulers],
         }
         if self.backend.deepspeed and self.cfg.zero_stage == 0:
@@ -419,7 +379,7 @@ class Trainer:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.step, self.epoch, self.epoch_step = state["step"], state["epoch"], state["epoch_step"]
-        self.bad_steps = state.get("bad_steps", 0)
+        self.guard.load_state_dict(state)
         if "model" in state and not self.backend.deepspeed:  # DeepSpeed's engine restored model and optimizer
             self.task.load_state_dict(state["model"])
             for opt, s in zip(self.optimizers, state["optimizers"], strict=True):
@@ -469,7 +429,6 @@ class Trainer:
         if decision.save:
             self._save_checkpoint(reason="preempted" if decision.stop else "periodic")
         if decision.stop:
-            self.control.__exit__()
             raise Preempted(
                 f"stopped by {self.control.received} after step {self.step}, saved {self.checkpoint_path}; "
                 f"the same command continues it (trainer.checkpoint.resume=auto); exit status {EXIT_REQUEUE} = requeue"
@@ -497,8 +456,6 @@ class Trainer:
         if reason != "periodic":  # the run ends here: the shards must be on disk and the checkpoint complete
             self.checkpoint_path = self.checkpoints.poll(block=True) or self.checkpoint_path
         self.control.saved()
-        if reason == "final":
-            self.control.__exit__()  # the run is over: give SIGTERM / SIGUSR1 back
 
     def _resolve_resume(self, task: Task) -> Path | None:
         """The checkpoint ``checkpoint.resume`` names, or None: then ``checkpoint.weights_only``
@@ -530,7 +487,6 @@ class Trainer:
     def _maybe_resume(self) -> None:
         """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers, schedules,
         scaler, step, loader position; this rank's RNG on the same world size) or start fresh."""
-        self.control.__enter__()  # SIGTERM / SIGUSR1 now mean "save and stop"
         path = self._resume_path
         if path is None:
             return

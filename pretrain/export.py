@@ -34,7 +34,7 @@ import safetensors.torch
 from torch import Tensor, nn
 
 from launch.card import write_card
-from launch.checkpoint import TRAINER_FILE, CheckpointManager, load_file
+from launch.checkpoint import TRAINER_FILE, load_file, resolve
 from launch.cli import entry_point
 from launch.config import load_config
 from launch.data import dataset_info
@@ -112,7 +112,7 @@ def _resolve_checkpoint(path: Path) -> Path:
     if not path.exists():
         raise CheckpointError(f"{path} does not exist: give a pretraining run directory or a checkpoints/step-* directory")
     try:
-        ckpt = CheckpointManager(path, keep=1, rank=0, agree=lambda ok: ok).resolve(str(path))
+        ckpt = resolve(path)
     except CheckpointError:
         ckpt = None
     if ckpt is None or not (ckpt / TRAINER_FILE).is_file():

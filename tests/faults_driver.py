@@ -92,7 +92,7 @@ def _kill_in_save(step: int) -> None:
 
     def dying_publish(self, tmp: Path, final: Path, meta: dict) -> None:
         if final.name == checkpoint.step_dir_name(step):
-            checkpoint._fsync_tree(tmp)
+            checkpoint.files.fsync_tree(tmp)
             os.kill(os.getpid(), signal.SIGKILL)
         publish(self, tmp, final, meta)
 

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from launch import preemption
-from launch.preemption import EXIT_REQUEUE, Preempted, RunControl, nonfinite_flag
+from launch.guard import nonfinite_flag
+from launch.preemption import EXIT_REQUEUE, Preempted, RunControl
 
 NAN, INF = float("nan"), float("inf")
 
@@ -34,6 +35,18 @@ def test_stop_is_checked_only_every_n_steps():
             preemption.Decision(), preemption.Decision(), preemption.Decision(save=True)]
         assert control.poll(4) == preemption.Decision(save=True, stop=True)
 
+
+
+def test_signal_handlers_are_restored_when_the_resume_fails(tmp_path):
+    """fit() owns the handlers on every path: a resume refused before the first step gives them back."""
+    from launch.errors import CheckpointError
+    from trainer_tiny import run
+
+    run(str(tmp_path), ["max_steps=2", "batch_size=8"])
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        run(str(tmp_path), ["max_steps=4", "batch_size=8"], two_phase=True)  # another task: not resumable
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
 
 def test_every_minutes_trigger(monkeypatch):
     now = [1000.0]
@@ -65,7 +78,8 @@ from pathlib import Path
 from launch import dist
 from launch.checkpoint import CheckpointManager, save_file, rank_file
 from launch.errors import CheckpointError
-from launch.preemption import RunControl, nonfinite_flag
+from launch.guard import nonfinite_flag
+from launch.preemption import RunControl
 td.init_process_group("gloo")
 rank = dist.rank()
 out = []

@@ -147,7 +147,7 @@ def test_kill_inside_publish_leaves_previous_checkpoint(tmp_path):
         mgr.prepare()
         write = lambda tmp: ck.save_file({{"w": torch.ones(2)}}, tmp / ck.TRAINER_FILE)
         mgr.save(1, write)
-        ck._write_text = lambda path, text: os.kill(os.getpid(), signal.SIGKILL)
+        ck.manager.fileio.write_synced = lambda path, text: os.kill(os.getpid(), signal.SIGKILL)
         mgr.save(2, write)
     """)
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

@@ -13,7 +13,7 @@ import pytest
 import torch
 from faults_driver import COMMON, finish, start
 
-from launch.checkpoint import TRAINER_FILE, CheckpointManager, load_file, nonfinite_keys, read_meta
+from launch.checkpoint import TRAINER_FILE, checkpoints, latest, load_file, nonfinite_keys, read_meta
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +86,7 @@ def test_full_disk_is_one_line_error_and_earlier_checkpoints_load(tmp_path, data
     assert error.startswith(f"faults_driver: error: cannot write checkpoint {ckpts}/step-00000012: "
                             "No space left on device"), error
     assert error.endswith("earlier checkpoints are intact (latest: step-00000008)"), error
-    after = CheckpointManager(run / "after", keep=2, rank=0)
-    assert [p.name for p in after.checkpoints()] == ["step-00000004", "step-00000008"]
+    assert [p.name for p in checkpoints(run / "after")] == ["step-00000004", "step-00000008"]
     assert not list((run / "after").glob(".tmp-*"))
-    assert read_meta(after.latest())["step"] == 8 and load_file(after.latest() / TRAINER_FILE)["step"] == 8
+    newest = latest(run / "after")
+    assert read_meta(newest)["step"] == 8 and load_file(newest / TRAINER_FILE)["step"] == 8

@@ -137,7 +137,7 @@ def test_nonfinite_step_is_skipped_on_sharded_gradients(tmp_path, clip):
     torch.manual_seed(0)
     trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory(poison=2))
     result = trainer.fit()
-    assert trainer.bad_steps == 0 and result.steps == 4  # the skip counter was reset by the finite steps after it
+    assert trainer.guard.bad_steps == 0 and result.steps == 4  # the skip counter was reset by the finite steps after it
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert sum(r.get("skipped_steps", 0) for r in records) == 1
     assert all(torch.isfinite(v).all() for v in result.task.state_dict().values())

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from faults_driver import assert_same_weights, final_weights, finish, start, wait_for
 
-from launch.checkpoint import CheckpointManager, read_meta
+from launch.checkpoint import latest, read_meta, resolve
 from launch.preemption import EXIT_REQUEUE
 
 
@@ -51,7 +51,7 @@ def test_sigterm_kill_in_save_and_kill9_resume_bit_identical(tmp_path, data_root
     proc.send_signal(signal.SIGTERM)
     code, log = finish(proc, run)
     assert code == EXIT_REQUEUE, log[-3000:]
-    stopped = CheckpointManager(run / "checkpoints", keep=2, rank=0).latest()
+    stopped = latest(run / "checkpoints")
     meta = read_meta(stopped)
     assert meta["reason"] == "preempted" and 4 < meta["step"] < 30, meta
     assert log.strip().splitlines()[-1].startswith(f"faults_driver: error: stopped by SIGTERM after step {meta['step']}")
@@ -61,7 +61,7 @@ def test_sigterm_kill_in_save_and_kill9_resume_bit_identical(tmp_path, data_root
     code, log = finish(start(run, f"--fault=kill-in-save@{doomed}", data_root=data_root), run)
     assert code == -signal.SIGKILL, log[-3000:]
     assert (run / "checkpoints" / f".tmp-step-{doomed:08d}").is_dir()
-    assert CheckpointManager(run / "checkpoints", keep=2, rank=0).resolve("auto") == stopped
+    assert resolve("auto", run / "checkpoints") == stopped
 
     # 3. resumed from the previous complete checkpoint; SIGKILL at a random step after a new one
     proc = start(run, "--step-delay=0.1", data_root=data_root)
@@ -139,7 +139,7 @@ def test_torchrun_preemption_like_slurm(tmp_path, data_root, reference2):
         os.kill(pid, signal.SIGUSR1)
     code, log = finish(proc, run)
     assert code != 0 and log.count("exit status 75 = requeue") == 2, log[-3000:]
-    meta = read_meta(CheckpointManager(run / "checkpoints", keep=2, rank=0).latest())
+    meta = read_meta(latest(run / "checkpoints"))
     assert meta["reason"] == "preempted" and log.count("phase main") == 2  # no restart
     code, log = finish(start(run, data_root=data_root, nproc=2), run)
     assert code == 0, log[-3000:]

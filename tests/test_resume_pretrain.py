@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.checkpoint import TRAINER_FILE, CheckpointManager
+from launch.checkpoint import TRAINER_FILE, latest
 
 ARGS = ["trainer.max_steps=24", "trainer.checkpoint.every_steps=4", "trainer.log.every_steps=2", "trainer.log.progress=false",
         "linear_probe=false", "export=false", "picture=false"]
@@ -28,9 +28,9 @@ def _pretrain(run_dir: Path, data_root: Path) -> subprocess.Popen:
 
 
 def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:
-    latest = CheckpointManager(run_dir / "checkpoints", keep=2, rank=0).latest()
-    assert latest is not None and latest.name == "step-00000024"
-    return torch.load(latest / TRAINER_FILE, weights_only=True)["model"]
+    newest = latest(run_dir / "checkpoints")
+    assert newest is not None and newest.name == "step-00000024"
+    return torch.load(newest / TRAINER_FILE, weights_only=True)["model"]
 
 
 @pytest.mark.slow

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from launch import backend
-from launch.backend import check_launcher, deepspeed_config
+from launch import launcher
+from launch.launcher import check_launcher, deepspeed_config
 from launch.config import TrainerConfig, load_config
 from launch.errors import ConfigError
 
@@ -65,7 +65,7 @@ def test_launcher_environment_must_agree():
 def test_launcher_deepspeed_file_is_read_from_the_environment(monkeypatch, tmp_path):
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"gradient_accumulation_steps": 8}))
-    monkeypatch.setitem(backend._LAUNCH_ENV, "ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
+    monkeypatch.setitem(launcher.LAUNCH_ENV, "ACCELERATE_DEEPSPEED_CONFIG_FILE", str(path))
     with pytest.raises(ConfigError, match="sets gradient_accumulation_steps=8 but the run config gives 1"):
         deepspeed_config(_cfg("backend=deepspeed"), world=2)
 
@@ -85,7 +85,7 @@ def test_a_later_ddp_fit_follows_its_own_config_after_a_deepspeed_launch(monkeyp
     from launch.backend import Backend
 
     env = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_MIXED_PRECISION": "no"}
-    monkeypatch.setattr(backend, "_LAUNCH_ENV", env)
+    monkeypatch.setattr(launcher, "LAUNCH_ENV", env)
     monkeypatch.setattr(Backend, "_launcher_checked", False)
     with pytest.raises(ConfigError, match="DeepSpeed Accelerate config but trainer.backend=ddp"):
         Backend(_cfg())  # the fit the launcher started must agree with it

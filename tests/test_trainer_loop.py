@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from launch.backend import deepspeed_config
+from launch.launcher import deepspeed_config
 from launch.config import TrainerConfig, load_config
 from launch.data import DataConfig
 from launch.errors import ConfigError, DataError
