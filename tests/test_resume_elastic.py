@@ -187,6 +187,14 @@ def test_another_global_batch_continues_at_the_same_sample_and_says_so(tmp_path,
 @pytest.mark.timeout(120)
 def test_a_resume_with_no_full_step_left_in_the_epoch_moves_to_the_next(tmp_path, data_root, caplog) -> None:
     """300 samples: 18 full batches of 16 (drop_last), stopped after 17; accum_steps=2 has no full step left."""
+    result = _resume_with_two_by_sixteen(tmp_path, data_root, caplog, ["max_steps=17"])
+    assert "as step 9 of 11 (was step 17)" in caplog.text
+    assert result.steps == 11 and result.epochs == 1 and sorted(_keys(tmp_path, ["b"])) == [10, 11]
+
+
+def _resume_with_two_by_sixteen(tmp_path, data_root, caplog, first: list[str]):
+    """A single-process fit on the 300 digits with ``first`` (batch 16), then the same run resumed
+    with 2 x 16 per step up to step 11; records each step's keys (tags "a", "b")."""
     from faults_driver import MaskedTiny
 
     from launch.config import TrainerConfig, load_config
@@ -195,32 +203,19 @@ def test_a_resume_with_no_full_step_left_in_the_epoch_moves_to_the_next(tmp_path
 
     data = load_config(DataConfig, None, ["source=digits", f"root={data_root}", "workers=0", "hflip=0"])
     common = ["log.progress=false", "log.tensorboard=false", "eval_every_epochs=0", "log.images_every_epochs=0"]
-    for tag, overrides in (("a", ["max_steps=17"]), ("b", ["max_steps=11", "accum_steps=2"])):
+    for tag, overrides in (("a", first), ("b", ["max_steps=11", "accum_steps=2"])):
         cfg = load_config(TrainerConfig, None, [*common, "batch_size=16", *overrides])
         task = MaskedTiny(seeded=True, record=tmp_path / f"keys-{tag}-rank-0.jsonl")
         with caplog.at_level("WARNING", logger="launch.trainer"):
             result = fit(task, cfg, data, tmp_path / "run", seed=0, img_size=8, train_split="val", eval_split="none")
-    assert "as step 9 of 11 (was step 17)" in caplog.text
-    assert result.steps == 11 and result.epochs == 1 and sorted(_keys(tmp_path, ["b"])) == [10, 11]
+    return result
 
 
 @pytest.mark.timeout(120)
 def test_a_resume_at_an_epoch_end_with_unread_batches_starts_the_next_epoch(tmp_path, data_root, caplog) -> None:
     """300 samples: 18 batches of 16; 4 steps of 4 leave 2 unread when epoch 0 ends (the loader is still in
     it). A resume with 2 x 16 per step starts epoch 1 at its first step (9 steps per epoch), not near its end."""
-    from faults_driver import MaskedTiny
-
-    from launch.config import TrainerConfig, load_config
-    from launch.data import DataConfig
-    from launch.trainer import fit
-
-    data = load_config(DataConfig, None, ["source=digits", f"root={data_root}", "workers=0", "hflip=0"])
-    common = ["log.progress=false", "log.tensorboard=false", "eval_every_epochs=0", "log.images_every_epochs=0"]
-    for tag, overrides in (("a", ["max_steps=4", "accum_steps=4"]), ("b", ["max_steps=11", "accum_steps=2"])):
-        cfg = load_config(TrainerConfig, None, [*common, "batch_size=16", *overrides])
-        task = MaskedTiny(seeded=True, record=tmp_path / f"keys-{tag}-rank-0.jsonl")
-        with caplog.at_level("WARNING", logger="launch.trainer"):
-            result = fit(task, cfg, data, tmp_path / "run", seed=0, img_size=8, train_split="val", eval_split="none")
+    result = _resume_with_two_by_sixteen(tmp_path, data_root, caplog, ["max_steps=4", "accum_steps=4"])
     assert "as step 9 of 11 (was step 4)" in caplog.text
     assert result.steps == 11 and result.epochs == 1 and sorted(_keys(tmp_path, ["b"])) == [10, 11]
 
