@@ -60,7 +60,13 @@ class ProbeTask(Task):
     def logits(self, imgs: Tensor) -> Tensor:
         """(N, K) fp32 logits; the head sees features in its own dtype (fp32, or bf16 / fp16 when
         DeepSpeed casts the module)."""
-        return self.head(self.features(imgs).to(self.head[1].weight.dtype)).float()
+        norm, linear = self.head
+        feats = self.features(imgs).to(linear.weight.dtype)
+        if self.training and feats.shape[0] == 1:
+            # a batch that skipped corrupt samples down to one has no batch statistics: BatchNorm
+            # would raise, so this one batch is normalized with the running ones
+            return linear(F.batch_norm(feats, norm.running_mean, norm.running_var, eps=norm.eps)).float()
+        return linear(norm(feats)).float()
 
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
         logits = self.logits(batch["image"])

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from finetune.backbone import build_vit, resolve_backbone
 from finetune.probe import ProbeConfig, ProbeTask, main, run_probe
@@ -59,6 +60,22 @@ def test_batchnorm_has_no_affine_and_only_the_head_trains(mae) -> None:
     task(batch)["loss"].backward()
     assert task.head[1].weight.grad is not None
     assert all(p.grad is None for p in task.encoder.parameters())
+
+
+def test_a_batch_shrunk_to_one_sample_trains_on_the_running_statistics(mae) -> None:
+    """Corrupt samples can leave a training batch of one (the rehearsal's photos did): BatchNorm
+    raised 'Expected more than 1 value per channel'; that batch now uses the running statistics."""
+    task = ProbeTask(build_vit(resolve_backbone(mae), num_classes=0), num_classes=10, pool="avg").train()
+    task(batch={"image": torch.randn(8, 1, 28, 28), "label": torch.arange(8) % 10})  # running stats move
+    norm = task.head[0]
+    seen = norm.running_mean.clone(), norm.running_var.clone()
+    one = {"image": torch.randn(1, 1, 28, 28), "label": torch.tensor([3])}
+    out = task(one)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and task.head[1].weight.grad is not None
+    assert torch.equal(norm.running_mean, seen[0]) and torch.equal(norm.running_var, seen[1])
+    expected = task.head[1](F.batch_norm(task.features(one["image"]), *seen, eps=norm.eps))
+    torch.testing.assert_close(task.logits(one["image"]), expected)
 
 
 def test_class_count_and_channel_mismatches_are_one_line_errors(mnist, tmp_path: Path) -> None:
