@@ -64,8 +64,13 @@ class ProbeTask(Task):
         feats = self.features(imgs).to(linear.weight.dtype)
         if self.training and feats.shape[0] == 1:
             # a batch that skipped corrupt samples down to one has no batch statistics: BatchNorm
-            # would raise, so this one batch is normalized with the running ones
-            return linear(F.batch_norm(feats, norm.running_mean, norm.running_var, eps=norm.eps)).float()
+            # would raise, so this one batch is normalized with the running ones. The same modules
+            # are still called in the same order on every rank (ZeRO-3 prefetches by that order)
+            norm.eval()
+            try:
+                return linear(norm(feats)).float()
+            finally:
+                norm.train()
         return linear(norm(feats)).float()
 
     def forward(self, batch: Batch, phase: str = "main") -> dict[str, Tensor]:
