@@ -11,7 +11,6 @@ restarts need it (see there); otherwise Accelerate / DeepSpeed create it as usua
 from __future__ import annotations
 
 import atexit
-import datetime
 import logging
 import os
 from typing import Any
@@ -123,10 +122,4 @@ def init_single_process_group() -> None:
 
 def _destroy_process_group() -> None:
     if dist.is_initialized():
-        # every rank reaches its exit before any tears its connections down: a rank whose peer
-        # already closed them could still be inside a gloo operation when finalization starts
-        try:  # bounded: a rank that stops on an error alone must not wait for the others' timeout
-            dist.barrier(async_op=True).wait(timeout=datetime.timedelta(seconds=60))
-        except RuntimeError:  # a peer died or never came: nothing to wait for
-            pass
         dist.destroy_process_group()

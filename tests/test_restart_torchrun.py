@@ -53,7 +53,9 @@ def test_restarted_group_rebuilds_gloo_mesh(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
     log = proc.stdout + proc.stderr
     assert proc.returncode == 0, log[-3000:]  # also: no abort while the interpreter shuts down
-    assert "exitcode: -9" in log and "connectFullMesh failed" not in log, log[-3000:]
+    # attempt 0 failed (torchrun reports whichever rank it sees first: rank 1's SIGKILL or rank 0's
+    # broken all_reduce) and the restarted group connected
+    assert ("exitcode: -9" in log or "exitcode: 1" in log) and "connectFullMesh failed" not in log, log[-3000:]
     done = {f.name: f.read_text() for f in tmp_path.glob("done-*")}
     assert done == {"done-1-0": str(2**5), "done-1-1": str(2**5)}, log[-3000:]
 
