@@ -20,8 +20,10 @@ PROG = "mae-baseline"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    families = "\n".join(f"model settings of family {name}:\n" + "\n".join(describe_fields(schema, "model."))
-                         for name, (schema, _) in FAMILIES.items())
+    families = "\n".join(
+        f"model settings of family {name}:\n" + "\n".join(describe_fields(schema, "model."))
+        for name, (schema, _) in FAMILIES.items()
+    )
     settings = [line for line in describe_fields(BaselineConfig) if not line.lstrip().startswith("model ")]
     parser = argparse.ArgumentParser(
         prog=PROG,
@@ -29,8 +31,11 @@ def build_parser() -> argparse.ArgumentParser:
         "optionally fine-tune it, and write run_root/NAME/results.json.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"names: {', '.join(recipe_names())}\n\nsettings (override any with key=value):\n"
-        + "\n".join(settings) + "\n\nbaseline defaults replacing the schema's: " + " ".join(f"{k}={v}" for k, v in flatten(DEFAULTS).items())
-        + "\n\n" + families,
+        + "\n".join(settings)
+        + "\n\nbaseline defaults replacing the schema's: "
+        + " ".join(f"{k}={v}" for k, v in flatten(DEFAULTS).items())
+        + "\n\n"
+        + families,
     )
     parser.add_argument("name", help="recipe (configs/baselines/NAME.yaml) or model family")
     parser.add_argument("--config", type=Path, default=None, help="YAML applied on top of the recipe")
@@ -45,7 +50,9 @@ def run_cli(argv: list[str]) -> int:
 
     results = run(cfg)
     if dist.is_main():
-        summary = {k: results[k] for k in ("name", "params", "train_seconds", "eval", "probe", "finetune") if k in results}
+        summary = {
+            k: results[k] for k in ("name", "params", "train_seconds", "eval", "probe", "finetune") if k in results
+        }
         print(json.dumps(summary if "sweep" not in results else results, default=str))
     return 0
 

@@ -36,7 +36,9 @@ class AAEConfig(Schema):
     hidden: list[int] = Field([512, 256], description="MLP hidden widths (arch=mlp)")
     widths: list[int] = Field([32, 64], min_length=1, max_length=5, description="conv stage widths (arch=conv)")
     loss: LossKind = Field("bce", description="reconstruction loss, per-pixel mean: bce or mse")
-    prior: Literal["gaussian", "mog"] = Field("gaussian", description="target code distribution: gaussian or mog (mixture on a circle)")
+    prior: Literal["gaussian", "mog"] = Field(
+        "gaussian", description="target code distribution: gaussian or mog (mixture on a circle)"
+    )
     components: int = Field(10, ge=2, le=100, description="mixture components (prior=mog)")
     disc_hidden: list[int] = Field([256, 256], min_length=1, description="discriminator hidden widths")
     disc_lr: float | None = Field(None, gt=0, description="absolute lr of the disc phase (None: the run's lr)")
@@ -54,8 +56,17 @@ class AAETask(AutoencoderTask):
 
     phases = ("recon", "disc", "gen")
 
-    def __init__(self, pixels: Pixels, encoder: nn.Module, decoder: nn.Module, discriminator: nn.Module, *,
-                 prior: Prior, loss: LossKind, phase_lrs: dict[str, float | None]) -> None:
+    def __init__(
+        self,
+        pixels: Pixels,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        discriminator: nn.Module,
+        *,
+        prior: Prior,
+        loss: LossKind,
+        phase_lrs: dict[str, float | None],
+    ) -> None:
         super().__init__(pixels, encoder, decoder, num_features=prior.dim, output="sigmoid", loss=loss)
         self.discriminator, self.prior, self.phase_lrs = discriminator, prior, phase_lrs
 
@@ -65,7 +76,10 @@ class AAETask(AutoencoderTask):
             return {"loss": self.recon_loss(self.decoder(self.encoder(pixels)), pixels).mean()}
         if phase == "disc":
             fake = self.encoder(pixels).detach()  # this phase steps the discriminator only
-            real_logits, fake_logits = self.discriminator(self.prior.sample(fake.shape[0], fake.device)), self.discriminator(fake)
+            real_logits, fake_logits = (
+                self.discriminator(self.prior.sample(fake.shape[0], fake.device)),
+                self.discriminator(fake),
+            )
             accuracy = 0.5 * ((real_logits > 0).float().mean() + (fake_logits < 0).float().mean())
             return {"loss": gan_losses(real_logits, fake_logits), "disc_acc": accuracy}
         if phase == "gen":
@@ -76,7 +90,9 @@ class AAETask(AutoencoderTask):
 
     def phase_module(self, phase: str) -> nn.Module:
         """recon: encoder + decoder; disc: discriminator; gen: encoder."""
-        return {"recon": nn.ModuleList([self.encoder, self.decoder]), "disc": self.discriminator, "gen": self.encoder}[phase]
+        return {"recon": nn.ModuleList([self.encoder, self.decoder]), "disc": self.discriminator, "gen": self.encoder}[
+            phase
+        ]
 
     def phase_optim(self, phase: str) -> dict[str, Any]:
         """Adversarial phases use Adam's beta1 = 0.5 (the usual GAN setting) and no weight decay."""
@@ -109,5 +125,12 @@ def build(cfg: AAEConfig, pixels: Pixels, img_size: int) -> AAETask:
     encoder, decoder = encoder_decoder("aae", cfg, pixels, img_size, cfg.latent_dim)
     prior = GaussianPrior(cfg.latent_dim) if cfg.prior == "gaussian" else MixturePrior(cfg.latent_dim, cfg.components)
     discriminator = mlp([cfg.latent_dim, *cfg.disc_hidden, 1])
-    return AAETask(pixels, encoder, decoder, discriminator, prior=prior, loss=cfg.loss,
-                   phase_lrs={"disc": cfg.disc_lr, "gen": cfg.gen_lr})
+    return AAETask(
+        pixels,
+        encoder,
+        decoder,
+        discriminator,
+        prior=prior,
+        loss=cfg.loss,
+        phase_lrs={"disc": cfg.disc_lr, "gen": cfg.gen_lr},
+    )

@@ -30,7 +30,9 @@ class AEConfig(Schema):
     @model_validator(mode="after")
     def _bce_needs_probabilities(self) -> AEConfig:
         if self.loss == "bce" and self.output == "relu":
-            raise ValueError("loss=bce needs output=sigmoid (a ReLU output is not a probability); allowed with relu: mse")
+            raise ValueError(
+                "loss=bce needs output=sigmoid (a ReLU output is not a probability); allowed with relu: mse"
+            )
         return self
 
 

@@ -17,7 +17,12 @@ from launch.config import Schema
 
 class CAEConfig(Schema):
     family: Literal["cae"] = "cae"
-    widths: list[int] = Field([32, 16], min_length=1, max_length=5, description="channels per Conv+MaxPool stage; the code is widths[-1] x H/2^d x W/2^d")
+    widths: list[int] = Field(
+        [32, 16],
+        min_length=1,
+        max_length=5,
+        description="channels per Conv+MaxPool stage; the code is widths[-1] x H/2^d x W/2^d",
+    )
     loss: LossKind = Field("bce", description="reconstruction loss on [0, 1] pixels: bce or mse")
 
 

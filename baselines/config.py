@@ -41,18 +41,27 @@ class BaselineConfig(Schema):
     trainer: TrainerConfig = TrainerConfig()
     img_size: int = Field(28, ge=4, le=1024, description="side of the (square) training images")
     seed: int = Field(0, ge=0, description="random seed of the run")
-    train_preset: Literal["pretrain", "eval", "finetune"] = Field("eval", description="loader preset of the training split (eval = no augmentation)")
+    train_preset: Literal["pretrain", "eval", "finetune"] = Field(
+        "eval", description="loader preset of the training split (eval = no augmentation)"
+    )
     run_root: str = Field("runs/baselines", description="results go to run_root/<name>")
-    latent_sweep: list[int] = Field([], description="train once per latent size (e.g. [5, 10, 16, 20, 32]) and plot the error curve")
-    probe: ProbeConfig | None = Field(default_factory=ProbeConfig, description="linear probe of the codes, the MAE probe's protocol (null = skip)")
+    latent_sweep: list[int] = Field(
+        [], description="train once per latent size (e.g. [5, 10, 16, 20, 32]) and plot the error curve"
+    )
+    probe: ProbeConfig | None = Field(
+        default_factory=ProbeConfig, description="linear probe of the codes, the MAE probe's protocol (null = skip)"
+    )
     finetune: Annotated[TrainerConfig | None, over_defaults(lambda: DEFAULTS["trainer"])] = Field(
-        None, description="supervised fine-tuning of encoder + linear head (None = skip)")
+        None, description="supervised fine-tuning of encoder + linear head (None = skip)"
+    )
 
     @model_validator(mode="after")
     def _sweep_needs_latent(self) -> BaselineConfig:
         if self.latent_sweep and not hasattr(self.model, "latent_dim"):
             with_latent = [f for f, (schema, _) in FAMILIES.items() if "latent_dim" in schema.model_fields]
-            raise ValueError(f"latent_sweep needs a family with latent_dim ({', '.join(with_latent)}), got {self.model.family}")
+            raise ValueError(
+                f"latent_sweep needs a family with latent_dim ({', '.join(with_latent)}), got {self.model.family}"
+            )
         for size in self.latent_sweep:
             try:
                 type(self.model).model_validate(self.model.model_dump() | {"latent_dim": size})
@@ -81,8 +90,9 @@ def recipe(name: str) -> dict[str, Any]:
     raise ConfigError(f"unknown baseline '{name}'; allowed: {', '.join(recipe_names())}")
 
 
-def load_baseline_config(name: str, path: str | Path | None = None,
-                         overrides: list[str] | None = None) -> BaselineConfig:
+def load_baseline_config(
+    name: str, path: str | Path | None = None, overrides: list[str] | None = None
+) -> BaselineConfig:
     """Defaults <- recipe ``name`` <- file ``path`` <- ``overrides``; validated, one-line errors."""
     cfg = load_config(BaselineConfig, path, overrides, defaults=merge(DEFAULTS, recipe(name)))
     cfg.name = name

@@ -25,7 +25,9 @@ class DAEConfig(Schema):
     widths: list[int] = Field([32, 32], min_length=1, max_length=5, description="channels per Conv+MaxPool stage")
     loss: LossKind = Field("mse", description="reconstruction loss against the clean image: mse or bce")
     noise: Literal["gaussian", "mask"] = Field("gaussian", description="input corruption: gaussian or mask")
-    noise_level: float = Field(0.5, description="Gaussian sigma in (0, 1] or masked fraction in (0, 1), on [0, 1] pixels")
+    noise_level: float = Field(
+        0.5, description="Gaussian sigma in (0, 1] or masked fraction in (0, 1), on [0, 1] pixels"
+    )
 
     @model_validator(mode="after")
     def _level_in_range(self) -> DAEConfig:
@@ -67,6 +69,12 @@ class DenoisingTask(AutoencoderTask):
 def build(cfg: DAEConfig, pixels: Pixels, img_size: int) -> DenoisingTask:
     encoder, decoder, num_features = conv_parts("dae", cfg.widths, pixels, img_size)
     return DenoisingTask(
-        pixels, encoder, decoder, num_features=num_features, output="sigmoid", loss=cfg.loss,
-        noise=cfg.noise, noise_level=cfg.noise_level,
+        pixels,
+        encoder,
+        decoder,
+        num_features=num_features,
+        output="sigmoid",
+        loss=cfg.loss,
+        noise=cfg.noise,
+        noise_level=cfg.noise_level,
     )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Annotated, Union
+from typing import Annotated
 
 from pydantic import Field
 
@@ -23,7 +23,7 @@ FAMILIES: dict[str, tuple[type, Callable[..., Task]]] = {
 
 #: a model config; its ``family`` key selects the schema (unknown keys of that family fail)
 ModelConfig = Annotated[
-    Union[ae.AEConfig, dae.DAEConfig, stacked.SDAEConfig, cae.CAEConfig, vae.VAEConfig, aae.AAEConfig],
+    ae.AEConfig | dae.DAEConfig | stacked.SDAEConfig | cae.CAEConfig | vae.VAEConfig | aae.AAEConfig,
     Field(discriminator="family"),
 ]
 

@@ -70,7 +70,9 @@ def conv_decoder(channels: int, widths: Sequence[int]) -> nn.Sequential:
 def conv_latent_encoder(channels: int, img_size: int, widths: Sequence[int], out_dim: int) -> nn.Sequential:
     """imgs: (N, C, H, W) -> (N, out_dim): the conv stages, then one linear layer."""
     side = img_size // 2 ** len(widths)
-    return nn.Sequential(conv_encoder(channels, widths), Rearrange("n c h w -> n (c h w)"), nn.Linear(widths[-1] * side**2, out_dim))
+    return nn.Sequential(
+        conv_encoder(channels, widths), Rearrange("n c h w -> n (c h w)"), nn.Linear(widths[-1] * side**2, out_dim)
+    )
 
 
 def conv_latent_decoder(channels: int, img_size: int, widths: Sequence[int], latent_dim: int) -> nn.Sequential:

@@ -49,8 +49,12 @@ def run_one(cfg: BaselineConfig, run_dir: Path) -> dict[str, Any]:
     task = build_task(cfg.model, Pixels(info.mean, info.std), cfg.img_size)
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
-    results: dict[str, Any] = {"name": cfg.name, "family": cfg.model.family, "model": cfg.model.model_dump(mode="json"),
-                               "params": sum(p.numel() for p in task.parameters())}
+    results: dict[str, Any] = {
+        "name": cfg.name,
+        "family": cfg.model.family,
+        "model": cfg.model.model_dump(mode="json"),
+        "params": sum(p.numel() for p in task.parameters()),
+    }
     results |= pretrain(cfg, task, run_dir)
     if dist.is_main():
         write_pictures(cfg, task, run_dir)
@@ -65,8 +69,16 @@ def run_one(cfg: BaselineConfig, run_dir: Path) -> dict[str, Any]:
 
 
 def _fit(cfg: BaselineConfig, task: Task, trainer_cfg: Any, run_dir: Path, preset: str):
-    return fit(task, trainer_cfg, cfg.data, run_dir, seed=cfg.seed, img_size=cfg.img_size, train_preset=preset,
-               config=cfg.model_dump(mode="json"))
+    return fit(
+        task,
+        trainer_cfg,
+        cfg.data,
+        run_dir,
+        seed=cfg.seed,
+        img_size=cfg.img_size,
+        train_preset=preset,
+        config=cfg.model_dump(mode="json"),
+    )
 
 
 def pretrain(cfg: BaselineConfig, task: Task, run_dir: Path) -> dict[str, Any]:
@@ -75,8 +87,12 @@ def pretrain(cfg: BaselineConfig, task: Task, run_dir: Path) -> dict[str, Any]:
     for stage, stage_task in task.stages():
         result = _fit(cfg, stage_task, cfg.trainer, run_dir / stage, cfg.train_preset)
         steps += result.steps
-    return {"eval": result.eval, "steps": steps, "train_seconds": round(time.perf_counter() - start, 1),
-            "images_per_s": result.images_per_s}
+    return {
+        "eval": result.eval,
+        "steps": steps,
+        "train_seconds": round(time.perf_counter() - start, 1),
+        "images_per_s": result.images_per_s,
+    }
 
 
 class CodeProbeTask(ProbeTask):
@@ -102,8 +118,12 @@ def probe_backbone(cfg: BaselineConfig, backbone: Codes, run_dir: Path) -> dict[
     probe_task = CodeProbeTask(backbone, num_classes_of(info, cfg.probe.num_classes, "probe.num_classes"))
     start = time.perf_counter()
     result = _fit(cfg, probe_task, cfg.probe.trainer, run_dir, cfg.probe.train_preset)
-    return {"top1": result.eval.get("top1"), "loss": result.eval.get("loss"), "steps": result.steps,
-            "seconds": round(time.perf_counter() - start, 1)}
+    return {
+        "top1": result.eval.get("top1"),
+        "loss": result.eval.get("loss"),
+        "steps": result.steps,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 def probe_pixels(cfg: BaselineConfig, run_dir: Path) -> dict[str, Any]:
@@ -111,8 +131,13 @@ def probe_pixels(cfg: BaselineConfig, run_dir: Path) -> dict[str, Any]:
     Writes ``run_dir/results.json``; ``cfg.model`` is not used."""
     info = dataset_info(cfg.data)
     flat = Codes(Pixels(info.mean, info.std), nn.Flatten(), info.channels * cfg.img_size**2)
-    results = {"name": "raw pixels", "family": None, "params": 0, "eval": {},
-               "probe": probe_backbone(cfg, flat, run_dir / "probe")}
+    results = {
+        "name": "raw pixels",
+        "family": None,
+        "params": 0,
+        "eval": {},
+        "probe": probe_backbone(cfg, flat, run_dir / "probe"),
+    }
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
         (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
@@ -122,9 +147,15 @@ def probe_pixels(cfg: BaselineConfig, run_dir: Path) -> dict[str, Any]:
 def finetune(cfg: BaselineConfig, task: Task, info: DatasetInfo, run_dir: Path) -> dict[str, Any]:
     """Encoder + linear head trained end to end with labels (the classic "AE + classifier")."""
     start = time.perf_counter()
-    result = _fit(cfg, ClassifierTask(task.backbone(), info.num_classes), cfg.finetune, run_dir / "finetune", cfg.train_preset)
-    return {"top1": result.eval.get("top1"), "loss": result.eval.get("loss"), "steps": result.steps,
-            "seconds": round(time.perf_counter() - start, 1)}
+    result = _fit(
+        cfg, ClassifierTask(task.backbone(), info.num_classes), cfg.finetune, run_dir / "finetune", cfg.train_preset
+    )
+    return {
+        "top1": result.eval.get("top1"),
+        "loss": result.eval.get("loss"),
+        "steps": result.steps,
+        "seconds": round(time.perf_counter() - start, 1),
+    }
 
 
 @torch.no_grad()
@@ -132,7 +163,9 @@ def write_pictures(cfg: BaselineConfig, task: Task, run_dir: Path) -> None:
     """The task's pictures on the first validation images: PNGs + TensorBoard (rank 0 only)."""
     from launch.data import build_loader
 
-    loader = build_loader(cfg.data, "val", preset="eval", batch_size=PICTURE_IMAGES, img_size=cfg.img_size, seed=cfg.seed)
+    loader = build_loader(
+        cfg.data, "val", preset="eval", batch_size=PICTURE_IMAGES, img_size=cfg.img_size, seed=cfg.seed
+    )
     device = next(task.parameters()).device
     batch = next(iter(loader))
     task.eval()
@@ -154,7 +187,10 @@ def run_sweep(cfg: BaselineConfig) -> dict[str, Any]:
     results = {"name": cfg.name, "sweep": rows}
     if dist.is_main():
         sizes = [r["latent_dim"] for r in rows]
-        series = {"val MSE per pixel": [r["eval"]["mse"] for r in rows], "val BCE per pixel": [r["eval"]["bce"] for r in rows]}
+        series = {
+            "val MSE per pixel": [r["eval"]["mse"] for r in rows],
+            "val BCE per pixel": [r["eval"]["bce"] for r in rows],
+        }
         curve = line_plot(sizes, series, "latent size", "reconstruction error", f"{cfg.name}: error vs latent size")
         save_pictures({"recon_vs_latent": curve}, cfg.run_dir / "pictures")
         with SummaryWriter(str(cfg.run_dir / "tensorboard")) as writer:

@@ -30,7 +30,9 @@ from launch.task import Batch, Task
 
 class SDAEConfig(Schema):
     family: Literal["sdae"] = "sdae"
-    layers: list[int] = Field([512, 256, 64], min_length=1, max_length=8, description="code width of each stacked layer")
+    layers: list[int] = Field(
+        [512, 256, 64], min_length=1, max_length=8, description="code width of each stacked layer"
+    )
     noise: Literal["gaussian", "mask"] = Field("mask", description="corruption of each layer's input: gaussian or mask")
     noise_level: float = Field(0.3, description="Gaussian sigma in (0, 1] or masked fraction in (0, 1)")
     loss: LossKind = Field("bce", description="per-layer reconstruction loss: bce or mse")
@@ -81,7 +83,9 @@ class Stack(nn.Module):
 class GreedyLayerTask(Task):
     """Trains layer ``level`` as a DAE on the codes below it; every other layer is frozen."""
 
-    def __init__(self, pixels: Pixels, stack: Stack, level: int, *, noise: NoiseKind, noise_level: float, loss: LossKind) -> None:
+    def __init__(
+        self, pixels: Pixels, stack: Stack, level: int, *, noise: NoiseKind, noise_level: float, loss: LossKind
+    ) -> None:
         super().__init__()
         self.pixels, self.stack, self.level = pixels, stack, level
         self.noise, self.noise_level, self.loss_kind = noise, noise_level, loss
@@ -112,7 +116,11 @@ class GreedyLayerTask(Task):
         """Sums of this layer's loss and of the per-pixel error of the reconstruction through the stack so far."""
         pixels = self.pixels.to_unit(batch["image"])
         count = torch.tensor(float(pixels.shape[0]), device=pixels.device)
-        return {"loss": self.layer_loss(pixels).sum(), **pixel_metrics(self.reconstruct(pixels), pixels), "count": count}
+        return {
+            "loss": self.layer_loss(pixels).sum(),
+            **pixel_metrics(self.reconstruct(pixels), pixels),
+            "count": count,
+        }
 
     @torch.no_grad()
     def pictures(self, batch: Batch) -> dict[str, Tensor]:
@@ -145,4 +153,6 @@ class GreedyLayerTask(Task):
 def build(cfg: SDAEConfig, pixels: Pixels, img_size: int) -> GreedyLayerTask:
     """The top level's task; its ``stages()`` give the greedy fits of every level."""
     stack = Stack(pixels.channels * img_size**2, cfg.layers)
-    return GreedyLayerTask(pixels, stack, len(cfg.layers) - 1, noise=cfg.noise, noise_level=cfg.noise_level, loss=cfg.loss)
+    return GreedyLayerTask(
+        pixels, stack, len(cfg.layers) - 1, noise=cfg.noise, noise_level=cfg.noise_level, loss=cfg.loss
+    )

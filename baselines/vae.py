@@ -34,11 +34,15 @@ class VAEConfig(Schema):
     beta: float = Field(1.0, ge=0, le=1000, description="weight of the KL term (beta-VAE)")
 
 
-def encoder_decoder(family: str, cfg: VAEConfig, pixels: Pixels, img_size: int, out_dim: int) -> tuple[nn.Module, nn.Module]:
+def encoder_decoder(
+    family: str, cfg: VAEConfig, pixels: Pixels, img_size: int, out_dim: int
+) -> tuple[nn.Module, nn.Module]:
     """Encoder (imgs -> (N, out_dim)) and decoder (z -> pre-activation imgs) for ``cfg.arch``."""
     channels = pixels.channels
     if cfg.arch == "mlp":
-        return mlp_encoder(channels, img_size, cfg.hidden, out_dim), mlp_decoder(channels, img_size, cfg.hidden, cfg.latent_dim)
+        return mlp_encoder(channels, img_size, cfg.hidden, out_dim), mlp_decoder(
+            channels, img_size, cfg.hidden, cfg.latent_dim
+        )
     check_conv_size(family, img_size, len(cfg.widths))
     return (
         conv_latent_encoder(channels, img_size, cfg.widths, out_dim),
@@ -49,7 +53,9 @@ def encoder_decoder(family: str, cfg: VAEConfig, pixels: Pixels, img_size: int, 
 class VAETask(AutoencoderTask):
     """``encoder``: imgs -> (N, 2 * latent_dim) = [mean, log-variance]; ``decoder``: z -> logits."""
 
-    def __init__(self, pixels: Pixels, encoder: nn.Module, decoder: nn.Module, *, latent_dim: int, loss: LossKind, beta: float) -> None:
+    def __init__(
+        self, pixels: Pixels, encoder: nn.Module, decoder: nn.Module, *, latent_dim: int, loss: LossKind, beta: float
+    ) -> None:
         super().__init__(pixels, encoder, decoder, num_features=latent_dim, output="sigmoid", loss=loss)
         self.latent_dim, self.beta, self.prior = latent_dim, beta, GaussianPrior(latent_dim)
 

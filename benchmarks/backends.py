@@ -36,23 +36,44 @@ BACKENDS: dict[str, list[str]] = {
 }
 
 
-def compare_backends(work: Workload, names: list[str], *, procs: int, precision: str, warmup: int,
-                     steps: int) -> dict[str, Any]:
+def compare_backends(
+    work: Workload, names: list[str], *, procs: int, precision: str, warmup: int, steps: int
+) -> dict[str, Any]:
     """One launch per backend in ``names``; rows in the same order."""
     rows = []
     for name in names:
-        spec = {"work": {**work.__dict__, "overrides": list(work.overrides)}, "trainer": [*BACKENDS[name],
-                f"precision={precision}", f"batch_size={work.batch_size}"], "warmup": warmup, "steps": steps}  # fmt: skip
+        spec = {
+            "work": {**work.__dict__, "overrides": list(work.overrides)},
+            "trainer": [*BACKENDS[name], f"precision={precision}", f"batch_size={work.batch_size}"],
+            "warmup": warmup,
+            "steps": steps,
+        }
         with tempfile.TemporaryDirectory() as tmp:
             ranks = _launch(spec, Path(tmp) / "rank", procs)
         rows.append(_row(name, ranks, work.batch_size, steps))
-    return {"preset": work.preset, "img_size": work.img_size, "batch_size": work.batch_size, "procs": procs,
-            "precision": precision, "rows": rows}  # fmt: skip
+    return {
+        "preset": work.preset,
+        "img_size": work.img_size,
+        "batch_size": work.batch_size,
+        "procs": procs,
+        "precision": precision,
+        "rows": rows,
+    }
 
 
 def _launch(spec: dict[str, Any], prefix: Path, procs: int) -> list[dict[str, Any]]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-           "-m", "benchmarks.backends", json.dumps(spec), str(prefix)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(procs),
+        "-m",
+        "benchmarks.backends",
+        json.dumps(spec),
+        str(prefix),
+    ]
     # tensors above 64 KiB in their own mappings, returned to the OS when freed: on CPU the peak
     # RSS then follows live memory (glibc keeps freed heap memory, hiding what sharding saves)
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"), "MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -65,11 +86,14 @@ def _launch(spec: dict[str, Any], prefix: Path, procs: int) -> list[dict[str, An
 def _row(name: str, ranks: list[dict[str, Any]], batch: int, steps: int) -> dict[str, Any]:
     images = batch * steps * len(ranks)
     return {
-        "backend": name, "images_per_s": images / max(r["wall_s"] for r in ranks),
+        "backend": name,
+        "images_per_s": images / max(r["wall_s"] for r in ranks),
         "images_per_cpu_s": images / sum(r["cpu_s"] for r in ranks),
-        "peak_memory_mb": max(r["peak_memory_mb"] for r in ranks), "peak_memory_mb_per_rank": [r["peak_memory_mb"] for r in ranks],
-        "params_m": ranks[0]["params_m"], "final_loss": ranks[0]["loss"],
-    }  # fmt: skip
+        "peak_memory_mb": max(r["peak_memory_mb"] for r in ranks),
+        "peak_memory_mb_per_rank": [r["peak_memory_mb"] for r in ranks],
+        "params_m": ranks[0]["params_m"],
+        "final_loss": ranks[0]["loss"],
+    }
 
 
 def _worker(spec: dict[str, Any], prefix: str) -> None:
@@ -107,8 +131,13 @@ def _worker(spec: dict[str, Any], prefix: str) -> None:
     losses = [step() for _ in range(spec["steps"])]
     synchronize(backend.device)
     backend.wait()  # the slowest rank sets the pace
-    result = {"wall_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu,
-              "peak_memory_mb": peak_memory_mb(backend.device), "params_m": params_m, "loss": float(losses[-1])}  # fmt: skip
+    result = {
+        "wall_s": time.perf_counter() - start,
+        "cpu_s": time.process_time() - cpu,
+        "peak_memory_mb": peak_memory_mb(backend.device),
+        "params_m": params_m,
+        "loss": float(losses[-1]),
+    }
     Path(f"{prefix}-{dist.rank()}.json").write_text(json.dumps(result))
 
 

@@ -69,8 +69,15 @@ def shipped_photos(min_side: int) -> dict[str, np.ndarray]:
     return {name: p for name, p in photos.items() if min(p.shape[:2]) >= min_side}
 
 
-def write_photo_folder(root: Path, images: int, seed: int = 0, *, photos: list[np.ndarray] | None = None,
-                       size: tuple[int, int] = PHOTO_SIZE, jitter: float = 0.0) -> Path:
+def write_photo_folder(
+    root: Path,
+    images: int,
+    seed: int = 0,
+    *,
+    photos: list[np.ndarray] | None = None,
+    size: tuple[int, int] = PHOTO_SIZE,
+    jitter: float = 0.0,
+) -> Path:
     """``root/photo<k>/<i>.jpg``: random crops of ``photos`` (default ``real_photos()``; image ``i``
     from photo ``i % len(photos)``) saved as JPEG quality 90. Crops are ``size`` (H, W), each side
     scaled by a random factor in [1 - jitter, 1 + jitter] and capped by the photo (ImageNet-like)."""
@@ -83,7 +90,7 @@ def write_photo_folder(root: Path, images: int, seed: int = 0, *, photos: list[n
         y = rng.integers(0, photo.shape[0] - h + 1)
         x = rng.integers(0, photo.shape[1] - w + 1)
         (root / f"photo{k}").mkdir(parents=True, exist_ok=True)
-        Image.fromarray(photo[y:y + h, x:x + w]).save(root / f"photo{k}" / f"{i:05d}.jpg", quality=90)
+        Image.fromarray(photo[y : y + h, x : x + w]).save(root / f"photo{k}" / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -111,13 +118,15 @@ def _steady_pass(loader: Iterable[Any]) -> tuple[float, float, float]:
     return wall, main_end - main, workers_end - workers
 
 
-def shard_loader(shards: Path, workers: int, batch_size: int, img_size: int,
-                 normalize: str = "worker") -> Iterable[Any]:
+def shard_loader(
+    shards: Path, workers: int, batch_size: int, img_size: int, normalize: str = "worker"
+) -> Iterable[Any]:
     """This repo's loader, MAE pretraining preset; ``normalize`` "device" normalizes in the main process here."""
     from launch.data import DataConfig, build_loader
 
-    cfg = DataConfig(source=str(shards), workers=workers, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
-                     normalize=normalize)
+    cfg = DataConfig(
+        source=str(shards), workers=workers, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), normalize=normalize
+    )
     return build_loader(cfg, "train", preset="pretrain", batch_size=batch_size, img_size=img_size, seed=0, device="cpu")
 
 
@@ -126,12 +135,23 @@ def pil_loader(folder: Path, workers: int, batch_size: int, img_size: int) -> It
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    tf = transforms.Compose([
-        transforms.RandomResizedCrop(img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC),
-        transforms.RandomHorizontalFlip(), transforms.ToTensor(),
-        transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])])
-    return DataLoader(datasets.ImageFolder(str(folder), transform=tf), batch_size=batch_size, shuffle=True,
-                      num_workers=workers, persistent_workers=workers > 0)
+    tf = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(
+                img_size, scale=(0.2, 1.0), interpolation=transforms.InterpolationMode.BICUBIC
+            ),
+            transforms.RandomHorizontalFlip(),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225]),
+        ]
+    )
+    return DataLoader(
+        datasets.ImageFolder(str(folder), transform=tf),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+    )
 
 
 def photo_dataset(root: Path, images: int) -> tuple[Path, Path]:
@@ -142,8 +162,9 @@ def photo_dataset(root: Path, images: int) -> tuple[Path, Path]:
     return folder, prepare(str(folder), root / "shards", shard_samples=128).parent
 
 
-def loader_rates(pipeline: str, data: tuple[Path, Path], workers: int, batch_size: int = 64,
-                 img_size: int = 224) -> tuple[float, float, float]:
+def loader_rates(
+    pipeline: str, data: tuple[Path, Path], workers: int, batch_size: int = 64, img_size: int = 224
+) -> tuple[float, float, float]:
     """Steady-state (images/s per worker, images per worker CPU-second, images per CPU-second of all
     processes) of a pipeline of ``PIPELINES``; ``workers`` 0 reads in this process, on one thread."""
     folder, shards = data
@@ -152,8 +173,11 @@ def loader_rates(pipeline: str, data: tuple[Path, Path], workers: int, batch_siz
     torch.set_num_threads(1 if workers == 0 else threads)  # workers run one thread each (DataLoader's doing)
     try:
         normalize = "device" if pipeline == "shards-device" else "worker"
-        loader = (pil_loader(folder, workers, batch_size, img_size) if pipeline == "pil"
-                  else shard_loader(shards, workers, batch_size, img_size, normalize))
+        loader = (
+            pil_loader(folder, workers, batch_size, img_size)
+            if pipeline == "pil"
+            else shard_loader(shards, workers, batch_size, img_size, normalize)
+        )
         wall, main, worker = _steady_pass(loader)
     finally:
         torch.set_num_threads(threads)
@@ -162,13 +186,22 @@ def loader_rates(pipeline: str, data: tuple[Path, Path], workers: int, batch_siz
     return images / wall / max(workers, 1), images / max(worker or main, tick), images / max(main + worker, tick)
 
 
-PIPELINES = {"shards": "shards, normalize in workers", "shards-device": "shards, normalize on device (*)",
-             "pil": "PIL + torchvision ImageFolder"}
+PIPELINES = {
+    "shards": "shards, normalize in workers",
+    "shards-device": "shards, normalize on device (*)",
+    "pil": "PIL + torchvision ImageFolder",
+}
 COLUMNS = ("images_per_s_per_worker", "images_per_worker_cpu_s", "images_per_cpu_s_all", "images_per_cpu_s")
 
 
-def run_benchmark(images: int = 512, workers: int = 1, batch_size: int = 64, img_size: int = 224,
-                  repeats: int = 3, workdir: Path | None = None) -> dict[str, Any]:
+def run_benchmark(
+    images: int = 512,
+    workers: int = 1,
+    batch_size: int = 64,
+    img_size: int = 224,
+    repeats: int = 3,
+    workdir: Path | None = None,
+) -> dict[str, Any]:
     """Best of ``repeats`` of every figure of every pipeline on the same JPEGs, runs alternating."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         data = photo_dataset(Path(tmp), images)
@@ -177,17 +210,31 @@ def run_benchmark(images: int = 512, workers: int = 1, batch_size: int = 64, img
         best: dict[str, dict[str, float]] = {column: {} for column in COLUMNS}
         for _ in range(repeats):
             for pipeline in PIPELINES:
-                rates = (*loader_rates(pipeline, data, workers, batch_size, img_size),
-                         loader_rates(pipeline, data, 0, batch_size, img_size)[2])
+                rates = (
+                    *loader_rates(pipeline, data, workers, batch_size, img_size),
+                    loader_rates(pipeline, data, 0, batch_size, img_size)[2],
+                )
                 for column, rate in zip(COLUMNS, rates):
                     best[column][pipeline] = max(best[column].get(pipeline, 0.0), rate)
                 load.append(os.getloadavg()[0])
-    return {"images": images, "photo_size": list(PHOTO_SIZE), "jpeg_kb": round(jpeg_kb, 1), "img_size": img_size,
-            "batch_size": batch_size, "workers": workers, "repeats": repeats, "pipelines": PIPELINES,
-            **{column: {k: round(v, 1) for k, v in rates.items()} for column, rates in best.items()},
-            "speedup_vs_pil": {column: {k: round(v / rates["pil"], 2) for k, v in rates.items() if k != "pil"}
-                               for column, rates in best.items()},
-            "load_average": [round(min(load), 1), round(max(load), 1)], "cpu": _cpu_name(), "torch": torch.__version__}
+    return {
+        "images": images,
+        "photo_size": list(PHOTO_SIZE),
+        "jpeg_kb": round(jpeg_kb, 1),
+        "img_size": img_size,
+        "batch_size": batch_size,
+        "workers": workers,
+        "repeats": repeats,
+        "pipelines": PIPELINES,
+        **{column: {k: round(v, 1) for k, v in rates.items()} for column, rates in best.items()},
+        "speedup_vs_pil": {
+            column: {k: round(v / rates["pil"], 2) for k, v in rates.items() if k != "pil"}
+            for column, rates in best.items()
+        },
+        "load_average": [round(min(load), 1), round(max(load), 1)],
+        "cpu": _cpu_name(),
+        "torch": torch.__version__,
+    }
 
 
 def _cpu_name() -> str:
@@ -210,18 +257,25 @@ def format_table(result: dict[str, Any]) -> str:
         if key != "pil":
             ratios = [result["speedup_vs_pil"][c][key] for c in COLUMNS]
             rows.append(f"{'  speedup: ' + key:<34}" + "".join(f" {r:>{w - 1}.2f}x" for r, w in zip(ratios, widths)))
-    rows.append(f"({result['images']} JPEGs {result['photo_size'][1]}x{result['photo_size'][0]}, ~{result['jpeg_kb']} KB "
-                f"-> {result['img_size']} crops, batch {result['batch_size']}, {result['workers']} worker(s), best of "
-                f"{result['repeats']}; {result['cpu']}, load average {result['load_average'][0]}-"
-                f"{result['load_average'][1]})")
-    rows.append("(*) workers hand over uint8 and the main process normalizes: on a GPU that is a kernel on the device; "
-                "on this CPU-only machine it runs on the CPU, counted in 'all' and 'in-process'")
+    rows.append(
+        f"({result['images']} JPEGs {result['photo_size'][1]}x{result['photo_size'][0]}, ~{result['jpeg_kb']} KB "
+        f"-> {result['img_size']} crops, batch {result['batch_size']}, {result['workers']} worker(s), best of "
+        f"{result['repeats']}; {result['cpu']}, load average {result['load_average'][0]}-"
+        f"{result['load_average'][1]})"
+    )
+    rows.append(
+        "(*) workers hand over uint8 and the main process normalizes: on a GPU that is a kernel on the device; "
+        "on this CPU-only machine it runs on the CPU, counted in 'all' and 'in-process'"
+    )
     return "\n".join(rows)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.data_loader", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.data_loader",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--batch-size", type=int, default=64)

@@ -26,11 +26,13 @@ def block_features(model: torch.nn.Module, data: DataConfig, split: str) -> tupl
     """{"b{i}_avg" / "b{i}_cls" / "norm_avg" / "norm_cls": (N, D)} and labels (N,) of ``split``."""
     feats: dict[str, list[np.ndarray]] = {}
     labels = []
-    for batch in build_loader(data, split, preset="eval", batch_size=500, img_size=model.patch_embed.img_size[0], seed=0):
+    for batch in build_loader(
+        data, split, preset="eval", batch_size=500, img_size=model.patch_embed.img_size[0], seed=0
+    ):
         x = model.norm_pre(model._pos_embed(model.patch_embed(batch["image"])))
         for name, block in [*((f"b{i}", b) for i, b in enumerate(model.blocks)), ("norm", model.norm)]:
             x = block(x)
-            feats.setdefault(f"{name}_avg", []).append(x[:, model.num_prefix_tokens:].mean(1).numpy())
+            feats.setdefault(f"{name}_avg", []).append(x[:, model.num_prefix_tokens :].mean(1).numpy())
             feats.setdefault(f"{name}_cls", []).append(x[:, 0].numpy())
         labels.append(batch["label"].numpy())
     return {k: np.concatenate(v) for k, v in feats.items()}, np.concatenate(labels)
@@ -41,11 +43,15 @@ def run(argv: list[str]) -> int:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    parser = argparse.ArgumentParser(prog="feature-probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="feature-probe", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("backbone", help="a timm folder written by mae-export (…/export/timm)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="data settings, e.g. data.root=data")
     args = parser.parse_args(argv)
-    section = merge({"source": "mnist", "workers": 0, "eval_crop_pct": 1.0}, parse_overrides(args.overrides).get("data", {}))
+    section = merge(
+        {"source": "mnist", "workers": 0, "eval_crop_pct": 1.0}, parse_overrides(args.overrides).get("data", {})
+    )
     data = DataConfig.model_validate(section)
     model = timm.create_model(f"local-dir:{args.backbone}", pretrained=True).eval()
     train, y_train = block_features(model, data, "train")

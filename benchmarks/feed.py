@@ -36,21 +36,36 @@ def measure_loader(workers: list[int], images: int, batch_size: int, img_size: i
 def demand_row(preset: str, where: str, model_ips: float, per_worker: float) -> dict[str, Any]:
     loader_ips = per_worker * DEFAULT_WORKERS
     return {
-        "preset": preset, "where": where, "model_images_per_s": model_ips, "default_workers": DEFAULT_WORKERS,
-        "loader_images_per_s": loader_ips, "ratio": loader_ips / model_ips,
+        "preset": preset,
+        "where": where,
+        "model_images_per_s": model_ips,
+        "default_workers": DEFAULT_WORKERS,
+        "loader_images_per_s": loader_ips,
+        "ratio": loader_ips / model_ips,
         "workers_needed": math.ceil(LOADER_MARGIN * model_ips / per_worker),
-    }  # fmt: skip
+    }
 
 
-def loader_feed(workers: list[int], images: int, batch_size: int, img_size: int, *,
-                model_rows: list[dict[str, Any]] | None) -> dict[str, Any]:
+def loader_feed(
+    workers: list[int], images: int, batch_size: int, img_size: int, *, model_rows: list[dict[str, Any]] | None
+) -> dict[str, Any]:
     """Loader rates, and loader / model ratio at the default worker count for measured and computed demand."""
     rows = measure_loader(workers, images, batch_size, img_size)
     one = [r["images_per_s_per_worker"] for r in rows if r["workers"] == 1]
     per_worker = one[0] if one else max(r["images_per_s_per_worker"] for r in rows)
-    demand = [demand_row(r["preset"], f"measured ({r['settings']})", r["images_per_s"], per_worker)
-              for r in model_rows or []]  # fmt: skip
-    demand += [demand_row(r["preset"], f"{r['gpu']} (computed)", r["expected_images_per_s"], per_worker)
-               for r in expected_table(per_worker)]  # fmt: skip
-    return {"images": images, "img_size": img_size, "batch_size": batch_size, "rows": rows,
-            "per_worker_images_per_s": per_worker, "target_ratio": LOADER_MARGIN, "demand": demand}  # fmt: skip
+    demand = [
+        demand_row(r["preset"], f"measured ({r['settings']})", r["images_per_s"], per_worker) for r in model_rows or []
+    ]
+    demand += [
+        demand_row(r["preset"], f"{r['gpu']} (computed)", r["expected_images_per_s"], per_worker)
+        for r in expected_table(per_worker)
+    ]
+    return {
+        "images": images,
+        "img_size": img_size,
+        "batch_size": batch_size,
+        "rows": rows,
+        "per_worker_images_per_s": per_worker,
+        "target_ratio": LOADER_MARGIN,
+        "demand": demand,
+    }

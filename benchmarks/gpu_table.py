@@ -21,23 +21,36 @@ CHECKPOINTED = {"mae_vit_huge"}  # presets that need activation checkpointing at
 LOADER_MARGIN = 1.3  # the loader should deliver 30 % more than the model consumes
 
 
-def expected_row(preset: str, gpu: str, *, assumed_mfu: float,
-                 loader_images_per_s_per_worker: float | None = None) -> dict[str, Any]:
+def expected_row(
+    preset: str, gpu: str, *, assumed_mfu: float, loader_images_per_s_per_worker: float | None = None
+) -> dict[str, Any]:
     """One computed row: FLOPs per image, images/s, and loader workers needed per GPU."""
     arch = {k: v for k, v in preset_args(preset).items() if k in ARCH_FIELDS}
     flops = mae_flops(**arch, mask_ratio=0.75).train
     peak = gpu_peak_flops(gpu, "bf16") or 0.0
     effective_mfu = round(assumed_mfu * (0.75 if preset in CHECKPOINTED else 1.0), 4)
     images_per_s = effective_mfu * peak / flops
-    workers = (math.ceil(LOADER_MARGIN * images_per_s / loader_images_per_s_per_worker)
-               if loader_images_per_s_per_worker else None)  # fmt: skip
+    workers = (
+        math.ceil(LOADER_MARGIN * images_per_s / loader_images_per_s_per_worker)
+        if loader_images_per_s_per_worker
+        else None
+    )
     return {
-        "preset": preset, "gpu": gpu, "train_gflop_per_image": flops / 1e9, "peak_tflops_bf16": peak / 1e12,
-        "assumed_mfu": effective_mfu, "activation_checkpointing": preset in CHECKPOINTED,
-        "expected_images_per_s": images_per_s, "loader_workers_per_gpu": workers, "computed_not_measured": True,
-    }  # fmt: skip
+        "preset": preset,
+        "gpu": gpu,
+        "train_gflop_per_image": flops / 1e9,
+        "peak_tflops_bf16": peak / 1e12,
+        "assumed_mfu": effective_mfu,
+        "activation_checkpointing": preset in CHECKPOINTED,
+        "expected_images_per_s": images_per_s,
+        "loader_workers_per_gpu": workers,
+        "computed_not_measured": True,
+    }
 
 
 def expected_table(loader_images_per_s_per_worker: float | None = None) -> list[dict[str, Any]]:
-    return [expected_row(p, gpu, assumed_mfu=mfu, loader_images_per_s_per_worker=loader_images_per_s_per_worker)
-            for p in PRESETS for gpu, mfu in ASSUMED_MFU.items()]  # fmt: skip
+    return [
+        expected_row(p, gpu, assumed_mfu=mfu, loader_images_per_s_per_worker=loader_images_per_s_per_worker)
+        for p in PRESETS
+        for gpu, mfu in ASSUMED_MFU.items()
+    ]

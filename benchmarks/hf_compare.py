@@ -26,15 +26,23 @@ def hf_config(work: Workload) -> Any:
         raise ConfigError("the Hugging Face comparison needs transformers: pip install 'mae-pipeline[bench]'") from None
     a = work.arch()
     return ViTMAEConfig(
-        image_size=a["img_size"], patch_size=a["patch_size"], num_channels=a["in_chans"],
-        hidden_size=a["embed_dim"], num_hidden_layers=a["depth"], num_attention_heads=a["num_heads"],
+        image_size=a["img_size"],
+        patch_size=a["patch_size"],
+        num_channels=a["in_chans"],
+        hidden_size=a["embed_dim"],
+        num_hidden_layers=a["depth"],
+        num_attention_heads=a["num_heads"],
         intermediate_size=int(a["embed_dim"] * a["mlp_ratio"]),
-        decoder_hidden_size=a["decoder_embed_dim"], decoder_num_hidden_layers=a["decoder_depth"],
+        decoder_hidden_size=a["decoder_embed_dim"],
+        decoder_num_hidden_layers=a["decoder_depth"],
         decoder_num_attention_heads=a["decoder_num_heads"],
         decoder_intermediate_size=int(a["decoder_embed_dim"] * a["mlp_ratio"]),
-        mask_ratio=work.mask_ratio, norm_pix_loss=work.norm_pix_loss, qkv_bias=True, layer_norm_eps=1e-6,
+        mask_ratio=work.mask_ratio,
+        norm_pix_loss=work.norm_pix_loss,
+        qkv_bias=True,
+        layer_norm_eps=1e-6,
         hidden_act="gelu",
-    )  # fmt: skip
+    )
 
 
 def build_hf_model(work: Workload) -> torch.nn.Module:
@@ -47,23 +55,38 @@ def build_hf_model(work: Workload) -> torch.nn.Module:
 
 def hf_contender(work: Workload, settings: Settings, device: torch.device, name: str | None = None) -> Contender:
     model = build_hf_model(work).to(device)
-    imgs = torch.randn(work.batch_size, model.config.num_channels, work.img_size, work.img_size,
-                       generator=torch.Generator().manual_seed(work.seed)).to(device)  # fmt: skip
+    imgs = torch.randn(
+        work.batch_size,
+        model.config.num_channels,
+        work.img_size,
+        work.img_size,
+        generator=torch.Generator().manual_seed(work.seed),
+    ).to(device)
 
     def objective(x: torch.Tensor) -> torch.Tensor:
         return model(pixel_values=x).loss
 
     run = torch.compile(objective) if settings.compile else objective
     return Contender(
-        name=name or f"hf {settings.label()}", step=make_step(model, lambda: run(imgs), device, settings),
-        batch_size=work.batch_size, flops_per_image=mae_flops(**work.arch(), mask_ratio=work.mask_ratio).train,
-        params=count_params(model), info={"impl": "hf", "settings": settings.label(),
-                                          "attn_implementation": model.config._attn_implementation},
-    )  # fmt: skip
+        name=name or f"hf {settings.label()}",
+        step=make_step(model, lambda: run(imgs), device, settings),
+        batch_size=work.batch_size,
+        flops_per_image=mae_flops(**work.arch(), mask_ratio=work.mask_ratio).train,
+        params=count_params(model),
+        info={"impl": "hf", "settings": settings.label(), "attn_implementation": model.config._attn_implementation},
+    )
 
 
-def compare(work: Workload, device: torch.device, *, warmup: int, steps: int, repeats: int,
-            extra: tuple[Settings, ...] = (), peak: float | None = None) -> dict[str, Any]:
+def compare(
+    work: Workload,
+    device: torch.device,
+    *,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    extra: tuple[Settings, ...] = (),
+    peak: float | None = None,
+) -> dict[str, Any]:
     """Both models at: eager fp32 (like for like), each one's defaults, and any ``extra`` settings.
 
     Returns the measurements and the speedups ``project / hf`` for each pairing.
@@ -76,18 +99,29 @@ def compare(work: Workload, device: torch.device, *, warmup: int, steps: int, re
     for mine, theirs in pairs.values():
         contenders.setdefault(f"project {mine.label()}", project_contender(work, mine, device))
         contenders.setdefault(f"hf {theirs.label()}", hf_contender(work, theirs, device))
-    measured = {m.name: m for m in race(list(contenders.values()), warmup=warmup, steps=steps,
-                                        repeats=repeats, device=device, peak=peak)}  # fmt: skip
+    measured = {
+        m.name: m
+        for m in race(list(contenders.values()), warmup=warmup, steps=steps, repeats=repeats, device=device, peak=peak)
+    }
     return {
-        "preset": work.preset, "batch_size": work.batch_size, "img_size": work.img_size,
-        "arch": work.arch(), "mask_ratio": work.mask_ratio, "norm_pix_loss": work.norm_pix_loss,
-        "project_default_settings": ours.label(), "hf_default_settings": eager.label(),
+        "preset": work.preset,
+        "batch_size": work.batch_size,
+        "img_size": work.img_size,
+        "arch": work.arch(),
+        "mask_ratio": work.mask_ratio,
+        "norm_pix_loss": work.norm_pix_loss,
+        "project_default_settings": ours.label(),
+        "hf_default_settings": eager.label(),
         "rows": [m.as_dict() for m in measured.values()],
         "speedups": {key: _speedup(measured, mine, theirs) for key, (mine, theirs) in pairs.items()},
-    }  # fmt: skip
+    }
 
 
 def _speedup(measured: dict[str, Measurement], mine: Settings, theirs: Settings) -> dict[str, Any]:
     ours, hf = measured[f"project {mine.label()}"], measured[f"hf {theirs.label()}"]
-    return {"project": ours.name, "hf": hf.name, "speedup": ours.images_per_s / hf.images_per_s,
-            "speedup_cpu_time": ours.images_per_cpu_s / hf.images_per_cpu_s}
+    return {
+        "project": ours.name,
+        "hf": hf.name,
+        "speedup": ours.images_per_s / hf.images_per_s,
+        "speedup_cpu_time": ours.images_per_cpu_s / hf.images_per_cpu_s,
+    }

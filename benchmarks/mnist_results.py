@@ -84,15 +84,21 @@ def results(cfg: PretrainConfig, ft_cfg: FinetuneConfig | None, out: Path) -> di
     rows["MAE-pretrained ViT"] = {"probe": summary["probe_top1"], "finetune": None}
 
     start = time.perf_counter()
-    scratch = run_probe(cfg.probe, backbone=random_init_backbone(cfg), data=cfg.data, run_dir=out / "probe-random", seed=cfg.seed)
+    scratch = run_probe(
+        cfg.probe, backbone=random_init_backbone(cfg), data=cfg.data, run_dir=out / "probe-random", seed=cfg.seed
+    )
     timings["probe random init"] = time.perf_counter() - start
     rows["same ViT, random init"] = {"probe": scratch.eval["top1"], "finetune": None}
 
     if ft_cfg is not None:
-        for name, backbone, tag in (("MAE-pretrained ViT", mae_backbone, "mae"),
-                                    ("same ViT, random init", random_init_backbone(cfg), "random")):  # fmt: skip
+        for name, backbone, tag in (
+            ("MAE-pretrained ViT", mae_backbone, "mae"),
+            ("same ViT, random init", random_init_backbone(cfg), "random"),
+        ):
             start = time.perf_counter()
-            result = run_finetune(ft_cfg, backbone=backbone, data=cfg.data, run_dir=out / f"finetune-{tag}", seed=cfg.seed)
+            result = run_finetune(
+                ft_cfg, backbone=backbone, data=cfg.data, run_dir=out / f"finetune-{tag}", seed=cfg.seed
+            )
             timings[f"finetune {tag}"] = time.perf_counter() - start
             best = json.loads((out / f"finetune-{tag}" / "best" / "best.json").read_text())["top1"]
             rows[name]["finetune"] = result.eval["top1"]
@@ -101,9 +107,13 @@ def results(cfg: PretrainConfig, ft_cfg: FinetuneConfig | None, out: Path) -> di
     start = time.perf_counter()
     rows["logistic regression, raw pixels"] = {"probe": logistic_regression(cfg.data), "finetune": None}
     timings["logistic regression"] = time.perf_counter() - start
-    report = {"rows": rows, "seconds": timings, "pretrain": summary,
-              "pretrain_config": cfg.model_dump(mode="json"),
-              "finetune_config": ft_cfg.model_dump(mode="json") if ft_cfg else None}  # fmt: skip
+    report = {
+        "rows": rows,
+        "seconds": timings,
+        "pretrain": summary,
+        "pretrain_config": cfg.model_dump(mode="json"),
+        "finetune_config": ft_cfg.model_dump(mode="json") if ft_cfg else None,
+    }
     (out / "results.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
     (out / "results.md").write_text(table(rows) + "\n")
     return report
@@ -113,8 +123,10 @@ def table(rows: dict[str, dict[str, float | None]]) -> str:
     def pct(v: float | None) -> str:
         return "—" if v is None else f"{v:.2f} %"
 
-    lines = ["| model (shipped MNIST, 1,000 val digits) | linear probe top-1 | fine-tune top-1 (final / best epoch) |",
-             "|---|---|---|"]  # fmt: skip
+    lines = [
+        "| model (shipped MNIST, 1,000 val digits) | linear probe top-1 | fine-tune top-1 (final / best epoch) |",
+        "|---|---|---|",
+    ]
     for name, r in rows.items():
         ft = pct(r["finetune"]) + (f" / {pct(r['finetune_best'])}" if r.get("finetune_best") is not None else "")
         lines.append(f"| {name} | {pct(r['probe'])} | {ft if r['finetune'] is not None else '—'} |")
@@ -122,13 +134,22 @@ def table(rows: dict[str, dict[str, float | None]]) -> str:
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mnist-results", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mnist-results", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/mnist-results"), help="output folder")
     parser.add_argument("--pretrain-config", type=Path, default=DEFAULT_CONFIG, help="pretraining (+ probe) recipe")
-    parser.add_argument("--finetune-config", type=Path, default=FINETUNE_CONFIG, help="fine-tune recipe (its 'finetune:' section)")
+    parser.add_argument(
+        "--finetune-config", type=Path, default=FINETUNE_CONFIG, help="fine-tune recipe (its 'finetune:' section)"
+    )
     parser.add_argument("--skip-finetune", action="store_true", help="only the linear probes and the pixel baseline")
-    parser.add_argument("--finetune-set", action="append", default=[], metavar="key=value",
-                        help="fine-tune config override, e.g. --finetune-set trainer.epochs=4 (repeatable)")
+    parser.add_argument(
+        "--finetune-set",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="fine-tune config override, e.g. --finetune-set trainer.epochs=4 (repeatable)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="pretraining config overrides")
     args = parser.parse_args(argv)
     cfg = load_config(PretrainConfig, args.pretrain_config, args.overrides)
@@ -138,7 +159,10 @@ def run(argv: list[str]) -> int:
         ft_cfg = FinetuneConfig.model_validate(merge(section, parse_overrides(args.finetune_set)))
     report = results(cfg, ft_cfg, args.out)
     print(table(report["rows"]))
-    print(f"\n(written to {args.out}/results.md; seconds: {json.dumps({k: round(v) for k, v in report['seconds'].items()})})")
+    print(
+        f"\n(written to {args.out}/results.md; "
+        f"seconds: {json.dumps({k: round(v) for k, v in report['seconds'].items()})})"
+    )
     return 0
 
 

@@ -111,7 +111,9 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def make_step(module: nn.Module, loss_fn: Callable[[], Tensor], device: torch.device, settings: Settings) -> Callable[[], None]:
+def make_step(
+    module: nn.Module, loss_fn: Callable[[], Tensor], device: torch.device, settings: Settings
+) -> Callable[[], None]:
     """One AdamW step (MAE paper hyper-parameters) on ``loss_fn()``; no host sync unless asked."""
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1.5e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=settings.fused_optimizer)
@@ -150,8 +152,15 @@ def _turns(contenders: list[Contender], repeats: int) -> Iterator[Contender]:
         yield from (contenders if r % 2 == 0 else contenders[::-1])
 
 
-def race(contenders: list[Contender], *, warmup: int, steps: int, repeats: int, device: torch.device,
-         peak: float | None = None) -> list[Measurement]:
+def race(
+    contenders: list[Contender],
+    *,
+    warmup: int,
+    steps: int,
+    repeats: int,
+    device: torch.device,
+    peak: float | None = None,
+) -> list[Measurement]:
     """Time each contender ``repeats`` times (``steps`` steps each), in alternating order."""
     warm = {c.name: _warm(c, warmup, device) for c in contenders}
     seconds: dict[str, list[tuple[float, float]]] = {c.name: [] for c in contenders}
@@ -160,18 +169,27 @@ def race(contenders: list[Contender], *, warmup: int, steps: int, repeats: int, 
     return [_measure(c, seconds[c.name], steps, warm[c.name], peak) for c in contenders]
 
 
-def _measure(c: Contender, seconds: list[tuple[float, float]], steps: int, warm: tuple[float, float],
-             peak: float | None) -> Measurement:
+def _measure(
+    c: Contender, seconds: list[tuple[float, float]], steps: int, warm: tuple[float, float], peak: float | None
+) -> Measurement:
     runs = [c.batch_size * steps / wall for wall, _ in seconds]
     ips = statistics.median(runs)
     per_cpu_s = statistics.median(c.batch_size * steps / cpu for _, cpu in seconds)
     achieved = ips * c.flops_per_image / 1e12 if c.flops_per_image else None
     return Measurement(
-        name=c.name, images_per_s=ips, step_ms=1e3 * c.batch_size / ips, runs_images_per_s=runs,
+        name=c.name,
+        images_per_s=ips,
+        step_ms=1e3 * c.batch_size / ips,
+        runs_images_per_s=runs,
         images_per_cpu_s=per_cpu_s,
-        warmup_s=warm[0], peak_memory_mb=warm[1], flops_per_image=c.flops_per_image,
-        achieved_tflops=achieved, mfu=mfu(ips, c.flops_per_image, peak), params_m=c.params / 1e6, info=c.info,
-    )  # fmt: skip
+        warmup_s=warm[0],
+        peak_memory_mb=warm[1],
+        flops_per_image=c.flops_per_image,
+        achieved_tflops=achieved,
+        mfu=mfu(ips, c.flops_per_image, peak),
+        params_m=c.params / 1e6,
+        info=c.info,
+    )
 
 
 def count_params(module: nn.Module) -> int:

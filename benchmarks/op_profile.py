@@ -44,11 +44,15 @@ def profile_steps(steps: dict[str, Callable[[], None]], rounds: int) -> dict[str
 def render(tables: dict[str, OpTable], rows: int) -> str:
     """The ``rows`` most expensive operators, one column pair per contender, then the totals."""
     names = list(tables)
-    ops = sorted({op for t in tables.values() for op in t}, key=lambda op: -max(t.get(op, (0, 0))[0] for t in tables.values()))
+    ops = sorted(
+        {op for t in tables.values() for op in t}, key=lambda op: -max(t.get(op, (0, 0))[0] for t in tables.values())
+    )
     head = f"{'operator (self CPU ms / calls per step)':58s}" + "".join(f"{n:>22s}" for n in names)
     lines = [head, "-" * len(head)]
     for op in ops[:rows]:
-        cells = "".join(f"{tables[n].get(op, (0.0, 0.0))[0]:14.2f} /{tables[n].get(op, (0.0, 0.0))[1]:6.0f}" for n in names)
+        cells = "".join(
+            f"{tables[n].get(op, (0.0, 0.0))[0]:14.2f} /{tables[n].get(op, (0.0, 0.0))[1]:6.0f}" for n in names
+        )
         lines.append(f"{op[:58]:58s}{cells}")
     lines.append(f"{'total':58s}" + "".join(f"{sum(v[0] for v in tables[n].values()):14.2f}        " for n in names))
     return "\n".join(lines)
@@ -65,7 +69,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    work, settings, cpu = Workload(args.preset, args.batch_size, args.img_size), Settings(precision=args.precision), torch.device("cpu")
+    work, settings, cpu = (
+        Workload(args.preset, args.batch_size, args.img_size),
+        Settings(precision=args.precision),
+        torch.device("cpu"),
+    )
     steps = {"project": project_contender(work, settings, cpu).step, "hf": hf_contender(work, settings, cpu).step}
     print(render(profile_steps(steps, args.steps), args.rows))
 

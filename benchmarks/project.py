@@ -71,14 +71,18 @@ def _objective(task: MAETask, imgs: Tensor, settings: Settings) -> Callable[[], 
     return lambda: run(imgs)
 
 
-def project_contender(work: Workload, settings: Settings, device: torch.device, name: str | None = None,
-                      **model_kwargs: Any) -> Contender:
+def project_contender(
+    work: Workload, settings: Settings, device: torch.device, name: str | None = None, **model_kwargs: Any
+) -> Contender:
     """``MAETask`` (the module the trainer steps) on ``work`` under ``settings``."""
     model = work.build(fused_attn=settings.fused_attn, **model_kwargs)
     task = MAETask(model, work.mask_ratio, work.norm_pix_loss).to(device)
     objective = _objective(task, work.images(model, device), settings)
     return Contender(
-        name=name or f"project {settings.label()}", step=make_step(task, objective, device, settings),
-        batch_size=work.batch_size, flops_per_image=task.flops_per_image(), params=count_params(task),
+        name=name or f"project {settings.label()}",
+        step=make_step(task, objective, device, settings),
+        batch_size=work.batch_size,
+        flops_per_image=task.flops_per_image(),
+        params=count_params(task),
         info={"impl": "project", "settings": settings.label(), "arch": dict(model.arch)},
-    )  # fmt: skip
+    )

@@ -63,22 +63,30 @@ def mask_tokens_contender(work: Workload, settings: Settings, device: torch.devi
     run = torch.compile(objective) if settings.compile else objective
     flops = mae_flops(**work.arch(), mask_ratio=work.mask_ratio, visible_only=False).train
     return Contender(
-        name="mask tokens in encoder", step=make_step(ablation, lambda: run(imgs), device, settings),
-        batch_size=work.batch_size, flops_per_image=flops, params=count_params(ablation),
+        name="mask tokens in encoder",
+        step=make_step(ablation, lambda: run(imgs), device, settings),
+        batch_size=work.batch_size,
+        flops_per_image=flops,
+        params=count_params(ablation),
         info={"impl": "project", "settings": settings.label(), "variant": "encoder w/ [M]"},
-    )  # fmt: skip
+    )
 
 
-def visible_only_speedup(work: Workload, settings: Settings, device: torch.device, *, warmup: int, steps: int,
-                         repeats: int) -> dict[str, Any]:
+def visible_only_speedup(
+    work: Workload, settings: Settings, device: torch.device, *, warmup: int, steps: int, repeats: int
+) -> dict[str, Any]:
     """Wall-clock and FLOPs ratio of the two variants for one preset."""
     visible = project_contender(work, settings, device, name="visible only")
     full = mask_tokens_contender(work, settings, device)
     fast, slow = race([visible, full], warmup=warmup, steps=steps, repeats=repeats, device=device)
     return {
-        "preset": work.preset, "batch_size": work.batch_size, "mask_ratio": work.mask_ratio,
-        "settings": settings.label(), "visible_only": fast.as_dict(), "mask_tokens_in_encoder": slow.as_dict(),
+        "preset": work.preset,
+        "batch_size": work.batch_size,
+        "mask_ratio": work.mask_ratio,
+        "settings": settings.label(),
+        "visible_only": fast.as_dict(),
+        "mask_tokens_in_encoder": slow.as_dict(),
         "wallclock_speedup": fast.images_per_s / slow.images_per_s,
         "cpu_time_speedup": fast.images_per_cpu_s / slow.images_per_cpu_s,
         "flops_ratio": (slow.flops_per_image or 0.0) / (fast.flops_per_image or 1.0),
-    }  # fmt: skip
+    }

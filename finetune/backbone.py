@@ -68,15 +68,21 @@ def resolve_backbone(spec: BackboneSpec, model_args: dict[str, Any] | None = Non
     )
 
 
-def build_vit(source: BackboneSource, *, num_classes: int, global_pool: str = "token",
-              drop_path_rate: float = 0.0) -> VisionTransformer:
+def build_vit(
+    source: BackboneSource, *, num_classes: int, global_pool: str = "token", drop_path_rate: float = 0.0
+) -> VisionTransformer:
     """A timm ViT of ``source``'s architecture with a fresh ``num_classes`` head (0 = none).
 
     With ``global_pool="avg"`` timm replaces the final ``norm`` by ``fc_norm`` after pooling;
     as in the official MAE fine-tuning, the pretrained ``norm`` is then dropped and ``fc_norm``
     starts fresh. Every other key must match exactly.
     """
-    args = {**source.model_args, "num_classes": num_classes, "global_pool": global_pool, "drop_path_rate": drop_path_rate}
+    args = {
+        **source.model_args,
+        "num_classes": num_classes,
+        "global_pool": global_pool,
+        "drop_path_rate": drop_path_rate,
+    }
     vit = timm.create_model(source.architecture, pretrained=False, **args)
     if source.state is not None:
         state = {k: v for k, v in source.state.items() if not k.startswith(_HEAD_PREFIXES)}
@@ -87,8 +93,16 @@ def build_vit(source: BackboneSource, *, num_classes: int, global_pool: str = "t
     return vit
 
 
-def check_fits(vit: VisionTransformer, *, channels: int, img_size: int | None, key: str, data_size: tuple[int, int],
-               source: BackboneSource, data_mean: tuple[float, ...] | None = None) -> int:
+def check_fits(
+    vit: VisionTransformer,
+    *,
+    channels: int,
+    img_size: int | None,
+    key: str,
+    data_size: tuple[int, int],
+    source: BackboneSource,
+    data_mean: tuple[float, ...] | None = None,
+) -> int:
     """The image size to train at: ``img_size`` (the config value ``key``), else the backbone's own.
 
     Images of any size are resized to it by the data presets (eval: short side + center crop), so
@@ -107,12 +121,21 @@ def check_fits(vit: VisionTransformer, *, channels: int, img_size: int | None, k
     size = img_size or vit_size
     if tuple(data_size) != (size, size):
         upscale = max(data_size) < size  # typical images get bigger: more compute, no more detail
-        log.log(logging.WARNING if upscale else logging.INFO,
-                "images (median %dx%d) are resized to %d px for backbone %s%s", *data_size, size, source.name,
-                f"; set {key} to train nearer the data's size" if upscale else "")  # fmt: skip
+        log.log(
+            logging.WARNING if upscale else logging.INFO,
+            "images (median %dx%d) are resized to %d px for backbone %s%s",
+            *data_size,
+            size,
+            source.name,
+            f"; set {key} to train nearer the data's size" if upscale else "",
+        )
     if source.mean is not None and data_mean is not None and not _close(source.mean, data_mean):
-        log.warning("backbone %s was trained with mean %s, the data is normalized with %s", source.name,
-                    list(source.mean), list(data_mean))
+        log.warning(
+            "backbone %s was trained with mean %s, the data is normalized with %s",
+            source.name,
+            list(source.mean),
+            list(data_mean),
+        )
     return size
 
 
@@ -120,8 +143,10 @@ def check_patch_multiple(img_size: int | None, patch: int, key: str) -> None:
     """A :class:`ConfigError` naming ``key`` unless ``img_size`` (None = unset) is a multiple of ``patch``."""
     if img_size is not None and img_size % patch:
         lower = max(patch, img_size // patch * patch)
-        raise ConfigError(f"{key}={img_size} is not a multiple of the patch size {patch}: "
-                          f"set {key}={lower} or {lower + patch}, or leave it unset for the backbone's own size")
+        raise ConfigError(
+            f"{key}={img_size} is not a multiple of the patch size {patch}: "
+            f"set {key}={lower} or {lower + patch}, or leave it unset for the backbone's own size"
+        )
 
 
 def set_input_size(vit: VisionTransformer, img_size: int) -> VisionTransformer:
@@ -137,8 +162,12 @@ def set_input_size(vit: VisionTransformer, img_size: int) -> VisionTransformer:
             vit.set_input_size(img_size=(img_size, img_size))
         finally:
             timm_log.setLevel(level)
-        log.info("position embeddings resampled (bicubic) from a %dx%d to a %dx%d patch grid for %d px images",
-                 *old, *vit.patch_embed.grid_size, img_size)
+        log.info(
+            "position embeddings resampled (bicubic) from a %dx%d to a %dx%d patch grid for %d px images",
+            *old,
+            *vit.patch_embed.grid_size,
+            img_size,
+        )
     return vit
 
 
@@ -152,12 +181,17 @@ def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 def _from_module(module: nn.Module) -> BackboneSource:
     if hasattr(module, "encoder_state_dict"):
         args = module.timm_model_args()
-        return BackboneSource(timm_architecture(args["embed_dim"]), args, module.encoder_state_dict(),
-                              name=type(module).__name__)
+        return BackboneSource(
+            timm_architecture(args["embed_dim"]), args, module.encoder_state_dict(), name=type(module).__name__
+        )
     if isinstance(module, VisionTransformer):
         args = get_model_args(module)
-        return BackboneSource(timm_architecture(module.embed_dim), args, module.state_dict(), name=type(module).__name__)
-    raise ConfigError(f"backbone module {type(module).__name__} is neither a MaskedAutoencoderViT nor a timm VisionTransformer")
+        return BackboneSource(
+            timm_architecture(module.embed_dim), args, module.state_dict(), name=type(module).__name__
+        )
+    raise ConfigError(
+        f"backbone module {type(module).__name__} is neither a MaskedAutoencoderViT nor a timm VisionTransformer"
+    )
 
 
 def _from_folder(path: Path) -> BackboneSource:

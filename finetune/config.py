@@ -27,10 +27,24 @@ def _probe_trainer() -> TrainerConfig:
 
 
 class ProbeConfig(Schema):
-    pool: Pool = Field("avg", description="features: 'cls' (class token) or 'avg' (mean of patch tokens), after the final norm")
+    pool: Pool = Field(
+        "avg", description="features: 'cls' (class token) or 'avg' (mean of patch tokens), after the final norm"
+    )
     num_classes: int | None = Field(None, ge=2, description="must equal the dataset manifest's; None = the manifest's")
-    img_size: int | None = Field(None, ge=1, description="train/eval size, a multiple of the patch size (position embeddings are resampled); None = the backbone's. The data is resized to it")
-    train_preset: Literal["eval", "pretrain", "finetune"] = Field("eval", description="data augmentation of the probe's training split")
-    model_args: dict[str, Any] = Field(default_factory=dict, description="architecture overrides for a timm-name backbone (e.g. {img_size: 28, in_chans: 1})")
+    img_size: int | None = Field(
+        None,
+        ge=1,
+        description="train/eval size, a multiple of the patch size (position embeddings are resampled); "
+        "None = the backbone's. The data is resized to it",
+    )
+    train_preset: Literal["eval", "pretrain", "finetune"] = Field(
+        "eval", description="data augmentation of the probe's training split"
+    )
+    model_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="architecture overrides for a timm-name backbone (e.g. {img_size: 28, in_chans: 1})",
+    )
     trainer: Annotated[TrainerConfig, over_defaults(_probe_trainer)] = Field(
-        default_factory=_probe_trainer, description="probe training (defaults: SGD + momentum, lr 1.0 x batch/256, no weight decay)")
+        default_factory=_probe_trainer,
+        description="probe training (defaults: SGD + momentum, lr 1.0 x batch/256, no weight decay)",
+    )

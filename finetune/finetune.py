@@ -31,6 +31,9 @@ from timm.models.vision_transformer import VisionTransformer
 from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 
+from finetune.backbone import BackboneSource, BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
+from finetune.cli import StageRun, percent, run_stage
+from finetune.heads import num_classes_of, topk_sums
 from launch import dist
 from launch.card import CardFacts, dataset_id, trainer_recipe, write_card
 from launch.cli import entry_point
@@ -39,9 +42,6 @@ from launch.data import DataConfig, dataset_info
 from launch.errors import ConfigError
 from launch.export import export_timm
 from launch.task import Batch, Task
-from finetune.cli import StageRun, percent, run_stage
-from finetune.backbone import BackboneSource, BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
-from finetune.heads import num_classes_of, topk_sums
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +50,48 @@ BEST_DIR, EXPORT_DIR, BEST_FILE = "best", "export", "best.json"
 
 def _finetune_trainer() -> TrainerConfig:
     # paper (ViT-B): AdamW (0.9, 0.999), base lr 5e-4, wd 0.05, layer decay 0.65, warmup 5 of 100 epochs
-    optim = OptimConfig(name="adamw", base_lr=5e-4, betas=(0.9, 0.999), weight_decay=0.05, layer_decay=0.65,
-                        warmup_epochs=1.0, min_lr=1e-6)  # fmt: skip
+    optim = OptimConfig(
+        name="adamw",
+        base_lr=5e-4,
+        betas=(0.9, 0.999),
+        weight_decay=0.05,
+        layer_decay=0.65,
+        warmup_epochs=1.0,
+        min_lr=1e-6,
+    )
     return TrainerConfig(epochs=10, batch_size=64, optim=optim, log=LogConfig(images_every_epochs=0))
 
 
 class FinetuneConfig(Schema):
-    pool: Literal["cls", "avg"] = Field("avg", description="head input: 'avg' (global pool + fc_norm, paper default) or 'cls'")
+    pool: Literal["cls", "avg"] = Field(
+        "avg", description="head input: 'avg' (global pool + fc_norm, paper default) or 'cls'"
+    )
     num_classes: int | None = Field(None, ge=2, description="must equal the dataset manifest's; None = the manifest's")
-    img_size: int | None = Field(None, ge=1, description="train/eval size, a multiple of the patch size (position embeddings are resampled); None = the backbone's. The data is resized to it")
-    model_args: dict[str, Any] = Field(default_factory=dict, description="architecture overrides for a timm-name backbone")
+    img_size: int | None = Field(
+        None,
+        ge=1,
+        description="train/eval size, a multiple of the patch size (position embeddings are resampled); "
+        "None = the backbone's. The data is resized to it",
+    )
+    model_args: dict[str, Any] = Field(
+        default_factory=dict, description="architecture overrides for a timm-name backbone"
+    )
     drop_path: float = Field(0.1, ge=0, lt=1, description="stochastic depth rate of the last block (linear ramp)")
     mixup: float = Field(0.8, ge=0, description="mixup alpha, 0 = off")
     cutmix: float = Field(1.0, ge=0, description="cutmix alpha, 0 = off")
     mixup_prob: float = Field(1.0, ge=0, le=1, description="probability of mixing a batch")
-    mixup_switch_prob: float = Field(0.5, ge=0, le=1, description="probability of cutmix instead of mixup when both are on")
+    mixup_switch_prob: float = Field(
+        0.5, ge=0, le=1, description="probability of cutmix instead of mixup when both are on"
+    )
     smoothing: float = Field(0.1, ge=0, lt=1, description="label smoothing")
     ema: bool = Field(False, description="keep an exponential moving average of the weights (evaluated as ema_top1)")
     ema_decay: float = Field(0.9999, gt=0, lt=1, description="EMA decay per optimizer step")
-    train_preset: Literal["finetune", "pretrain", "eval"] = Field("finetune", description="training augmentation preset")
+    train_preset: Literal["finetune", "pretrain", "eval"] = Field(
+        "finetune", description="training augmentation preset"
+    )
     trainer: Annotated[TrainerConfig, over_defaults(_finetune_trainer)] = Field(
-        default_factory=_finetune_trainer, description="fine-tune training (defaults: AdamW, layer decay 0.65)")
+        default_factory=_finetune_trainer, description="fine-tune training (defaults: AdamW, layer decay 0.65)"
+    )
 
     def mixes(self) -> bool:
         return self.mixup > 0 or self.cutmix > 0
@@ -79,8 +100,15 @@ class FinetuneConfig(Schema):
 class FinetuneTask(Task):
     """A timm ViT classifier: images (N, C, H, W) -> logits (N, K), trained end to end."""
 
-    def __init__(self, model: VisionTransformer, *, mixup: Mixup | None = None, smoothing: float = 0.0,
-                 ema_decay: float | None = None, best: "BestKeeper | None" = None) -> None:
+    def __init__(
+        self,
+        model: VisionTransformer,
+        *,
+        mixup: Mixup | None = None,
+        smoothing: float = 0.0,
+        ema_decay: float | None = None,
+        best: BestKeeper | None = None,
+    ) -> None:
         super().__init__()
         self.model, self.mixup, self.smoothing, self.best = model, mixup, smoothing, best
         # the EMA is a submodule, so checkpoints carry it; its parameters never require grad
@@ -93,8 +121,10 @@ class FinetuneTask(Task):
             loss = SoftTargetCrossEntropy()(self.model(imgs).float(), soft)
             return {"loss": loss}
         logits = self.model(imgs).float()
-        return {"loss": F.cross_entropy(logits, labels, label_smoothing=self.smoothing),
-                "acc": (logits.argmax(1) == labels).float().mean() * 100}  # fmt: skip
+        return {
+            "loss": F.cross_entropy(logits, labels, label_smoothing=self.smoothing),
+            "acc": (logits.argmax(1) == labels).float().mean() * 100,
+        }
 
     def phase_module(self, phase: str) -> nn.Module:
         return self.model  # its group_matcher() drives layer-wise lr decay
@@ -135,8 +165,14 @@ class BestKeeper:
     """Exports the weights with the best val top-1 so far to ``run_dir/best`` (rank 0, atomic);
     ``best.json`` records which, so a resumed run keeps competing against it."""
 
-    def __init__(self, run_dir: Path, mean: tuple[float, ...], std: tuple[float, ...], labels: list[str],
-                 card: Callable[[dict[str, Any]], CardFacts]) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        mean: tuple[float, ...],
+        std: tuple[float, ...],
+        labels: list[str],
+        card: Callable[[dict[str, Any]], CardFacts],
+    ) -> None:
         self.dir, self.mean, self.std, self.labels, self.card = Path(run_dir) / BEST_DIR, mean, std, labels, card
         record = self.dir / BEST_FILE
         self.top1 = json.loads(record.read_text())["top1"] if record.is_file() else float("-inf")
@@ -146,8 +182,12 @@ class BestKeeper:
             return
         self.top1 = top1
         if dist.is_main():
-            export_timm(model, self.dir, mean=self.mean, std=self.std, label_names=self.labels, tag="mae-ft", overwrite=True)
-            (self.dir / BEST_FILE).write_text(json.dumps({"top1": top1, "step": step, "weights": which, "eval": metrics}))
+            export_timm(
+                model, self.dir, mean=self.mean, std=self.std, label_names=self.labels, tag="mae-ft", overwrite=True
+            )
+            (self.dir / BEST_FILE).write_text(
+                json.dumps({"top1": top1, "step": step, "weights": which, "eval": metrics})
+            )
             prefix = "ema_" if which == "ema" else ""
             write_card(self.dir, self.card({"steps": step, "top1": top1, "top5": metrics.get(f"{prefix}top5")}))
         log.info("new best top-1 %.2f%% at step %d (%s weights) -> %s", top1, step, which, self.dir)
@@ -156,15 +196,25 @@ class BestKeeper:
 def build_mixup(cfg: FinetuneConfig, num_classes: int) -> Mixup | None:
     if not cfg.mixes():
         return None
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob,
-                 label_smoothing=cfg.smoothing, num_classes=num_classes)  # fmt: skip
+    return Mixup(
+        mixup_alpha=cfg.mixup,
+        cutmix_alpha=cfg.cutmix,
+        prob=cfg.mixup_prob,
+        switch_prob=cfg.mixup_switch_prob,
+        label_smoothing=cfg.smoothing,
+        num_classes=num_classes,
+    )
 
 
 def build_classifier(cfg: FinetuneConfig, source: BackboneSource, num_classes: int) -> VisionTransformer:
     """The backbone with a fresh ``num_classes`` head drawn with the official fine-tune's std 2e-5
     (timm's is 0.02): the pretrained features, not a random head, dominate the first steps."""
-    model = build_vit(source, num_classes=num_classes, global_pool="avg" if cfg.pool == "avg" else "token",
-                      drop_path_rate=cfg.drop_path)  # fmt: skip
+    model = build_vit(
+        source,
+        num_classes=num_classes,
+        global_pool="avg" if cfg.pool == "avg" else "token",
+        drop_path_rate=cfg.drop_path,
+    )
     trunc_normal_(model.head.weight, std=2e-5)
     return model
 
@@ -173,15 +223,26 @@ def _check_settings(cfg: FinetuneConfig) -> bool:
     """Settings that cannot work together; returns whether whole weights are available for EMA / best."""
     t = cfg.trainer
     if cfg.mixes() and t.batch_size % 2:
-        raise ConfigError(f"mixup/cutmix pair each batch with its reverse: finetune.trainer.batch_size={t.batch_size} must be even")
+        raise ConfigError(
+            f"mixup/cutmix pair each batch with its reverse: finetune.trainer.batch_size={t.batch_size} must be even"
+        )
     zero3 = t.backend == "deepspeed" and t.zero_stage == 3
     if cfg.ema and zero3:  # FSDP shards the EMA like the weights: its update is a local lerp
-        raise ConfigError("finetune.ema needs whole parameters on every rank: use trainer.zero_stage<=2 or finetune.ema=false")
+        raise ConfigError(
+            "finetune.ema needs whole parameters on every rank: use trainer.zero_stage<=2 or finetune.ema=false"
+        )
     return not zero3 and t.backend != "fsdp"  # best/ is exported by rank 0 alone, from whole weights
 
 
-def run_finetune(cfg: FinetuneConfig, *, backbone: BackboneSpec, data: DataConfig, run_dir: Path, seed: int,
-                 config: dict[str, Any] | None = None) -> Any:
+def run_finetune(
+    cfg: FinetuneConfig,
+    *,
+    backbone: BackboneSpec,
+    data: DataConfig,
+    run_dir: Path,
+    seed: int,
+    config: dict[str, Any] | None = None,
+) -> Any:
     """Fine-tune ``backbone`` on ``data``; returns the trainer's ``FitResult`` (``eval``: top1/top5 in %)."""
     from launch.trainer import fit
 
@@ -191,35 +252,78 @@ def run_finetune(cfg: FinetuneConfig, *, backbone: BackboneSpec, data: DataConfi
     source = resolve_backbone(backbone, cfg.model_args)
     model = build_classifier(cfg, source, num_classes)
     mean, std = tuple(data.mean or info.mean), tuple(data.std or info.std)
-    img_size = check_fits(model, channels=data.channels or info.channels, img_size=cfg.img_size, key="finetune.img_size",
-                          data_size=info.img_size, source=source, data_mean=mean)  # fmt: skip
+    img_size = check_fits(
+        model,
+        channels=data.channels or info.channels,
+        img_size=cfg.img_size,
+        key="finetune.img_size",
+        data_size=info.img_size,
+        source=source,
+        data_mean=mean,
+    )
     set_input_size(model, img_size)  # the exports record this size: timm rebuilds them at it
 
     def card(figures: dict[str, Any]) -> CardFacts:
-        return finetune_card(cfg, backbone=source.name, dataset=info.source, num_classes=num_classes, img_size=img_size,
-                             figures=figures)  # fmt: skip
+        return finetune_card(
+            cfg, backbone=source.name, dataset=info.source, num_classes=num_classes, img_size=img_size, figures=figures
+        )
 
     best = BestKeeper(run_dir, mean, std, info.class_names, card) if whole else None
-    task = FinetuneTask(model, mixup=build_mixup(cfg, num_classes), smoothing=cfg.smoothing,
-                        ema_decay=cfg.ema_decay if cfg.ema else None, best=best)  # fmt: skip
+    task = FinetuneTask(
+        model,
+        mixup=build_mixup(cfg, num_classes),
+        smoothing=cfg.smoothing,
+        ema_decay=cfg.ema_decay if cfg.ema else None,
+        best=best,
+    )
     log.info("fine-tuning %s (%s head) on %d classes", source.name, cfg.pool, num_classes)
-    result = fit(task, cfg.trainer, data, Path(run_dir), seed=seed, img_size=img_size,
-                 train_preset=cfg.train_preset, eval_preset="eval", config=config)  # fmt: skip
+    result = fit(
+        task,
+        cfg.trainer,
+        data,
+        Path(run_dir),
+        seed=seed,
+        img_size=img_size,
+        train_preset=cfg.train_preset,
+        eval_preset="eval",
+        config=config,
+    )
     if dist.is_main():
-        export = export_timm(result.task.model, Path(run_dir) / EXPORT_DIR, mean=mean, std=std,
-                             label_names=info.class_names, tag="mae-ft", overwrite=True)  # fmt: skip
-        write_card(export, card({"steps": result.steps, "final_loss": result.final_loss, "eval_loss": result.eval.get("loss"),
-                                 "top1": result.eval.get("top1"), "top5": result.eval.get("top5")}))  # fmt: skip
+        export = export_timm(
+            result.task.model,
+            Path(run_dir) / EXPORT_DIR,
+            mean=mean,
+            std=std,
+            label_names=info.class_names,
+            tag="mae-ft",
+            overwrite=True,
+        )
+        write_card(
+            export,
+            card(
+                {
+                    "steps": result.steps,
+                    "final_loss": result.final_loss,
+                    "eval_loss": result.eval.get("loss"),
+                    "top1": result.eval.get("top1"),
+                    "top5": result.eval.get("top5"),
+                }
+            ),
+        )
     return result
 
 
-def finetune_card(cfg: FinetuneConfig, *, backbone: str, dataset: str, num_classes: int, img_size: int,
-                  figures: dict[str, Any]) -> CardFacts:
+def finetune_card(
+    cfg: FinetuneConfig, *, backbone: str, dataset: str, num_classes: int, img_size: int, figures: dict[str, Any]
+) -> CardFacts:
     """Card facts of a classifier fine-tuned with ``cfg``; ``figures`` hold steps, losses, top-1 / top-5."""
     t = cfg.trainer
     world = dist.world_size()
-    mixing = (f"mixup {cfg.mixup} / cutmix {cfg.cutmix} (prob {cfg.mixup_prob}, switch {cfg.mixup_switch_prob})"
-              if cfg.mixes() else "no mixup / cutmix")  # fmt: skip
+    mixing = (
+        f"mixup {cfg.mixup} / cutmix {cfg.cutmix} (prob {cfg.mixup_prob}, switch {cfg.mixup_switch_prob})"
+        if cfg.mixes()
+        else "no mixup / cutmix"
+    )
     recipe = [
         f"fine-tuned end to end from `{backbone}` at {img_size} px, {cfg.pool} head, drop path {cfg.drop_path}",
         f"augmentation: preset {cfg.train_preset}, {mixing}, label smoothing {cfg.smoothing}"
@@ -227,25 +331,37 @@ def finetune_card(cfg: FinetuneConfig, *, backbone: str, dataset: str, num_class
         *trainer_recipe(t, world),
     ]
     figures = {**figures, "images_seen": figures["steps"] * t.batch_size * t.accum_steps * world}
-    description = (f"A Vision Transformer classifier ({num_classes} classes of {dataset_id(dataset)}) fine-tuned end to "
-                   f"end from `{backbone}` with mae-pipeline's `mae-finetune` (recipe below).")
+    description = (
+        f"A Vision Transformer classifier ({num_classes} classes of {dataset_id(dataset)}) fine-tuned end to "
+        f"end from `{backbone}` with mae-pipeline's `mae-finetune` (recipe below)."
+    )
     return CardFacts(f"ViT classifier fine-tuned on {dataset_id(dataset)}", description, dataset, recipe, figures)
 
 
 class FinetuneRun(StageRun):
     """``mae-finetune`` settings: what to fine-tune, on which data, where."""
 
-    run_dir: str = Field("runs/finetune", description="output folder (metrics, checkpoints, best/ and export/ timm folders)")
+    run_dir: str = Field(
+        "runs/finetune", description="output folder (metrics, checkpoints, best/ and export/ timm folders)"
+    )
     finetune: FinetuneConfig = Field(default_factory=FinetuneConfig)
 
 
 def run(argv: list[str]) -> int:
-    cfg, result = run_stage("mae-finetune", FinetuneRun, "Fine-tune a ViT backbone end to end (MAE paper recipe).",
-                            argv, "finetune", run_finetune)
+    cfg, result = run_stage(
+        "mae-finetune",
+        FinetuneRun,
+        "Fine-tune a ViT backbone end to end (MAE paper recipe).",
+        argv,
+        "finetune",
+        run_finetune,
+    )
     best_file = Path(cfg.run_dir) / BEST_DIR / BEST_FILE
     best = json.loads(best_file.read_text()) if best_file.is_file() else {}
-    print(f"fine-tune: top-1 {percent(result.eval, 'top1')}  top-5 {percent(result.eval, 'top5')}  "
-          f"best top-1 {percent(best, 'top1')}  ({result.steps} steps, {cfg.run_dir})")
+    print(
+        f"fine-tune: top-1 {percent(result.eval, 'top1')}  top-5 {percent(result.eval, 'top5')}  "
+        f"best top-1 {percent(best, 'top1')}  ({result.steps} steps, {cfg.run_dir})"
+    )
     return 0
 
 

@@ -1,8 +1,8 @@
 """Linear probe (MAE paper, App. A.2): a frozen encoder, BatchNorm without affine + a linear head.
 
 The encoder runs in eval mode and never masks; only the head trains (SGD with momentum by
-default, the paper's LARS for ImageNet-scale step counts; a cosine schedule). Features are the class token or the average of the patch
-tokens, both after the encoder's final norm. ``mae-probe`` / ``python -m finetune``::
+default, the paper's LARS for ImageNet-scale step counts; a cosine schedule). Features are the class
+token or the average of the patch tokens, both after the encoder's final norm. ``mae-probe`` / ``python -m finetune``::
 
     mae-probe backbone=runs/pretrain/export/timm probe.pool=avg probe.trainer.epochs=20
 """
@@ -20,13 +20,13 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
+from finetune.cli import StageRun, percent, run_stage
+from finetune.config import Pool, ProbeConfig
+from finetune.heads import num_classes_of, topk_sums
 from launch.cli import entry_point
 from launch.data import DataConfig, dataset_info
 from launch.task import Batch, Task
-from finetune.cli import StageRun, percent, run_stage
-from finetune.config import Pool, ProbeConfig
-from finetune.backbone import BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
-from finetune.heads import num_classes_of, topk_sums
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +43,7 @@ class ProbeTask(Task):
         trunc_normal_(self.head[1].weight, std=0.01)  # as the official linear probe
         nn.init.zeros_(self.head[1].bias)
 
-    def train(self, mode: bool = True) -> "ProbeTask":
+    def train(self, mode: bool = True) -> ProbeTask:
         """The trainer toggles modes; the encoder stays in eval (no dropout / drop path, ever)."""
         super().train(mode)
         self.encoder.eval()
@@ -86,8 +86,15 @@ class ProbeTask(Task):
         return topk_sums(self.logits(batch["image"]), batch["label"])
 
 
-def run_probe(cfg: ProbeConfig, *, backbone: BackboneSpec, data: DataConfig, run_dir: Path, seed: int,
-              config: dict[str, Any] | None = None) -> Any:
+def run_probe(
+    cfg: ProbeConfig,
+    *,
+    backbone: BackboneSpec,
+    data: DataConfig,
+    run_dir: Path,
+    seed: int,
+    config: dict[str, Any] | None = None,
+) -> Any:
     """Probe ``backbone`` on ``data`` into ``run_dir``; returns the trainer's ``FitResult``
     (``eval`` holds ``top1`` / ``top5`` in percent and ``loss`` on the val split)."""
     from launch.trainer import fit
@@ -96,12 +103,28 @@ def run_probe(cfg: ProbeConfig, *, backbone: BackboneSpec, data: DataConfig, run
     num_classes = num_classes_of(info, cfg.num_classes, "probe.num_classes")
     source = resolve_backbone(backbone, cfg.model_args)
     encoder = build_vit(source, num_classes=0)
-    img_size = check_fits(encoder, channels=data.channels or info.channels, img_size=cfg.img_size, key="probe.img_size",
-                          data_size=info.img_size, source=source, data_mean=data.mean or info.mean)  # fmt: skip
+    img_size = check_fits(
+        encoder,
+        channels=data.channels or info.channels,
+        img_size=cfg.img_size,
+        key="probe.img_size",
+        data_size=info.img_size,
+        source=source,
+        data_mean=data.mean or info.mean,
+    )
     task = ProbeTask(set_input_size(encoder, img_size), num_classes, cfg.pool)
     log.info("linear probe of %s (%s pooling) on %d classes", source.name, cfg.pool, num_classes)
-    return fit(task, cfg.trainer, data, Path(run_dir), seed=seed, img_size=img_size,
-               train_preset=cfg.train_preset, eval_preset="eval", config=config)  # fmt: skip
+    return fit(
+        task,
+        cfg.trainer,
+        data,
+        Path(run_dir),
+        seed=seed,
+        img_size=img_size,
+        train_preset=cfg.train_preset,
+        eval_preset="eval",
+        config=config,
+    )
 
 
 class ProbeRun(StageRun):
@@ -112,10 +135,13 @@ class ProbeRun(StageRun):
 
 
 def run(argv: list[str]) -> int:
-    cfg, result = run_stage("mae-probe", ProbeRun, "Linear probe of a frozen ViT backbone (MAE paper protocol).",
-                            argv, "probe", run_probe)
-    print(f"linear probe ({cfg.probe.pool}): top-1 {percent(result.eval, 'top1')}  "
-          f"top-5 {percent(result.eval, 'top5')}  ({result.steps} steps, {cfg.run_dir})")
+    cfg, result = run_stage(
+        "mae-probe", ProbeRun, "Linear probe of a frozen ViT backbone (MAE paper protocol).", argv, "probe", run_probe
+    )
+    print(
+        f"linear probe ({cfg.probe.pool}): top-1 {percent(result.eval, 'top1')}  "
+        f"top-5 {percent(result.eval, 'top5')}  ({result.steps} steps, {cfg.run_dir})"
+    )
     return 0
 
 

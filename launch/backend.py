@@ -29,12 +29,11 @@ from accelerate.utils import DeepSpeedPlugin, DistributedDataParallelKwargs
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from launch import dist
+from launch import dist, launcher
 from launch import fsdp as fsdp2
-from launch import launcher
 from launch.config import TrainerConfig
-from launch.launcher import MIXED_PRECISION, check_launcher, deepspeed_config
 from launch.errors import CheckpointError, ConfigError
+from launch.launcher import MIXED_PRECISION, check_launcher, deepspeed_config
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +62,9 @@ def _require_transformers() -> None:
     try:
         import transformers  # noqa: F401  (Accelerate's DeepSpeed path reads its metadata)
     except ImportError:
-        raise ConfigError("trainer.backend=deepspeed needs transformers: pip install 'mae-pipeline[deepspeed]'") from None
+        raise ConfigError(
+            "trainer.backend=deepspeed needs transformers: pip install 'mae-pipeline[deepspeed]'"
+        ) from None
 
 
 def _has_accelerator() -> bool:
@@ -92,11 +93,16 @@ class Backend:
         self.deepspeed = cfg.backend == "deepspeed"
         self.fsdp = cfg.backend == "fsdp"
         if cfg.checkpoint.async_save and not self.fsdp:
-            raise ConfigError(f"trainer.checkpoint.async_save=true needs trainer.backend=fsdp (got {cfg.backend}): set one or the other")
+            raise ConfigError(
+                f"trainer.checkpoint.async_save=true needs trainer.backend=fsdp (got {cfg.backend}): "
+                "set one or the other"
+            )
         if self.fsdp and cfg.precision == "fp16":
             raise ConfigError("trainer.backend=fsdp has no fp16 loss scaling: use trainer.precision=bf16 (or fp32)")
         if self.deepspeed and multi_phase:
-            raise ConfigError("trainer.backend=deepspeed supports one optimizer; this task has several phases: use backend=ddp")
+            raise ConfigError(
+                "trainer.backend=deepspeed supports one optimizer; this task has several phases: use backend=ddp"
+            )
         if not Backend._launcher_checked:
             check_launcher(cfg)
             Backend._launcher_checked = True
@@ -149,8 +155,12 @@ class Backend:
         if self.deepspeed:  # it casts the task's tensors in place: ``release`` gives them their dtypes
             # back, and non-persistent buffers (constants such as a normalization, in no checkpoint) their values
             self._dtypes = {(id(m), k): t.dtype for m in task.modules() for k, t in _tensors(m) if t is not None}
-            self._constants = {(id(m), k): m._buffers[k].detach().clone() for m in task.modules()
-                               for k in m._non_persistent_buffers_set if m._buffers.get(k) is not None}  # fmt: skip
+            self._constants = {
+                (id(m), k): m._buffers[k].detach().clone()
+                for m in task.modules()
+                for k in m._non_persistent_buffers_set
+                if m._buffers.get(k) is not None
+            }
         prepared = self.accelerator.prepare(task, *optimizers)
         return prepared[0], list(prepared[1:])
 
@@ -372,8 +382,10 @@ class Backend:
 
     def load_sharded(self, ckpt: Path, model: nn.Module, optimizers: list[Optimizer]) -> None:
         if not (ckpt / fsdp2.SHARDED_DIR).is_dir():
-            raise CheckpointError(f"{ckpt} holds no sharded model state ({fsdp2.SHARDED_DIR}/): it was not written with "
-                                  f"trainer.backend=fsdp; resume it with its own backend")  # fmt: skip
+            raise CheckpointError(
+                f"{ckpt} holds no sharded model state ({fsdp2.SHARDED_DIR}/): it was not written with "
+                f"trainer.backend=fsdp; resume it with its own backend"
+            )
         fsdp2.load(ckpt / fsdp2.SHARDED_DIR, model, optimizers)
 
     @property

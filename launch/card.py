@@ -48,12 +48,12 @@ _ACCURACIES = {"probe_top1": "linear-probe top-1", "top1": "top-1", "top5": "top
 class CardFacts:
     """What the stage that made the weights knows about them (the folder tells the architecture)."""
 
-    title: str                                              # e.g. "MAE ViT encoder (mae_vit_tiny)"
-    description: str                                        # one paragraph: what the weights are for
-    dataset: str                                            # training data name (a Hub dataset id if it is one)
-    recipe: list[str] = field(default_factory=list)         # "optimizer: ..." lines
-    figures: dict[str, Any] = field(default_factory=dict)   # FIGURES keys -> numbers (e.g. summary.json)
-    license: str = "unknown"                                # a Hub license id; the data's terms decide it
+    title: str  # e.g. "MAE ViT encoder (mae_vit_tiny)"
+    description: str  # one paragraph: what the weights are for
+    dataset: str  # training data name (a Hub dataset id if it is one)
+    recipe: list[str] = field(default_factory=list)  # "optimizer: ..." lines
+    figures: dict[str, Any] = field(default_factory=dict)  # FIGURES keys -> numbers (e.g. summary.json)
+    license: str = "unknown"  # a Hub license id; the data's terms decide it
 
 
 def trainer_recipe(cfg: TrainerConfig, world_size: int) -> list[str]:
@@ -68,7 +68,8 @@ def trainer_recipe(cfg: TrainerConfig, world_size: int) -> list[str]:
     return [
         f"optimizer: {o.name}, {lr}, weight decay {o.weight_decay:g}, {moments}{decay}{clip}",
         f"schedule: linear warmup {warmup}, then {o.schedule} (min lr {o.min_lr:g})",
-        f"batch: {cfg.batch_size} per process x {cfg.accum_steps} accumulation x {world_size} processes = {batch} images per step",
+        f"batch: {cfg.batch_size} per process x {cfg.accum_steps} accumulation x {world_size} processes"
+        f" = {batch} images per step",
         f"length: {length}; precision {cfg.precision}; backend {cfg.backend}"
         + (f" ZeRO-{cfg.zero_stage}" if cfg.backend == "deepspeed" else ""),
     ]
@@ -88,12 +89,27 @@ def render_card(export_dir: Path, facts: CardFacts) -> str:
     dataset = dataset_id(facts.dataset)
     classifier = int(config.get("num_classes", 0)) > 0
     task = "image-classification" if classifier else "image-feature-extraction"
-    results = [EvalResult(task_type="image-classification", dataset_type=dataset, dataset_name=dataset,
-                          metric_type="accuracy", metric_name=name, metric_value=round(float(facts.figures[key]), 4))
-               for key, name in _ACCURACIES.items() if _known(facts.figures.get(key))]  # fmt: skip
-    header = ModelCardData(library_name="timm", license=facts.license, pipeline_tag=task, datasets=[dataset],
-                           tags=["timm", task, "vision-transformer", "mae", "masked-autoencoder"],
-                           model_name=facts.title, eval_results=results or None)  # fmt: skip
+    results = [
+        EvalResult(
+            task_type="image-classification",
+            dataset_type=dataset,
+            dataset_name=dataset,
+            metric_type="accuracy",
+            metric_name=name,
+            metric_value=round(float(facts.figures[key]), 4),
+        )
+        for key, name in _ACCURACIES.items()
+        if _known(facts.figures.get(key))
+    ]
+    header = ModelCardData(
+        library_name="timm",
+        license=facts.license,
+        pipeline_tag=task,
+        datasets=[dataset],
+        tags=["timm", task, "vision-transformer", "mae", "masked-autoencoder"],
+        model_name=facts.title,
+        eval_results=results or None,
+    )
     sections = [
         f"---\n{header.to_yaml()}\n---\n\n# {facts.title}\n\n{facts.description}\n",
         _section("Model", _model_lines(export_dir, config)),
@@ -108,9 +124,14 @@ def render_card(export_dir: Path, facts: CardFacts) -> str:
 def _model_lines(export_dir: Path, config: dict[str, Any]) -> list[str]:
     args, pcfg = config.get("model_args", {}), config.get("pretrained_cfg", {})
     with safetensors.safe_open(str(export_dir / "model.safetensors"), "pt") as weights:
-        params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())  # noqa: SIM118 (safe_open is no dict)
+        # safe_open is no dict: .keys() is its only listing
+        params = sum(math.prod(weights.get_slice(k).get_shape()) for k in weights.keys())
     size = pcfg.get("input_size", [args.get("in_chans", 3), *([args.get("img_size", 224)] * 2)])
-    head = f"{config['num_classes']} classes ({config.get('global_pool', 'token')} pooling)" if config.get("num_classes") else "none (features)"
+    head = (
+        f"{config['num_classes']} classes ({config.get('global_pool', 'token')} pooling)"
+        if config.get("num_classes")
+        else "none (features)"
+    )
     return [
         f"architecture: timm `VisionTransformer` (`{config['architecture']}` with model_args {args})",
         f"parameters: {params / 1e6:.2f} M",
@@ -121,17 +142,25 @@ def _model_lines(export_dir: Path, config: dict[str, Any]) -> list[str]:
 
 
 def _figure_lines(figures: dict[str, Any], section: str) -> list[str]:
-    return [f"{label}: {fmt.format(figures[key])}" for key, (label, fmt, where) in FIGURES.items()
-            if where == section and _known(figures.get(key))]  # fmt: skip
+    return [
+        f"{label}: {fmt.format(figures[key])}"
+        for key, (label, fmt, where) in FIGURES.items()
+        if where == section and _known(figures.get(key))
+    ]
 
 
 def _usage(classifier: bool) -> str:
-    call = "logits = model(transform(image).unsqueeze(0))  # (1, classes)" if classifier else \
-        "features = model(transform(image).unsqueeze(0))  # (1, embed_dim), pooled"
-    return ("## Usage\n\n```python\nimport timm\n"
-            "model = timm.create_model(\"hf-hub:<user>/<repo>\", pretrained=True).eval()  # or \"local-dir:<this folder>\"\n"
-            "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n```\n\n"
-            f"then, for a PIL `image`: `{call}`.\n")  # fmt: skip
+    call = (
+        "logits = model(transform(image).unsqueeze(0))  # (1, classes)"
+        if classifier
+        else "features = model(transform(image).unsqueeze(0))  # (1, embed_dim), pooled"
+    )
+    return (
+        "## Usage\n\n```python\nimport timm\n"
+        'model = timm.create_model("hf-hub:<user>/<repo>", pretrained=True).eval()  # or "local-dir:<this folder>"\n'
+        "transform = timm.data.create_transform(**timm.data.resolve_data_config({}, model=model))\n```\n\n"
+        f"then, for a PIL `image`: `{call}`.\n"
+    )
 
 
 def _section(title: str, lines: list[str]) -> str:

@@ -33,7 +33,9 @@ def config_parser(prog: str, schema: type[Schema], description: str) -> argparse
     return parser
 
 
-def parse_config(parser: argparse.ArgumentParser, schema: type[S], argv: Sequence[str] | None) -> tuple[S, argparse.Namespace]:
+def parse_config(
+    parser: argparse.ArgumentParser, schema: type[S], argv: Sequence[str] | None
+) -> tuple[S, argparse.Namespace]:
     args = parser.parse_args(argv)
     return load_config(schema, args.config, args.overrides), args
 

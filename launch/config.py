@@ -33,7 +33,8 @@ class Schema(BaseModel):
 
 class OptimConfig(Schema):
     name: Literal["adamw", "sgd", "momentum", "lars", "lamb"] = Field(
-        "adamw", description="optimizer (timm's create_optimizer_v2 name; sgd is Nesterov, momentum is not)")
+        "adamw", description="optimizer (timm's create_optimizer_v2 name; sgd is Nesterov, momentum is not)"
+    )
     base_lr: float = Field(1.5e-4, gt=0, description="lr per 256 images; lr = base_lr * effective_batch / 256")
     lr: float | None = Field(None, gt=0, description="absolute lr; overrides base_lr when set")
     min_lr: float = Field(0.0, ge=0, description="floor of the cosine schedule")
@@ -42,7 +43,9 @@ class OptimConfig(Schema):
     momentum: float = Field(0.9, ge=0, lt=1, description="SGD / LARS momentum")
     layer_decay: float | None = Field(None, gt=0, le=1, description="layer-wise lr decay (fine-tuning), None = off")
     warmup_epochs: float = Field(0.0, ge=0, description="linear warmup length in epochs (per-step)")
-    warmup_steps: int | None = Field(None, ge=0, description="linear warmup in optimizer steps; overrides warmup_epochs")
+    warmup_steps: int | None = Field(
+        None, ge=0, description="linear warmup in optimizer steps; overrides warmup_epochs"
+    )
     schedule: Literal["cosine", "constant"] = Field("cosine", description="lr after warmup")
     clip_grad: float | None = Field(None, gt=0, description="max global grad norm, None = no clipping")
     fused: bool | None = Field(None, description="fused AdamW kernel; None = on for CUDA")
@@ -54,12 +57,17 @@ class CheckpointConfig(Schema):
     keep: int = Field(2, ge=1, description="complete checkpoints kept; older ones deleted after a new one is complete")
     resume: str = Field("auto", description="'auto' (newest complete in run_dir), 'none', or a checkpoint path")
     weights_only: str | None = Field(None, description="load model weights from this checkpoint/export, nothing else")
-    async_save: bool = Field(False, description="backend=fsdp: write the shards in the background while training goes on; "
-                                                "the checkpoint is marked complete once they are on disk")
+    async_save: bool = Field(
+        False,
+        description="backend=fsdp: write the shards in the background while training goes on; "
+        "the checkpoint is marked complete once they are on disk",
+    )
 
 
 class LogConfig(Schema):
-    every_steps: int = Field(10, ge=1, description="metrics to console/JSONL/TensorBoard every N steps (host sync only here)")
+    every_steps: int = Field(
+        10, ge=1, description="metrics to console/JSONL/TensorBoard every N steps (host sync only here)"
+    )
     images_every_epochs: int = Field(1, ge=0, description="image grids to TensorBoard every N epochs, 0 = never")
     tensorboard: bool = Field(True, description="write TensorBoard event files")
     wandb: bool = Field(False, description="log to Weights & Biases (needs `pip install wandb`)")
@@ -73,18 +81,27 @@ class TrainerConfig(Schema):
     batch_size: int = Field(64, ge=1, description="micro-batch per process")
     accum_steps: int = Field(1, ge=1, description="gradient accumulation micro-steps per optimizer step")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "fp32", description="autocast dtype; fp16 uses loss scaling; auto = bf16 where the device computes it "
-                            "natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else fp32")
+        "fp32",
+        description="autocast dtype; fp16 uses loss scaling; auto = bf16 where the device computes it "
+        "natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else fp32",
+    )
     compile: bool = Field(False, description="torch.compile the task")
     backend: Literal["ddp", "deepspeed", "fsdp"] = Field(
-        "ddp", description="Accelerate DDP (also single process), DeepSpeed, or FSDP2 (fully_shard per block, sharded checkpoints)")
+        "ddp",
+        description="Accelerate DDP (also single process), DeepSpeed, "
+        "or FSDP2 (fully_shard per block, sharded checkpoints)",
+    )
     zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage (backend=deepspeed)")
     deepspeed_config: str | None = Field(None, description="DeepSpeed JSON; must agree with this config")
     activation_checkpointing: bool = Field(False, description="recompute block activations in backward")
     eval_every_epochs: int = Field(1, ge=0, description="run validation every N epochs, 0 = only at the end")
-    eval_batches: int | None = Field(None, ge=1, description="validate on at most N batches per rank (None = the whole split)")
+    eval_batches: int | None = Field(
+        None, ge=1, description="validate on at most N batches per rank (None = the whole split)"
+    )
     max_bad_steps: int = Field(20, ge=1, description="stop after this many consecutive non-finite steps")
-    peak_tflops: float | None = Field(None, gt=0, description="peak TFLOP/s per device for MFU; None = GPU table (CPU: no MFU)")
+    peak_tflops: float | None = Field(
+        None, gt=0, description="peak TFLOP/s per device for MFU; None = GPU table (CPU: no MFU)"
+    )
     optim: OptimConfig = OptimConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     log: LogConfig = LogConfig()
@@ -171,8 +188,13 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def load_config(schema: type[S], path: str | Path | None = None, overrides: list[str] | None = None, *,
-                defaults: dict[str, Any] | None = None) -> S:
+def load_config(
+    schema: type[S],
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    *,
+    defaults: dict[str, Any] | None = None,
+) -> S:
     """``defaults`` (a stage's layer over the schema's own, e.g. a recipe) <- YAML at ``path``
     <- dotted ``overrides``; validated, any failure one :class:`ConfigError` line."""
     data = merge(defaults or {}, read_yaml(path) if path else {})
@@ -282,4 +304,3 @@ def save_config(cfg: Schema | dict[str, Any], path: str | Path) -> None:
     """Write the resolved config (a schema or its tree) as YAML, atomically, so the run can be reproduced."""
     tree = cfg.model_dump(mode="json") if isinstance(cfg, BaseModel) else cfg
     write_atomic(path, yaml.safe_dump(tree, sort_keys=False))
-

@@ -93,17 +93,24 @@ def init_process_group() -> None:
     agents, restarts = int(os.environ.get("GROUP_WORLD_SIZE", 1)), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
     if agents > 1:
         if restarts and is_main():
-            log.warning("torchrun --max-restarts %d on %d nodes keeps one rendezvous store across restarts, so a restarted "
-                        "group can read the dead group's addresses and fail to connect: launch torchrun with "
-                        "--rdzv-backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1", restarts, agents)  # fmt: skip
+            log.warning(
+                "torchrun --max-restarts %d on %d nodes keeps one rendezvous store across restarts, so a restarted "
+                "group can read the dead group's addresses and fail to connect: launch torchrun with "
+                "--rdzv-backend c10d and TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1",
+                restarts,
+                agents,
+            )
         return
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                          timeout=dist.default_pg_timeout)  # fmt: skip
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=dist.default_pg_timeout
+    )
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     backend = dist.get_default_backend_for_device(accelerator or torch.device("cpu"))
     # the backend's default timeout, as when Accelerate creates the group
-    dist.init_process_group(backend, store=dist.PrefixStore(f"attempt-{attempt}/", store), rank=rank(), world_size=world_size())
+    dist.init_process_group(
+        backend, store=dist.PrefixStore(f"attempt-{attempt}/", store), rank=rank(), world_size=world_size()
+    )
     # while the interpreter still runs: gloo's work threads take the GIL as they stop, and doing
     # that during interpreter finalization aborts the process ("terminate called ...", exit -6)
     atexit.register(_destroy_process_group)

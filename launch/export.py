@@ -29,8 +29,13 @@ from launch.errors import CheckpointError
 log = logging.getLogger(__name__)
 
 #: registered timm names whose defaults match our widths; ``model_args`` override the rest
-_TIMM_NAMES = {192: "vit_tiny_patch16_224", 384: "vit_small_patch16_224", 768: "vit_base_patch16_224",
-               1024: "vit_large_patch16_224", 1280: "vit_huge_patch14_224"}  # fmt: skip
+_TIMM_NAMES = {
+    192: "vit_tiny_patch16_224",
+    384: "vit_small_patch16_224",
+    768: "vit_base_patch16_224",
+    1024: "vit_large_patch16_224",
+    1280: "vit_huge_patch14_224",
+}
 
 
 def timm_architecture(embed_dim: int) -> str:
@@ -58,9 +63,11 @@ def load_strict(module: nn.Module, state: dict[str, Tensor], *, what: str) -> No
     missing = sorted(own.keys() - state.keys())
     unexpected = sorted(state.keys() - own.keys())
     shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
-    problems = [f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
-                                    ("shape mismatch", shapes)) if keys]  # fmt: skip
+    problems = [
+        f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes))
+        if keys
+    ]
     if problems:
         raise CheckpointError(f"{what} does not fit {type(module).__name__}: {'; '.join(problems)}")
     module.load_state_dict(state, strict=True)
@@ -109,7 +116,9 @@ def read_export_config(path: Path) -> dict[str, Any]:
 def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool) -> Path:
     """``write(tmp)`` fills a sibling temporary folder, which then replaces ``out``."""
     if out.exists() and any(out.iterdir()) and not overwrite:
-        raise CheckpointError(f"export folder {out} already exists and is not empty; pass --overwrite or choose another --out")
+        raise CheckpointError(
+            f"export folder {out} already exists and is not empty; pass --overwrite or choose another --out"
+        )
     tmp = out.with_name(f".tmp-{out.name}")
     shutil.rmtree(tmp, ignore_errors=True)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -142,9 +142,7 @@ def gpu_peak_flops(name: str, precision: str = "bf16", *, tf32: bool = False) ->
     return None
 
 
-def peak_flops(
-    device: str | torch.device, precision: str = "bf16", *, override: float | None = None
-) -> float | None:
+def peak_flops(device: str | torch.device, precision: str = "bf16", *, override: float | None = None) -> float | None:
     """Peak FLOP/s for MFU on ``device`` at ``precision`` ("bf16", "fp16", "fp32").
 
     ``override`` (FLOP/s) wins, e.g. for a CPU or a GPU missing from the table; otherwise

@@ -66,8 +66,12 @@ def shard(task: nn.Module, *, bf16: bool, compile: bool) -> nn.Module:
     parameters are all-gathered and used in bf16 and gradients reduced in fp32; the root keeps
     its inputs (the batch, hence the loss targets) in fp32 under the trainer's autocast.
     ``compile`` compiles each unit (torchtitan's order: compile, then shard)."""
-    unit_mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
-    root_mp = MixedPrecisionPolicy(param_dtype=unit_mp.param_dtype, reduce_dtype=unit_mp.reduce_dtype, cast_forward_inputs=False)
+    unit_mp = (
+        MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
+    )
+    root_mp = MixedPrecisionPolicy(
+        param_dtype=unit_mp.param_dtype, reduce_dtype=unit_mp.reduce_dtype, cast_forward_inputs=False
+    )
     for unit in units(task):
         if compile:
             unit.compile()
@@ -134,12 +138,19 @@ def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> tuple[li
 def _state(model: nn.Module, optimizers: list[Optimizer]) -> dict[str, Any]:
     """Sharded state, one optimizer state per phase: the AAE's optimizers share parameters,
     so one merged, name-keyed optimizer state could not hold both."""
-    return {"model": get_model_state_dict(model),
-            "optimizers": {str(i): get_optimizer_state_dict(model, opt) for i, opt in enumerate(optimizers)}}  # fmt: skip
+    return {
+        "model": get_model_state_dict(model),
+        "optimizers": {str(i): get_optimizer_state_dict(model, opt) for i, opt in enumerate(optimizers)},
+    }
 
 
-def save(directory: Path, model: nn.Module, optimizers: list[Optimizer], *,
-         async_group: torch_dist.ProcessGroup | None = None) -> Future | None:
+def save(
+    directory: Path,
+    model: nn.Module,
+    optimizers: list[Optimizer],
+    *,
+    async_group: torch_dist.ProcessGroup | None = None,
+) -> Future | None:
     """Every rank writes its shards of model + optimizers to ``directory`` (a collective).
 
     With ``async_group`` the state is first copied to host memory, then written by a
@@ -167,7 +178,9 @@ def read_model(directory: Path, like: dict[str, Tensor]) -> dict[str, Tensor]:
     ONE process without a group: the tensors of ``like`` (e.g. a freshly built task's
     ``state_dict()``) that the checkpoint holds, in their stored shapes (the caller compares)."""
     stored = dcp.FileSystemReader(directory).read_metadata().state_dict_metadata
-    shapes = {k.removeprefix("model."): m.size for k, m in stored.items() if k.startswith("model.") and hasattr(m, "size")}
+    shapes = {
+        k.removeprefix("model."): m.size for k, m in stored.items() if k.startswith("model.") and hasattr(m, "size")
+    }
     state = {"model": {k: torch.empty(shapes[k], dtype=v.dtype) for k, v in like.items() if k in shapes}}
     single = not (torch_dist.is_available() and torch_dist.is_initialized())
     with warnings.catch_warnings():  # DCP warns that it loads in one process: here that is the point

@@ -39,17 +39,22 @@ def deepspeed_config(cfg: TrainerConfig, world: int) -> dict[str, Any]:
     user = _read_json(Path(path))
     for section in ("optimizer", "scheduler"):
         if section in user:
-            raise ConfigError(f"DeepSpeed config {path} has an '{section}' section: remove it, the {section} comes from trainer.optim")
+            raise ConfigError(
+                f"DeepSpeed config {path} has an '{section}' section: remove it, the {section} comes from trainer.optim"
+            )
     _check_agrees(user, ours, path)
     return merge(user, ours)
 
 
 #: the launcher's settings as the process started: Accelerate writes some of these variables
 #: itself when it builds a DeepSpeed run, which must not leak into the next fit (e.g. the probe)
-_LAUNCH_KEYS = ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_DEEPSPEED_ZERO_STAGE", "ACCELERATE_MIXED_PRECISION",
-                "ACCELERATE_DEEPSPEED_CONFIG_FILE")  # fmt: skip
+_LAUNCH_KEYS = (
+    "ACCELERATE_USE_DEEPSPEED",
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE",
+    "ACCELERATE_MIXED_PRECISION",
+    "ACCELERATE_DEEPSPEED_CONFIG_FILE",
+)
 LAUNCH_ENV = {k: os.environ[k] for k in _LAUNCH_KEYS if k in os.environ}
-
 
 
 def restore_env(*, deepspeed: bool) -> None:
@@ -60,19 +65,27 @@ def restore_env(*, deepspeed: bool) -> None:
         os.environ.pop(key, None)
     os.environ.update({k: v for k, v in LAUNCH_ENV.items() if deepspeed or "DEEPSPEED" not in k})
 
+
 def check_launcher(cfg: TrainerConfig, env: dict[str, str] | None = None) -> None:
     """The run config decides precision and backend; an `accelerate launch` config file that
     asks for something else is refused rather than silently overridden either way."""
     env = LAUNCH_ENV if env is None else env
     if env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true" and cfg.backend != "deepspeed":
-        raise ConfigError(f"launched with a DeepSpeed Accelerate config but trainer.backend={cfg.backend}: add trainer.backend=deepspeed trainer.zero_stage=N")
+        raise ConfigError(
+            f"launched with a DeepSpeed Accelerate config but trainer.backend={cfg.backend}: "
+            "add trainer.backend=deepspeed trainer.zero_stage=N"
+        )
     stage = env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
     if cfg.backend == "deepspeed" and stage and int(stage) != cfg.zero_stage:
-        raise ConfigError(f"the launcher asks for ZeRO stage {stage} but trainer.zero_stage={cfg.zero_stage}: make them agree")
+        raise ConfigError(
+            f"the launcher asks for ZeRO stage {stage} but trainer.zero_stage={cfg.zero_stage}: make them agree"
+        )
     launcher = env.get("ACCELERATE_MIXED_PRECISION", "no")
     if launcher not in ("no", MIXED_PRECISION[cfg.precision]):
-        raise ConfigError(f"the launcher asks mixed_precision={launcher} but trainer.precision={cfg.precision}: set trainer.precision "
-                          f"(and mixed_precision: 'no' in the Accelerate config)")  # fmt: skip
+        raise ConfigError(
+            f"the launcher asks mixed_precision={launcher} but trainer.precision={cfg.precision}: "
+            "set trainer.precision (and mixed_precision: 'no' in the Accelerate config)"
+        )
 
 
 _SETTING = {
@@ -95,7 +108,9 @@ def _check_agrees(user: dict[str, Any], ours: dict[str, Any], path: str) -> None
         for part in dotted.split("."):
             want = want[part]
         if node != "auto" and node != want and not (dotted == "gradient_clipping" and not node and not want):
-            raise ConfigError(f"DeepSpeed config {path} sets {dotted}={node} but the run config gives {want} ({setting})")
+            raise ConfigError(
+                f"DeepSpeed config {path} sets {dotted}={node} but the run config gives {want} ({setting})"
+            )
 
 
 def _read_json(path: Path) -> dict[str, Any]:

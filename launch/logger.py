@@ -26,8 +26,16 @@ log = logging.getLogger(__name__)
 class RunLogger:
     """Writes ``run_dir/metrics.jsonl``, ``run_dir/tensorboard/`` and the console bar."""
 
-    def __init__(self, run_dir: Path, cfg: LogConfig, *, total_steps: int, enabled: bool,
-                 config: dict[str, Any] | None = None, initial_step: int = 0) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: LogConfig,
+        *,
+        total_steps: int,
+        enabled: bool,
+        config: dict[str, Any] | None = None,
+        initial_step: int = 0,
+    ) -> None:
         self.enabled = enabled
         self.start = time.monotonic()
         self.bar = self.tb = self.wandb = self.jsonl = None

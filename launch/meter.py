@@ -20,8 +20,15 @@ TOTALS = ("skipped_steps",)
 class StepMeter:
     """``add`` after every optimizer step (no host sync); ``read`` at log steps (syncs)."""
 
-    def __init__(self, backend: Backend, *, global_batch: int, flops_per_image: float | None,
-                 peak_flops: float | None, step: int = 0) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        *,
+        global_batch: int,
+        flops_per_image: float | None,
+        peak_flops: float | None,
+        step: int = 0,
+    ) -> None:
         self.backend, self.global_batch = backend, global_batch
         self.flops_per_image, self.peak = flops_per_image, peak_flops  # peak: all ranks together
         self._sums: dict[str, Tensor] = {}
@@ -53,8 +60,11 @@ class StepMeter:
 
     def throughput(self, images_per_s: float) -> dict[str, float | None]:
         flops = self.flops_per_image
-        return {"images_per_s": images_per_s, "flops_per_s": images_per_s * flops if flops else None,
-                "mfu": mfu(images_per_s, flops, self.peak)}  # fmt: skip
+        return {
+            "images_per_s": images_per_s,
+            "flops_per_s": images_per_s * flops if flops else None,
+            "mfu": mfu(images_per_s, flops, self.peak),
+        }
 
     def summary(self) -> dict[str, float | None]:
         """Throughput of the whole run, leaving out the first interval (compilation, warm caches)."""

@@ -59,7 +59,9 @@ def param_groups(module: nn.Module, cfg: OptimConfig, lr: float) -> list[dict[st
     """
     skip = no_decay_names(module)
     if cfg.layer_decay is not None:
-        groups = param_groups_layer_decay(module, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay)
+        groups = param_groups_layer_decay(
+            module, cfg.weight_decay, no_weight_decay_list=skip, layer_decay=cfg.layer_decay
+        )
         groups = _full_lr_split(module, groups)
     else:
         groups = param_groups_weight_decay(module, cfg.weight_decay, no_weight_decay_list=skip)

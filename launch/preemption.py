@@ -77,8 +77,9 @@ class RunControl:
 
     signals = _STOP_SIGNALS
 
-    def __init__(self, *, every_steps: int | None = None, every_minutes: float | None = None,
-                 check_every: int = 1) -> None:
+    def __init__(
+        self, *, every_steps: int | None = None, every_minutes: float | None = None, check_every: int = 1
+    ) -> None:
         self.every_steps, self.every_minutes, self.check_every = every_steps, every_minutes, check_every
         self.received: str | None = None
         self._last_save = time.monotonic()
@@ -110,7 +111,9 @@ class RunControl:
         if step % self.check_every != 0:
             return Decision(save=periodic)
         timed = self.every_minutes is not None and time.monotonic() - self._last_save >= 60 * self.every_minutes
-        flags = torch.tensor([float(self.received is not None), float(timed and dist.is_main())], device=dist.agreement_device())
+        flags = torch.tensor(
+            [float(self.received is not None), float(timed and dist.is_main())], device=dist.agreement_device()
+        )
         stop, timed = (v > 0 for v in dist.all_reduce_max(flags).tolist())
         if stop and self.received is None:
             self.received = "a stop request on another rank"

@@ -29,15 +29,27 @@ from torch import Tensor
 
 from launch import dist
 from launch.backend import Backend
-from launch.checkpoint import (TRAINER_FILE, CheckpointManager, check_compatible, fingerprint, load_file, load_weights,
-                               nonfinite_keys, rank_file, rank_state, read_meta, restore_rank_state, save_file)
+from launch.checkpoint import (
+    TRAINER_FILE,
+    CheckpointManager,
+    check_compatible,
+    fingerprint,
+    load_file,
+    load_weights,
+    nonfinite_keys,
+    rank_file,
+    rank_state,
+    read_meta,
+    restore_rank_state,
+    save_file,
+)
 from launch.config import TrainerConfig, save_config
 from launch.errors import CheckpointError, ConfigError, DataError
 from launch.flops import peak_flops
+from launch.guard import NonFiniteGuard
 from launch.logger import RunLogger, check_available
 from launch.meter import StepMeter
 from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config, resume_schedule
-from launch.guard import NonFiniteGuard
 from launch.preemption import EXIT_REQUEUE, Preempted, RunControl
 from launch.task import Batch, Task
 
@@ -64,34 +76,66 @@ class FitResult:
     skipped_samples: int = 0  # training samples skipped (corrupt, unreadable, unreachable), all ranks, whole run
 
 
-def fit(task: Task, cfg: TrainerConfig, data: Any, run_dir: Path, *, seed: int, img_size: int,
-        train_preset: str = "pretrain", eval_preset: str = "eval", train_split: str = "train",
-        eval_split: str = "val", loader_factory: LoaderFactory | None = None,
-        config: dict[str, Any] | None = None) -> FitResult:
+def fit(
+    task: Task,
+    cfg: TrainerConfig,
+    data: Any,
+    run_dir: Path,
+    *,
+    seed: int,
+    img_size: int,
+    train_preset: str = "pretrain",
+    eval_preset: str = "eval",
+    train_split: str = "train",
+    eval_split: str = "val",
+    loader_factory: LoaderFactory | None = None,
+    config: dict[str, Any] | None = None,
+) -> FitResult:
     """Train ``task`` on ``data`` (a ``DataConfig``) into ``run_dir``; see :class:`Trainer`.
 
     ``loader_factory`` defaults to ``launch.data.build_loader``; ``config`` is the full run
     config, recorded by W&B and in the checkpoint fingerprint.
     """
-    trainer = Trainer(task, cfg, data, Path(run_dir), seed=seed, img_size=img_size,
-                      presets=(train_preset, eval_preset), splits=(train_split, eval_split),
-                      loader_factory=loader_factory, config=config)
+    trainer = Trainer(
+        task,
+        cfg,
+        data,
+        Path(run_dir),
+        seed=seed,
+        img_size=img_size,
+        presets=(train_preset, eval_preset),
+        splits=(train_split, eval_split),
+        loader_factory=loader_factory,
+        config=config,
+    )
     return trainer.fit()
 
 
 class Trainer:
     """One run: backend, loaders, optimizers and schedules per phase, logger, checkpoints."""
 
-    def __init__(self, task: Task, cfg: TrainerConfig, data: Any, run_dir: Path, *, seed: int,
-                 img_size: int, presets: tuple[str, str] = ("pretrain", "eval"),
-                 splits: tuple[str, str] = ("train", "val"), loader_factory: LoaderFactory | None = None,
-                 config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        task: Task,
+        cfg: TrainerConfig,
+        data: Any,
+        run_dir: Path,
+        *,
+        seed: int,
+        img_size: int,
+        presets: tuple[str, str] = ("pretrain", "eval"),
+        splits: tuple[str, str] = ("train", "val"),
+        loader_factory: LoaderFactory | None = None,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         self.cfg, self.run_dir, self.seed, self.config = cfg, run_dir, seed, config or {}
         self.phases = tuple(task.phases)
         check_available(cfg.log)
         if cfg.activation_checkpointing:
             if not hasattr(task, "set_grad_checkpointing"):
-                raise ConfigError(f"trainer.activation_checkpointing=true: {type(task).__name__} has no set_grad_checkpointing()")
+                raise ConfigError(
+                    f"trainer.activation_checkpointing=true: {type(task).__name__} has no set_grad_checkpointing()"
+                )
             task.set_grad_checkpointing(True)
         self.backend = Backend(cfg, multi_phase=len(self.phases) > 1)
         self.rank, self.world = dist.rank(), dist.world_size()
@@ -113,7 +157,9 @@ class Trainer:
         self.model, self.optimizers = self.backend.prepare(task.to(self.backend.device), optimizers)
         self.task: Task = self.backend.unwrap(self.model)
         # after prepare: FSDP replaces the parameters
-        self.phase_params = {p: [q for q in self.task.phase_module(p).parameters() if q.requires_grad] for p in self.phases}
+        self.phase_params = {
+            p: [q for q in self.task.phase_module(p).parameters() if q.requires_grad] for p in self.phases
+        }
         self.step = self.epoch = self.epoch_step = 0
         self.guard = NonFiniteGuard(cfg.max_bad_steps, last_checkpoint=lambda: self.checkpoint_path)
         self.meter = self._build_meter()
@@ -124,11 +170,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ setup
 
-    def _build_loaders(self, data: Any, factory: LoaderFactory | None, img_size: int,
-                       presets: tuple[str, str], splits: tuple[str, str]) -> None:
+    def _build_loaders(
+        self, data: Any, factory: LoaderFactory | None, img_size: int, presets: tuple[str, str], splits: tuple[str, str]
+    ) -> None:
         if factory is None:
             from launch.data import build_loader as factory
-        common = dict(batch_size=self.cfg.batch_size, img_size=img_size, seed=self.seed, rank=self.rank, world_size=self.world)
+        common = dict(
+            batch_size=self.cfg.batch_size, img_size=img_size, seed=self.seed, rank=self.rank, world_size=self.world
+        )
         # training always shuffles, whatever the preset (a probe trains on the unshuffled "eval" transform),
         # and drops each rank's short last batch (Mixup needs even batches; DDP weighs every batch alike)
         self.train_loader = factory(data, splits[0], preset=presets[0], shuffle=True, drop_last=True, **common)
@@ -141,12 +190,18 @@ class Trainer:
     def _check_batch_split(self, split: str) -> None:
         """One optimizer step must fit in one epoch, on every rank."""
         cfg, samples = self.cfg, getattr(self.train_loader.info, "splits", {}).get(split)
-        what = (f"trainer.batch_size={cfg.batch_size} x trainer.accum_steps={cfg.accum_steps} x {self.world} ranks "
-                f"= {self.global_batch} images per step")  # fmt: skip
+        what = (
+            f"trainer.batch_size={cfg.batch_size} x trainer.accum_steps={cfg.accum_steps} x {self.world} ranks "
+            f"= {self.global_batch} images per step"
+        )
         if samples is not None and self.global_batch > samples:
-            raise ConfigError(f"{what}, more than the {samples} samples of split '{split}': lower the batch size or accum_steps")
+            raise ConfigError(
+                f"{what}, more than the {samples} samples of split '{split}': lower the batch size or accum_steps"
+            )
         if self.steps_per_epoch == 0:
-            raise ConfigError(f"{what}, but each rank gets only {len(self.train_loader)} batches per epoch: lower accum_steps")
+            raise ConfigError(
+                f"{what}, but each rank gets only {len(self.train_loader)} batches per epoch: lower accum_steps"
+            )
 
     def _build_optimizers(self, task: Task) -> tuple[list[torch.optim.Optimizer], list[Any]]:
         optimizers, schedulers, self.optimizer_names = [], [], []
@@ -157,7 +212,9 @@ class Trainer:
             opt = build_optimizer(task.phase_module(phase), pcfg, lr, fused=fused and not self.backend.deepspeed)
             optimizers.append(opt)
             self.optimizer_names.append(pcfg.name)
-            schedulers.append(build_scheduler(opt, pcfg, lr, steps_per_epoch=self.steps_per_epoch, total=self.total_steps))
+            schedulers.append(
+                build_scheduler(opt, pcfg, lr, steps_per_epoch=self.steps_per_epoch, total=self.total_steps)
+            )
             log.info("phase %s: %s, peak lr %.3g (global batch %d)", phase, pcfg.name, lr, self.global_batch)
         return optimizers, schedulers
 
@@ -165,8 +222,12 @@ class Trainer:
         flops = self.task.flops_per_image() if hasattr(self.task, "flops_per_image") else None
         override = self.cfg.peak_tflops * 1e12 if self.cfg.peak_tflops else None
         peak = peak_flops(self.backend.device, self.backend.cfg.precision, override=override)
-        return StepMeter(self.backend, global_batch=self.global_batch, flops_per_image=flops,
-                         peak_flops=peak * self.world if peak else None)  # fmt: skip
+        return StepMeter(
+            self.backend,
+            global_batch=self.global_batch,
+            flops_per_image=flops,
+            peak_flops=peak * self.world if peak else None,
+        )
 
     # ------------------------------------------------------------------ the loop
 
@@ -176,8 +237,14 @@ class Trainer:
             self._maybe_resume()
             if dist.is_main() and self.config:  # after every check that can fail on bad input
                 save_config(self.config, self.run_dir / "config.yaml")
-            self.logger = RunLogger(self.run_dir, self.cfg.log, total_steps=self.total_steps,
-                                    enabled=dist.is_main(), config=self.config, initial_step=self.step)
+            self.logger = RunLogger(
+                self.run_dir,
+                self.cfg.log,
+                total_steps=self.total_steps,
+                enabled=dist.is_main(),
+                config=self.config,
+                initial_step=self.step,
+            )
             self.meter.restart(self.step)
             try:
                 while self.step < self.total_steps:
@@ -272,9 +339,11 @@ class Trainer:
             return
         last = self.train_loader.last_skip() or "on another rank (see its warnings)"
         raise DataError(
-            f"data.max_skipped_fraction={fraction}: {self.skipped_samples} training samples skipped by step {self.step} "
-            f"(more than {fraction:.1%} of {self.epoch_samples} per epoch, {self.epoch + 1} epoch(s) begun); last: {last}. "
-            f"Fix the shards, or raise data.max_skipped_fraction; {self.checkpoint_path or 'no checkpoint yet'} is intact")
+            f"data.max_skipped_fraction={fraction}: {self.skipped_samples} training samples skipped "
+            f"by step {self.step} (more than {fraction:.1%} of {self.epoch_samples} per epoch, "
+            f"{self.epoch + 1} epoch(s) begun); last: {last}. Fix the shards, or raise "
+            f"data.max_skipped_fraction; {self.checkpoint_path or 'no checkpoint yet'} is intact"
+        )
 
     # ------------------------------------------------------------------ epoch ends
 
@@ -306,8 +375,11 @@ class Trainer:
         self.model.eval()
         sums: dict[str, Tensor] = {}
         # ZeRO-3 / FSDP: eval_step and on_eval_end (e.g. a best-weights export) read weights outside the forward
-        with self.backend.outside_forward(self.model), torch.random.fork_rng(devices=self._rng_devices()), \
-                self.backend.autocast():
+        with (
+            self.backend.outside_forward(self.model),
+            torch.random.fork_rng(devices=self._rng_devices()),
+            self.backend.autocast(),
+        ):
             torch.manual_seed(self.seed + self.rank)
             self.eval_loader.restart(0)
             for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
@@ -329,8 +401,11 @@ class Trainer:
         if loader is self.train_loader:
             return  # iterating the train loader here would move its resumable position
         self.model.eval()
-        with self.backend.outside_forward(self.model), torch.random.fork_rng(devices=self._rng_devices()), \
-                self.backend.autocast():
+        with (
+            self.backend.outside_forward(self.model),
+            torch.random.fork_rng(devices=self._rng_devices()),
+            self.backend.autocast(),
+        ):
             torch.manual_seed(self.seed)
             loader.restart(0)
             pictures = self.task.pictures(self.backend.to_device(next(iter(loader))))
@@ -348,10 +423,17 @@ class Trainer:
         else:
             task = self.backend.release(self.model)  # DeepSpeed: the fp32 masters, gathered on every rank
         return FitResult(
-            steps=self.step, epochs=self.epoch, final_loss=self.last_loss,
+            steps=self.step,
+            epochs=self.epoch,
+            final_loss=self.last_loss,
             eval={k: v for k, v in self.eval_metrics.items() if k != "step"},
-            images_per_s=speed["images_per_s"], flops_per_s=speed["flops_per_s"], mfu=speed["mfu"],
-            checkpoint=self.checkpoint_path, run_dir=self.run_dir, task=task, skipped_samples=self.skipped_samples,
+            images_per_s=speed["images_per_s"],
+            flops_per_s=speed["flops_per_s"],
+            mfu=speed["mfu"],
+            checkpoint=self.checkpoint_path,
+            run_dir=self.run_dir,
+            task=task,
+            skipped_samples=self.skipped_samples,
         )
 
     # ------------------------------------------------------------------ state (checkpointed)
@@ -363,8 +445,12 @@ class Trainer:
         fp32 omits below ZeRO stage 2, and at stage 0 (which it cannot consolidate) ``"model"`` holds
         the fp32 masters."""
         state: dict[str, Any] = {
-            "step": self.step, "epoch": self.epoch, "epoch_step": self.epoch_step, **self.guard.state_dict(),
-            "global_batch": self.global_batch, "schedulers": [s.state_dict() for s in self.schedulers],
+            "step": self.step,
+            "epoch": self.epoch,
+            "epoch_step": self.epoch_step,
+            **self.guard.state_dict(),
+            "global_batch": self.global_batch,
+            "schedulers": [s.state_dict() for s in self.schedulers],
         }
         if self.backend.deepspeed and self.cfg.zero_stage == 0:
             state["model"] = self.backend.full_state_dict(self.model)
@@ -397,9 +483,16 @@ class Trainer:
         step, self.step = self.step, self.epoch * self.steps_per_epoch + self.epoch_step
         for sched in self.schedulers:
             resume_schedule(sched, self.step)
-        log.warning("global batch %d -> %d images per step since the checkpoint: continuing epoch %d at the same "
-                    "sample, as step %d of %d (was step %d), lr for the new batch", old, self.global_batch, self.epoch,
-                    self.step, self.total_steps, step)
+        log.warning(
+            "global batch %d -> %d images per step since the checkpoint: continuing epoch %d at the same "
+            "sample, as step %d of %d (was step %d), lr for the new batch",
+            old,
+            self.global_batch,
+            self.epoch,
+            self.step,
+            self.total_steps,
+            step,
+        )
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -407,13 +500,18 @@ class Trainer:
         ckpt = self.cfg.checkpoint
         self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=ckpt.keep)
         # stop requests and the wall clock are agreed at log steps, where the trainer syncs anyway
-        self.control = RunControl(every_steps=ckpt.every_steps, every_minutes=ckpt.every_minutes,
-                                  check_every=self.cfg.log.every_steps)
+        self.control = RunControl(
+            every_steps=ckpt.every_steps, every_minutes=ckpt.every_minutes, check_every=self.cfg.log.every_steps
+        )
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a resume must share; not the world size nor the batch: the data position is global (in
         samples) and DDP's state whole; another global batch is re-counted (``_continue_with_global_batch``)."""
-        settings = {"model": self.config.get("model", {}), "phases": list(self.phases), "optimizers": self.optimizer_names}
+        settings = {
+            "model": self.config.get("model", {}),
+            "phases": list(self.phases),
+            "optimizers": self.optimizer_names,
+        }
         # the whole task, if kept: FSDP renames the sharded one's class (FSDPMAETask)
         return fingerprint(self._whole if self._whole is not None else self.task, settings)
 
@@ -463,7 +561,9 @@ class Trainer:
         masters from the module at initialization, and ZeRO-3 partitions the module)."""
         self.checkpoints.prepare()
         path = self.checkpoints.resolve_agreed(self.cfg.checkpoint.resume)
-        if path is None and self.cfg.checkpoint.weights_only:  # only when starting fresh: a requeued run resumes instead
+        if (
+            path is None and self.cfg.checkpoint.weights_only
+        ):  # only when starting fresh: a requeued run resumes instead
             load_weights(task, self.cfg.checkpoint.weights_only)
         return path
 
@@ -480,8 +580,10 @@ class Trainer:
         # ZeRO's files hold each rank's partition of the optimizer state; FSDP's DCP checkpoint is keyed by
         # global tensor and reshards on load (launch/fsdp.load), so only DeepSpeed needs its world size
         if self.backend.deepspeed and saved_world != self.world:
-            raise CheckpointError(f"cannot resume the {self.cfg.backend} checkpoint {path} of {saved_world} processes "
-                                  f"on {self.world}: relaunch with {saved_world} processes")
+            raise CheckpointError(
+                f"cannot resume the {self.cfg.backend} checkpoint {path} of {saved_world} processes "
+                f"on {self.world}: relaunch with {saved_world} processes"
+            )
         return saved_world
 
     def _maybe_resume(self) -> None:
@@ -497,8 +599,10 @@ class Trainer:
             self.backend.load_sharded(path, self.model, self.optimizers)
         state = load_file(path / TRAINER_FILE)
         if "model" not in state and not (self.backend.deepspeed or self.backend.fsdp):
-            raise CheckpointError(f"{path} holds sharded model state (trainer.backend=deepspeed or fsdp) but this run has "
-                                  f"trainer.backend={self.cfg.backend}: resume with the backend that wrote it")  # fmt: skip
+            raise CheckpointError(
+                f"{path} holds sharded model state (trainer.backend=deepspeed or fsdp) but this run has "
+                f"trainer.backend={self.cfg.backend}: resume with the backend that wrote it"
+            )
         self.load_state_dict(state)
         # another world size: the ranks' RNG streams do not map onto the new ranks (the ones that matter,
         # augmentation and masks, follow the samples); the loader position is global, rank 0's serves all

@@ -46,15 +46,35 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     _check_fits(cfg, info)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     task = build_task(cfg.model, image_mean=mean, image_std=std)
-    result = fit(task, cfg.trainer, cfg.data, run_dir, seed=cfg.seed, img_size=task.model.img_size,
-                 config=cfg.model_dump(mode="json"))  # fmt: skip
+    result = fit(
+        task,
+        cfg.trainer,
+        cfg.data,
+        run_dir,
+        seed=cfg.seed,
+        img_size=task.model.img_size,
+        config=cfg.model_dump(mode="json"),
+    )
     trained: MAETask = result.task
     images_seen = result.steps * cfg.trainer.batch_size * cfg.trainer.accum_steps * dist.world_size()
     if dist.is_main():
         if cfg.export:
-            export_timm(trained.model, run_dir / "export" / "timm", mean=mean, std=std, label_names=info.class_names, overwrite=True)
-            export_full(trained.model, run_dir / "export" / "full", mean=mean, std=std, overwrite=True,
-                        extra={"mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": cfg.model.norm_pix_loss})  # fmt: skip
+            export_timm(
+                trained.model,
+                run_dir / "export" / "timm",
+                mean=mean,
+                std=std,
+                label_names=info.class_names,
+                overwrite=True,
+            )
+            export_full(
+                trained.model,
+                run_dir / "export" / "full",
+                mean=mean,
+                std=std,
+                overwrite=True,
+                extra={"mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": cfg.model.norm_pix_loss},
+            )
             _write_card(cfg, _summary(result, None, info, images_seen))
         if cfg.picture:
             _save_picture(trained, cfg.data, run_dir / "reconstruction.png", seed=cfg.seed)
@@ -62,8 +82,14 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
     probe = None
     if cfg.linear_probe:
         backbone: Any = run_dir / "export" / "timm" if cfg.export else trained.model
-        probe = run_probe(cfg.probe, backbone=backbone, data=cfg.data, run_dir=run_dir / "probe", seed=cfg.seed,
-                          config=cfg.probe.model_dump(mode="json"))  # fmt: skip
+        probe = run_probe(
+            cfg.probe,
+            backbone=backbone,
+            data=cfg.data,
+            run_dir=run_dir / "probe",
+            seed=cfg.seed,
+            config=cfg.probe.model_dump(mode="json"),
+        )
     summary = _summary(result, probe, info, images_seen)
     if dist.is_main():
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
@@ -73,14 +99,19 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
 
 
 def _write_card(cfg: PretrainConfig, summary: dict[str, Any]) -> None:
-    write_card(Path(cfg.run_dir) / "export" / "timm", pretrain_card(cfg, summary["dataset"], summary, dist.world_size()))
+    write_card(
+        Path(cfg.run_dir) / "export" / "timm", pretrain_card(cfg, summary["dataset"], summary, dist.world_size())
+    )
 
 
 def _check_fits(cfg: PretrainConfig, info: DatasetInfo) -> None:
     channels = cfg.data.channels or info.channels
     in_chans = cfg.model.model_args()["in_chans"]
     if in_chans != channels:
-        raise ConfigError(f"model has in_chans={in_chans} but the data has {channels} channels: set model.in_chans={channels} or data.channels={in_chans}")
+        raise ConfigError(
+            f"model has in_chans={in_chans} but the data has {channels} channels: "
+            f"set model.in_chans={channels} or data.channels={in_chans}"
+        )
     if cfg.linear_probe and "val" not in info.splits:
         raise ConfigError("linear_probe=true needs a 'val' split in the data: prepare one or set linear_probe=false")
     if cfg.linear_probe:  # the probe runs after pretraining: refuse its size now, not hours later
@@ -91,8 +122,14 @@ def _check_fits(cfg: PretrainConfig, info: DatasetInfo) -> None:
 def _save_picture(task: MAETask, data: DataConfig, path: Path, *, seed: int) -> None:
     """Original / masked / reconstruction / pasted, for the first validation images."""
     split = "val" if "val" in dataset_info(data).splits else "train"
-    loader = build_loader(data.model_copy(update={"workers": 0}), split, preset="eval", batch_size=task.num_pictures,
-                          img_size=task.model.img_size, seed=seed)  # fmt: skip
+    loader = build_loader(
+        data.model_copy(update={"workers": 0}),
+        split,
+        preset="eval",
+        batch_size=task.num_pictures,
+        img_size=task.model.img_size,
+        seed=seed,
+    )
     batch = next(iter(loader))
     device = next(task.parameters()).device
     task.eval()
@@ -122,12 +159,16 @@ def summary_line(s: dict[str, Any]) -> str:
 
     mfu = f" | MFU {num(s['mfu'] * 100, '.1f')}%" if s["mfu"] is not None else ""
     probe = f"{num(s['probe_top1'], '.2f')}%" if s["probe_top1"] is not None else "n/a"
-    return (f"mae-pretrain: final loss {num(s['final_loss'], '.4f')} | probe top-1 {probe} | "
-            f"{num(s['images_per_s'], '.0f')} images/s{mfu} | {s['steps']} steps | {s['run_dir']}")  # fmt: skip
+    return (
+        f"mae-pretrain: final loss {num(s['final_loss'], '.4f')} | probe top-1 {probe} | "
+        f"{num(s['images_per_s'], '.0f')} images/s{mfu} | {s['steps']} steps | {s['run_dir']}"
+    )
 
 
 def run(argv: list[str]) -> int:
-    parser = config_parser("mae-pretrain", PretrainConfig, __doc__.split("\n\n")[0] + f"\nNo --config: {DEFAULT_CONFIG}")
+    parser = config_parser(
+        "mae-pretrain", PretrainConfig, __doc__.split("\n\n")[0] + f"\nNo --config: {DEFAULT_CONFIG}"
+    )
     args = parser.parse_args(argv)
     if not dist.is_main():  # one copy of the progress messages, from global rank 0
         logging.getLogger().setLevel(logging.WARNING)

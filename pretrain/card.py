@@ -19,12 +19,16 @@ def pretrain_card(cfg: PretrainConfig, dataset: str, figures: dict[str, Any], wo
     recipe = [
         f"objective: MAE (He et al., 2022), mask ratio {m.mask_ratio}, MSE on the removed patches' {loss}",
         f"decoder (discarded in this export): {arch['decoder_embed_dim']} wide x {arch['decoder_depth']} blocks",
-        f"augmentation: RandomResizedCrop to {arch['img_size']} px, scale {tuple(d.crop_scale)}, horizontal flip p={d.hflip}",
+        f"augmentation: RandomResizedCrop to {arch['img_size']} px, scale {tuple(d.crop_scale)}, "
+        f"horizontal flip p={d.hflip}",
         *trainer_recipe(cfg.trainer, world_size),
     ]
     probe = f" Its linear probe classifies {cfg.probe.pool}-pooled frozen features." if cfg.linear_probe else ""
-    description = (f"A Vision Transformer encoder pretrained as a masked autoencoder (preset `{m.preset}`) on {dataset_id(dataset)} "
-                   f"with mae-pipeline; the class token and patch tokens come out of its final norm.{probe}")
+    description = (
+        f"A Vision Transformer encoder pretrained as a masked autoencoder (preset `{m.preset}`) "
+        f"on {dataset_id(dataset)} with mae-pipeline; the class token and patch tokens come out of its final norm."
+        f"{probe}"
+    )
     return CardFacts(f"MAE ViT encoder ({m.preset}, {dataset_id(dataset)})", description, dataset, recipe, figures)
 
 
@@ -39,7 +43,10 @@ def checkpoint_card(cfg: PretrainConfig, ckpt: Path) -> CardFacts:
     if summary.get("checkpoint") and Path(summary["checkpoint"]).name == ckpt.name:
         return pretrain_card(cfg, summary.get("dataset") or _source(cfg), summary, world)
     step = int(meta["step"])
-    figures: dict[str, Any] = {"steps": step, "images_seen": step * cfg.trainer.batch_size * cfg.trainer.accum_steps * world}
+    figures: dict[str, Any] = {
+        "steps": step,
+        "images_seen": step * cfg.trainer.batch_size * cfg.trainer.accum_steps * world,
+    }
     metrics = run_dir / "metrics.jsonl"
     for line in metrics.read_text().splitlines() if metrics.is_file() else []:
         record = json.loads(line)

@@ -30,11 +30,15 @@ def _mae_trainer() -> TrainerConfig:
 class PretrainConfig(Schema):
     """Everything a pretraining run reads; saved resolved as ``run_dir/config.yaml``."""
 
-    run_dir: str = Field("runs/mae", description="output folder: config, metrics, TensorBoard, checkpoints, export, probe")
+    run_dir: str = Field(
+        "runs/mae", description="output folder: config, metrics, TensorBoard, checkpoints, export, probe"
+    )
     seed: int = Field(0, description="random seed (model init, masks; data order per rank)")
     data: DataConfig = Field(default_factory=DataConfig, description="shards to pretrain (and probe) on")
     model: MAEConfig = Field(default_factory=MAEConfig, description="MAE architecture, mask ratio, loss")
-    trainer: TrainerConfig = Field(default_factory=_mae_trainer, description="training loop, optimizer, checkpoints, logging")
+    trainer: TrainerConfig = Field(
+        default_factory=_mae_trainer, description="training loop, optimizer, checkpoints, logging"
+    )
     probe: ProbeConfig = Field(default_factory=ProbeConfig, description="linear probe of the pretrained encoder")
     export: bool = Field(True, description="write the encoder as a timm folder (run_dir/export/timm) and the full MAE")
     linear_probe: bool = Field(True, description="run the linear probe after pretraining (needs a labelled val split)")

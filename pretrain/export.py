@@ -66,8 +66,11 @@ def export_full(
     config = {
         "architecture": FULL_ARCHITECTURE,
         "model_args": dict(model.arch),
-        "pretrained_cfg": {"input_size": [model.in_chans, model.img_size, model.img_size],
-                           "mean": list(map(float, mean)), "std": list(map(float, std))},  # fmt: skip
+        "pretrained_cfg": {
+            "input_size": [model.in_chans, model.img_size, model.img_size],
+            "mean": list(map(float, mean)),
+            "std": list(map(float, std)),
+        },
         **(extra or {}),
     }
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -85,7 +88,9 @@ def load_full(path: str | Path) -> tuple[MaskedAutoencoderViT, dict[str, Any]]:
     path = Path(path)
     config = read_export_config(path)
     if config.get("architecture") != FULL_ARCHITECTURE:
-        raise CheckpointError(f"{path} holds a '{config.get('architecture')}' export, not a full MAE; use its full/ folder")
+        raise CheckpointError(
+            f"{path} holds a '{config.get('architecture')}' export, not a full MAE; use its full/ folder"
+        )
     model = MaskedAutoencoderViT(**config["model_args"])
     load_strict(model, safetensors.torch.load_file(str(path / "model.safetensors")), what=f"{path}/model.safetensors")
     return model.eval(), config
@@ -97,7 +102,9 @@ def load_pretraining_mae(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     ckpt = _resolve_checkpoint(Path(path))
     cfg_file = ckpt.parent.parent / "config.yaml"
     if not cfg_file.is_file():
-        raise CheckpointError(f"{cfg_file} is missing: cannot tell the architecture of {ckpt} (not a mae-pretrain run?)")
+        raise CheckpointError(
+            f"{cfg_file} is missing: cannot tell the architecture of {ckpt} (not a mae-pretrain run?)"
+        )
     cfg = load_config(PretrainConfig, cfg_file)
     task = build_task(cfg.model)
     state = _task_state(ckpt, like=task.state_dict())
@@ -110,13 +117,17 @@ def load_pretraining_mae(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
 
 def _resolve_checkpoint(path: Path) -> Path:
     if not path.exists():
-        raise CheckpointError(f"{path} does not exist: give a pretraining run directory or a checkpoints/step-* directory")
+        raise CheckpointError(
+            f"{path} does not exist: give a pretraining run directory or a checkpoints/step-* directory"
+        )
     try:
         ckpt = resolve(path)
     except CheckpointError:
         ckpt = None
     if ckpt is None or not (ckpt / TRAINER_FILE).is_file():
-        raise CheckpointError(f"no complete checkpoint in {path}: give a run directory with checkpoints/step-* or one of them")
+        raise CheckpointError(
+            f"no complete checkpoint in {path}: give a run directory with checkpoints/step-* or one of them"
+        )
     return ckpt
 
 
@@ -129,7 +140,9 @@ def _task_state(ckpt: Path, like: dict[str, Tensor]) -> dict[str, Tensor]:
     if (ckpt / SHARDED_DIR).is_dir():
         return read_model(ckpt / SHARDED_DIR, like)
     if not (ckpt / "engine").is_dir():
-        raise CheckpointError(f"{ckpt} holds no model weights (neither 'model' in {TRAINER_FILE}, FSDP shards nor a DeepSpeed engine)")
+        raise CheckpointError(
+            f"{ckpt} holds no model weights (neither 'model' in {TRAINER_FILE}, FSDP shards nor a DeepSpeed engine)"
+        )
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # below ZeRO stage 2 DeepSpeed's consolidation omits frozen parameters (pos_embed): the trainer saves them
@@ -146,25 +159,38 @@ def _normalization(meta: dict[str, Any], args: argparse.Namespace) -> tuple[tupl
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mae-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mae-export", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", type=Path, help="pretraining run directory or checkpoints/step-* directory")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: <run_dir>/export)")
     parser.add_argument("--overwrite", action="store_true", help="replace existing export folders")
-    parser.add_argument("--mean", type=float, nargs="+", default=None, help="normalization mean per channel (default: the run's)")
-    parser.add_argument("--std", type=float, nargs="+", default=None, help="normalization std per channel (default: the run's)")
+    parser.add_argument(
+        "--mean", type=float, nargs="+", default=None, help="normalization mean per channel (default: the run's)"
+    )
+    parser.add_argument(
+        "--std", type=float, nargs="+", default=None, help="normalization std per channel (default: the run's)"
+    )
     parser.add_argument("--license", default="unknown", help="Hub license id for the model card (default: unknown)")
     args = parser.parse_args(argv)
     model, meta = load_pretraining_mae(args.source)
     mean, std = _normalization(meta, args)
     out = args.out or meta["checkpoint"].parent.parent / "export"
     cfg = meta["config"]
-    extra = {"mask_ratio": cfg.model.mask_ratio, "norm_pix_loss": cfg.model.norm_pix_loss, "checkpoint": str(meta["checkpoint"])}
+    extra = {
+        "mask_ratio": cfg.model.mask_ratio,
+        "norm_pix_loss": cfg.model.norm_pix_loss,
+        "checkpoint": str(meta["checkpoint"]),
+    }
     timm_dir = export_timm(model, out / "timm", mean=mean, std=std, overwrite=args.overwrite)
     facts = checkpoint_card(cfg, meta["checkpoint"])
     facts.license = args.license
     write_card(timm_dir, facts)
     full_dir = export_full(model, out / "full", mean=mean, std=std, extra=extra, overwrite=args.overwrite)
-    print(f"mae-export: {meta['checkpoint']} -> {timm_dir} (timm.create_model('local-dir:{timm_dir}', pretrained=True)) and {full_dir}")
+    print(
+        f"mae-export: {meta['checkpoint']} -> {timm_dir} "
+        f"(timm.create_model('local-dir:{timm_dir}', pretrained=True)) and {full_dir}"
+    )
     return 0
 
 

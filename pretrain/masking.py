@@ -19,7 +19,9 @@ def num_visible(num_patches: int, mask_ratio: float) -> int:
         raise ValueError(f"mask_ratio {mask_ratio} is outside the allowed range [0, 1)")
     keep = int(num_patches * (1 - mask_ratio))
     if keep < 1:
-        raise ValueError(f"mask_ratio {mask_ratio} keeps no patch of {num_patches}; use a ratio below {1 - 1 / num_patches:.4f}")
+        raise ValueError(
+            f"mask_ratio {mask_ratio} keeps no patch of {num_patches}; use a ratio below {1 - 1 / num_patches:.4f}"
+        )
     return keep
 
 

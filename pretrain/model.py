@@ -47,10 +47,17 @@ class MaskedAutoencoderViT(nn.Module):
         super().__init__()
         _check_arch(img_size, patch_size, in_chans, embed_dim, num_heads, decoder_embed_dim, decoder_num_heads)
         self.arch: dict[str, Any] = dict(
-            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim, depth=depth,
-            num_heads=num_heads, decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
-            decoder_num_heads=decoder_num_heads, mlp_ratio=mlp_ratio,
-        )  # fmt: skip
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            decoder_embed_dim=decoder_embed_dim,
+            decoder_depth=decoder_depth,
+            decoder_num_heads=decoder_num_heads,
+            mlp_ratio=mlp_ratio,
+        )
         self.patch_size, self.in_chans, self.img_size = patch_size, in_chans, img_size
         self.grad_checkpointing = False
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
@@ -120,7 +127,9 @@ class MaskedAutoencoderViT(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def forward_encoder(self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward_encoder(
+        self, imgs: Tensor, mask_ratio: float, noise: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """imgs: (N, C, H, W); noise: optional (N, L) (lowest kept).
 
         Returns ``latent`` (N, 1 + L_keep, D), ``mask`` (N, L) with 1 = removed and
@@ -162,7 +171,10 @@ class MaskedAutoencoderViT(nn.Module):
         """imgs: (N, C, H, W) -> (N, L, D) patch tokens with position added (class token not yet)."""
         expected = (self.in_chans, *self.patch_embed.img_size)
         if imgs.ndim != 4 or tuple(imgs.shape[1:]) != expected:
-            raise ValueError(f"images of shape {tuple(imgs.shape)} do not fit the model; expected (N, {', '.join(map(str, expected))})")
+            raise ValueError(
+                f"images of shape {tuple(imgs.shape)} do not fit the model; "
+                f"expected (N, {', '.join(map(str, expected))})"
+            )
         return self.patch_embed(imgs) + self.pos_embed[:, 1:]
 
     def _encode(self, x: Tensor) -> Tensor:
@@ -185,10 +197,17 @@ class MaskedAutoencoderViT(nn.Module):
         """JSON-able kwargs of timm's ``VisionTransformer`` with the same encoder (add ``num_classes``)."""
         a = self.arch  # timm's default norm is already LayerNorm(eps=1e-6), so no callable is needed
         return dict(
-            img_size=a["img_size"], patch_size=a["patch_size"], in_chans=a["in_chans"], embed_dim=a["embed_dim"],
-            depth=a["depth"], num_heads=a["num_heads"], mlp_ratio=a["mlp_ratio"], qkv_bias=True, class_token=True,
+            img_size=a["img_size"],
+            patch_size=a["patch_size"],
+            in_chans=a["in_chans"],
+            embed_dim=a["embed_dim"],
+            depth=a["depth"],
+            num_heads=a["num_heads"],
+            mlp_ratio=a["mlp_ratio"],
+            qkv_bias=True,
+            class_token=True,
             global_pool="token",
-        )  # fmt: skip
+        )
 
     def encoder_state_dict(self) -> dict[str, Tensor]:
         """The encoder's tensors under timm ``VisionTransformer`` keys (decoder and mask token dropped)."""

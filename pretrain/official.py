@@ -45,11 +45,22 @@ _HF_PREFIXES = (
     (re.compile(r"^vit\.layernorm\."), "norm."),
     (re.compile(r"^decoder\.(?!decoder_layers)"), ""),
 )
-_HF_BLOCK = {"attention.attention.query.": "q.", "attention.q_proj.": "q.", "attention.attention.key.": "k.",
-             "attention.k_proj.": "k.", "attention.attention.value.": "v.", "attention.v_proj.": "v.",
-             "attention.output.dense.": "attn.proj.", "attention.o_proj.": "attn.proj.",
-             "layernorm_before.": "norm1.", "layernorm_after.": "norm2.", "intermediate.dense.": "mlp.fc1.",
-             "output.dense.": "mlp.fc2.", "mlp.fc1.": "mlp.fc1.", "mlp.fc2.": "mlp.fc2."}  # fmt: skip
+_HF_BLOCK = {
+    "attention.attention.query.": "q.",
+    "attention.q_proj.": "q.",
+    "attention.attention.key.": "k.",
+    "attention.k_proj.": "k.",
+    "attention.attention.value.": "v.",
+    "attention.v_proj.": "v.",
+    "attention.output.dense.": "attn.proj.",
+    "attention.o_proj.": "attn.proj.",
+    "layernorm_before.": "norm1.",
+    "layernorm_after.": "norm2.",
+    "intermediate.dense.": "mlp.fc1.",
+    "output.dense.": "mlp.fc2.",
+    "mlp.fc1.": "mlp.fc1.",
+    "mlp.fc2.": "mlp.fc2.",
+}
 
 
 def from_hf_vitmae(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -61,7 +72,9 @@ def from_hf_vitmae(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
             key = pattern.sub(repl, key)
         block = re.match(r"^((?:decoder_)?blocks\.\d+\.)(.*)$", key)
         if block:
-            rest = next((new + block[2][len(old):] for old, new in _HF_BLOCK.items() if block[2].startswith(old)), None)
+            rest = next(
+                (new + block[2][len(old) :] for old, new in _HF_BLOCK.items() if block[2].startswith(old)), None
+            )
             if rest is None:
                 raise CheckpointError(f"unknown Hugging Face ViTMAE tensor '{key}'")
             key = block[1] + rest
@@ -86,7 +99,9 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - any parse failure is a bad file for the user
-        raise CheckpointError(f"cannot read {path} as a safetensors/torch checkpoint: {str(err).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"cannot read {path} as a safetensors/torch checkpoint: {str(err).splitlines()[0]}"
+        ) from None
     for key in ("model", "state_dict", "module"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             obj = obj[key]
@@ -102,12 +117,19 @@ def infer_arch(state_dict: dict[str, Tensor]) -> dict[str, Any]:
             raise CheckpointError(f"state_dict lacks '{key}': not an MAE/timm ViT state_dict")
     dim, chans, patch, _ = state_dict["patch_embed.proj.weight"].shape
     grid = math.isqrt(state_dict["pos_embed"].shape[1] - 1)
-    arch = dict(img_size=grid * patch, patch_size=patch, in_chans=chans, embed_dim=dim,
-                depth=_count_blocks(state_dict, "blocks"),
-                mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim)  # fmt: skip
+    arch = dict(
+        img_size=grid * patch,
+        patch_size=patch,
+        in_chans=chans,
+        embed_dim=dim,
+        depth=_count_blocks(state_dict, "blocks"),
+        mlp_ratio=state_dict["blocks.0.mlp.fc1.weight"].shape[0] / dim,
+    )
     if "decoder_embed.weight" in state_dict:
-        arch.update(decoder_embed_dim=state_dict["decoder_embed.weight"].shape[0],
-                    decoder_depth=_count_blocks(state_dict, "decoder_blocks"))  # fmt: skip
+        arch.update(
+            decoder_embed_dim=state_dict["decoder_embed.weight"].shape[0],
+            decoder_depth=_count_blocks(state_dict, "decoder_blocks"),
+        )
     preset = _matching_preset(arch)
     if preset:
         log.info("checkpoint matches preset %s", preset)
@@ -115,8 +137,12 @@ def infer_arch(state_dict: dict[str, Tensor]) -> dict[str, Any]:
     # ViT convention: 64-dim encoder heads; the paper's decoder has 32-dim heads (512 / 16)
     arch["num_heads"] = _heads(dim, 64)
     arch["decoder_num_heads"] = _heads(arch.get("decoder_embed_dim", 512), 32)
-    log.warning("no preset matches the checkpoint; assuming %d encoder / %d decoder heads "
-                "(pass num_heads= / decoder_num_heads= if they differ)", arch["num_heads"], arch["decoder_num_heads"])  # fmt: skip
+    log.warning(
+        "no preset matches the checkpoint; assuming %d encoder / %d decoder heads "
+        "(pass num_heads= / decoder_num_heads= if they differ)",
+        arch["num_heads"],
+        arch["decoder_num_heads"],
+    )
     return arch
 
 
@@ -154,7 +180,9 @@ def _check_keys(state: dict[str, Tensor], own: dict[str, Tensor]) -> None:
         raise CheckpointError(f"checkpoint misses keys: {_few(missing)}")
     for key, value in state.items():
         if value.shape != own[key].shape:
-            raise CheckpointError(f"'{key}' has shape {tuple(value.shape)} in the checkpoint, the model needs {tuple(own[key].shape)}")
+            raise CheckpointError(
+                f"'{key}' has shape {tuple(value.shape)} in the checkpoint, the model needs {tuple(own[key].shape)}"
+            )
 
 
 def _few(keys: list[str]) -> str:

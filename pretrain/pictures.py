@@ -59,7 +59,9 @@ def reconstruction_panels(
     }
 
 
-def reconstruction_grid(model: MaskedAutoencoderViT, imgs: Tensor, mask_ratio: float, norm_pix_loss: bool, **kwargs: Any) -> Tensor:
+def reconstruction_grid(
+    model: MaskedAutoencoderViT, imgs: Tensor, mask_ratio: float, norm_pix_loss: bool, **kwargs: Any
+) -> Tensor:
     """One row per image, the four ``PANELS`` as columns: (3, rows, cols) in [0, 1], 2-px white gaps.
 
     imgs (N, C, H, W) -> cells of (k*H, k*W), k = ceil(MIN_CELL_PX / min(H, W)) (nearest-neighbour)."""

@@ -22,27 +22,52 @@ from launch.errors import ConfigError
 from pretrain.model import MaskedAutoencoderViT
 
 _PAPER_DECODER = dict(decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16)
-_MNIST = dict(img_size=28, in_chans=1, embed_dim=128, depth=6, num_heads=4,
-              decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=2)  # fmt: skip
+_MNIST = dict(
+    img_size=28,
+    in_chans=1,
+    embed_dim=128,
+    depth=6,
+    num_heads=4,
+    decoder_embed_dim=64,
+    decoder_depth=2,
+    decoder_num_heads=2,
+)
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "mae_vit_tiny": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3,
-                         decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4),
-    "mae_vit_small": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                          decoder_embed_dim=256, decoder_depth=8, decoder_num_heads=8),
+    "mae_vit_tiny": dict(
+        patch_size=16, embed_dim=192, depth=12, num_heads=3, decoder_embed_dim=128, decoder_depth=4, decoder_num_heads=4
+    ),
+    "mae_vit_small": dict(
+        patch_size=16, embed_dim=384, depth=12, num_heads=6, decoder_embed_dim=256, decoder_depth=8, decoder_num_heads=8
+    ),
     "mae_vit_base": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, **_PAPER_DECODER),
     "mae_vit_large": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16, **_PAPER_DECODER),
     "mae_vit_huge": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16, **_PAPER_DECODER),
     "mae_vit_mnist_p4": dict(patch_size=4, **_MNIST),
     "mae_vit_mnist_p7": dict(patch_size=7, **_MNIST),
-}  # fmt: skip
+}
 # the official repository's function names
-ALIASES = {"mae_vit_base_patch16": "mae_vit_base", "mae_vit_large_patch16": "mae_vit_large",
-           "mae_vit_huge_patch14": "mae_vit_huge"}  # fmt: skip
+ALIASES = {
+    "mae_vit_base_patch16": "mae_vit_base",
+    "mae_vit_large_patch16": "mae_vit_large",
+    "mae_vit_huge_patch14": "mae_vit_huge",
+}
 
-ARCH_FIELDS = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads",
-               "decoder_embed_dim", "decoder_depth", "decoder_num_heads", "mlp_ratio")  # fmt: skip
-_DEFAULTS = {k: p.default for k, p in inspect.signature(MaskedAutoencoderViT.__init__).parameters.items() if k != "self"}
+ARCH_FIELDS = (
+    "img_size",
+    "patch_size",
+    "in_chans",
+    "embed_dim",
+    "depth",
+    "num_heads",
+    "decoder_embed_dim",
+    "decoder_depth",
+    "decoder_num_heads",
+    "mlp_ratio",
+)
+_DEFAULTS = {
+    k: p.default for k, p in inspect.signature(MaskedAutoencoderViT.__init__).parameters.items() if k != "self"
+}
 _MODEL_KWARGS = tuple(_DEFAULTS)
 
 
@@ -69,7 +94,10 @@ def create_mae(preset: str, **overrides: Any) -> MaskedAutoencoderViT:
 def check_model_kwargs(kwargs: dict[str, Any]) -> None:
     unknown = sorted(set(kwargs) - set(_MODEL_KWARGS))
     if unknown:
-        raise ConfigError(f"unknown model argument '{unknown[0]}'{_suggest(unknown[0], _MODEL_KWARGS)} (allowed: {', '.join(_MODEL_KWARGS)})")
+        raise ConfigError(
+            f"unknown model argument '{unknown[0]}'{_suggest(unknown[0], _MODEL_KWARGS)} "
+            f"(allowed: {', '.join(_MODEL_KWARGS)})"
+        )
 
 
 def _suggest(name: str, choices: Any = None) -> str:
@@ -110,7 +138,12 @@ class MAEConfig(Schema):
     def model_args(self) -> dict[str, Any]:
         """Constructor arguments of ``MaskedAutoencoderViT``: the preset with this config's overrides."""
         overrides = {k: getattr(self, k) for k in ARCH_FIELDS if getattr(self, k) is not None}
-        return {**preset_args(self.preset), **overrides, "drop_path_rate": self.drop_path, "fused_attn": self.fused_attn}
+        return {
+            **preset_args(self.preset),
+            **overrides,
+            "drop_path_rate": self.drop_path,
+            "fused_attn": self.fused_attn,
+        }
 
 
 def build_model(cfg: MAEConfig) -> MaskedAutoencoderViT:

@@ -10,8 +10,8 @@ from torch import Tensor
 from launch.errors import ConfigError
 from launch.flops import mae_flops
 from launch.task import Batch, Task
-from pretrain.model import MaskedAutoencoderViT
 from pretrain.masking import gather_tokens, removed_ids, sample_noise
+from pretrain.model import MaskedAutoencoderViT
 from pretrain.objective import removed_patch_loss
 from pretrain.pictures import reconstruction_grid
 from pretrain.presets import MAEConfig, build_model
@@ -77,9 +77,14 @@ class MAETask(Task):
         with the visible patches pasted back. The masks are the same at every call (seed 0)."""
         imgs = batch["image"][: self.num_pictures]
         grid = reconstruction_grid(
-            self.model, imgs, self.mask_ratio, self.norm_pix_loss,
-            mean=self.image_mean, std=self.image_std, noise=self._fixed_noise(imgs),
-        )  # fmt: skip
+            self.model,
+            imgs,
+            self.mask_ratio,
+            self.norm_pix_loss,
+            mean=self.image_mean,
+            std=self.image_std,
+            noise=self._fixed_noise(imgs),
+        )
         return {"reconstruction": grid}
 
     def flops_per_image(self) -> float | None:
@@ -92,6 +97,8 @@ class MAETask(Task):
         self.model.set_grad_checkpointing(enable)
 
 
-def build_task(cfg: MAEConfig, *, image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None) -> MAETask:
+def build_task(
+    cfg: MAEConfig, *, image_mean: Sequence[float] | None = None, image_std: Sequence[float] | None = None
+) -> MAETask:
     """The model of ``cfg`` wrapped with its mask ratio and loss setting."""
     return MAETask(build_model(cfg), cfg.mask_ratio, cfg.norm_pix_loss, image_mean=image_mean, image_std=image_std)

@@ -58,7 +58,10 @@ def load_source(path: Path, arch: dict[str, Any] | None = None) -> Source:
         task = build_task(cfg.model)
         load_weights(task, path)
         return Source(task.model, cfg.data, cfg.model.mask_ratio, cfg.model.norm_pix_loss)
-    raise CheckpointError(f"{path} is neither a checkpoint file, an export folder (config.json) nor a run directory (config.yaml + checkpoints/)")
+    raise CheckpointError(
+        f"{path} is neither a checkpoint file, an export folder (config.json) "
+        "nor a run directory (config.yaml + checkpoints/)"
+    )
 
 
 def _run_config(run_dir: Path) -> PretrainConfig:
@@ -76,7 +79,9 @@ def _run_data(export_dir: Path) -> DataConfig | None:
 def _data_config(path: Path | None, overrides: list[str], fallback: DataConfig | None) -> DataConfig:
     """``--data`` (a data config or a whole run config with a ``data:`` section) <- overrides."""
     if path is None and fallback is None:
-        raise ConfigError("no data to draw from: pass --data FILE (a data config, or a run config with a data: section)")
+        raise ConfigError(
+            "no data to draw from: pass --data FILE (a data config, or a run config with a data: section)"
+        )
     base = fallback.model_dump(mode="json") if fallback is not None else {}
     if path is not None:
         raw = read_yaml(path)
@@ -88,17 +93,28 @@ def _data_config(path: Path | None, overrides: list[str], fallback: DataConfig |
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mae-visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="mae-visualize", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("source", type=Path, help="export folder, run directory, or official-named .pth / .safetensors")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="data config overrides, e.g. root=data")
     parser.add_argument("--data", type=Path, default=None, help="data config YAML (default: the run's data section)")
-    parser.add_argument("--arch", action="append", default=[], metavar="key=value",
-                        help="model argument for a plain state_dict, e.g. num_heads=12 (repeatable)")  # fmt: skip
+    parser.add_argument(
+        "--arch",
+        action="append",
+        default=[],
+        metavar="key=value",
+        help="model argument for a plain state_dict, e.g. num_heads=12 (repeatable)",
+    )
     parser.add_argument("--split", default="val", help="split to draw images from (default: val)")
     parser.add_argument("--num-images", type=int, default=8, help="rows of the grid (default: 8)")
     parser.add_argument("--mask-ratio", type=float, default=None, help="default: the run's, else 0.75")
-    parser.add_argument("--norm-pix-loss", action=argparse.BooleanOptionalAction, default=None,
-                        help="the model predicts per-patch normalized pixels (default: the run's, else true)")  # fmt: skip
+    parser.add_argument(
+        "--norm-pix-loss",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the model predicts per-patch normalized pixels (default: the run's, else true)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     parser.add_argument("--out", type=Path, default=Path("reconstruction.png"), help="PNG to write")
@@ -119,14 +135,22 @@ def run(argv: list[str]) -> int:
         raise ConfigError(f"--mask-ratio: {err}") from None
     if model.in_chans not in (1, 3):
         raise ConfigError(f"the model takes {model.in_chans} channels; mae-visualize decodes images to 1 or 3")
-    data = _data_config(args.data, args.overrides, src.data).model_copy(update={"channels": model.in_chans, "workers": 0})
+    data = _data_config(args.data, args.overrides, src.data).model_copy(
+        update={"channels": model.in_chans, "workers": 0}
+    )
     info = dataset_info(data)
     if args.split not in info.splits:
         raise ConfigError(f"split '{args.split}' is not in the data (available: {', '.join(info.splits) or 'none'})")
-    loader = build_loader(data, args.split, preset="eval", batch_size=args.num_images, img_size=model.img_size, seed=args.seed)
+    loader = build_loader(
+        data, args.split, preset="eval", batch_size=args.num_images, img_size=model.img_size, seed=args.seed
+    )
     imgs = next(iter(loader))["image"].to(args.device)
-    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(args.seed)).to(args.device)
-    grid = reconstruction_grid(model, imgs, mask_ratio, norm_pix, mean=data.mean or info.mean, std=data.std or info.std, noise=noise)
+    noise = torch.rand(imgs.shape[0], model.num_patches, generator=torch.Generator().manual_seed(args.seed)).to(
+        args.device
+    )
+    grid = reconstruction_grid(
+        model, imgs, mask_ratio, norm_pix, mean=data.mean or info.mean, std=data.std or info.std, noise=noise
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_name(args.out.name + ".tmp")
     save_image(grid, tmp, format="png")

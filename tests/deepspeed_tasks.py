@@ -49,9 +49,13 @@ def build(kind: str) -> Task:
     if kind == "finetune":
         mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=CLASSES)
         return FinetuneTask(VisionTransformer(**VIT, num_classes=CLASSES), mixup=mixup, smoothing=0.1)
-    configs = {"ae": AEConfig(latent_dim=4, hidden=[16]), "dae": dae.DAEConfig(widths=[4]),
-               "cae": cae.CAEConfig(widths=[4]), "vae": vae.VAEConfig(hidden=[16]),
-               "sdae": stacked.SDAEConfig(layers=[16, 8])}  # fmt: skip
+    configs = {
+        "ae": AEConfig(latent_dim=4, hidden=[16]),
+        "dae": dae.DAEConfig(widths=[4]),
+        "cae": cae.CAEConfig(widths=[4]),
+        "vae": vae.VAEConfig(hidden=[16]),
+        "sdae": stacked.SDAEConfig(layers=[16, 8]),
+    }
     return build_task(configs[kind], Pixels((0.0,), (1.0,)), 8)
 
 
@@ -62,13 +66,26 @@ def train(kind: str, out: Path, cfg: TrainerConfig) -> dict[str, Any]:
     record: dict[str, Any] = {}
     for name, stage in stages:
         torch.manual_seed(0)
-        result = fit(stage, cfg, None, out / kind / name, seed=0, img_size=8,
-                     loader_factory=synthetic_factory(shape=(1, 8, 8), classes=CLASSES))  # fmt: skip
-        record[name] = {"loss": result.final_loss, "eval": result.eval, "same_task": result.task is stage,
-                        "checkpoint": str(result.checkpoint)}  # fmt: skip
+        result = fit(
+            stage,
+            cfg,
+            None,
+            out / kind / name,
+            seed=0,
+            img_size=8,
+            loader_factory=synthetic_factory(shape=(1, 8, 8), classes=CLASSES),
+        )
+        record[name] = {
+            "loss": result.final_loss,
+            "eval": result.eval,
+            "same_task": result.task is stage,
+            "checkpoint": str(result.checkpoint),
+        }
     state = task.state_dict()
-    leftovers = sorted({k for m in task.modules() for k in vars(m) if k.startswith("ds_")}
-                       | {n for n, p in task.named_parameters() if hasattr(p, "ds_id")})  # fmt: skip
+    leftovers = sorted(
+        {k for m in task.modules() for k in vars(m) if k.startswith("ds_")}
+        | {n for n, p in task.named_parameters() if hasattr(p, "ds_id")}
+    )
     record["whole"] = all(state[k].numel() == n for k, n in sizes.items())
     record["dtypes"] = sorted({str(v.dtype) for v in state.values() if v.is_floating_point()})
     record["deepspeed_leftovers"] = leftovers
@@ -81,12 +98,28 @@ def main(out: Path, stage: str, precision: str, kinds: list[str]) -> None:
     ds_json = out / "ds.json"
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
-        ds_json.write_text(json.dumps({"zero_optimization": {"stage": int(stage), "stage3_param_persistence_threshold": 0}}))
+        ds_json.write_text(
+            json.dumps({"zero_optimization": {"stage": int(stage), "stage3_param_persistence_threshold": 0}})
+        )
     dist.barrier()
-    cfg = load_config(TrainerConfig, None, [
-        "backend=deepspeed", f"zero_stage={stage}", f"precision={precision}", f"deepspeed_config={ds_json}",
-        "max_steps=8", "batch_size=8", "eval_batches=1", "log.every_steps=1", "log.progress=false",
-        "log.images_every_epochs=1", "optim.warmup_steps=0", "optim.base_lr=0.01"])  # fmt: skip
+    cfg = load_config(
+        TrainerConfig,
+        None,
+        [
+            "backend=deepspeed",
+            f"zero_stage={stage}",
+            f"precision={precision}",
+            f"deepspeed_config={ds_json}",
+            "max_steps=8",
+            "batch_size=8",
+            "eval_batches=1",
+            "log.every_steps=1",
+            "log.progress=false",
+            "log.images_every_epochs=1",
+            "optim.warmup_steps=0",
+            "optim.base_lr=0.01",
+        ],
+    )
     results = {kind: train(kind, out, cfg) for kind in kinds}
     if dist.is_main():
         states = {kind: r.pop("state") for kind, r in results.items() if "state" in r}

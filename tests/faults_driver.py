@@ -52,8 +52,14 @@ PATCH = 2
 class MaskedTiny(Task):
     """Reconstruct randomly masked 2x2 patches of 8x8 digits: MAE in miniature."""
 
-    def __init__(self, poison: set[int] | None = None, delay: float = 0.0, crash: int | None = None,
-                 seeded: bool = False, record: Path | None = None) -> None:
+    def __init__(
+        self,
+        poison: set[int] | None = None,
+        delay: float = 0.0,
+        crash: int | None = None,
+        seeded: bool = False,
+        record: Path | None = None,
+    ) -> None:
         super().__init__()
         self.encoder = nn.Sequential(nn.Linear(PATCH * PATCH + 16, 32), nn.GELU(), nn.Linear(32, 32))
         self.decoder = nn.Linear(32, PATCH * PATCH)
@@ -118,17 +124,31 @@ def run(argv: list[str]) -> int:
     kind, _, at = args.fault.partition("@")
     if kind == "kill-in-save":
         _kill_in_save(int(at))
-    data_items = [o[len("data."):] for o in args.overrides if o.startswith("data.")]
+    data_items = [o[len("data.") :] for o in args.overrides if o.startswith("data.")]
     data = load_config(DataConfig, None, ["source=digits", "workers=2", "hflip=0", *data_items])
-    cfg = load_config(TrainerConfig, None, ["log.progress=false", "log.tensorboard=false", "eval_every_epochs=0",
-                                            "log.images_every_epochs=0", *[o for o in args.overrides if not o.startswith("data.")]])
+    cfg = load_config(
+        TrainerConfig,
+        None,
+        [
+            "log.progress=false",
+            "log.tensorboard=false",
+            "eval_every_epochs=0",
+            "log.images_every_epochs=0",
+            *[o for o in args.overrides if not o.startswith("data.")],
+        ],
+    )
     torch.manual_seed(0)
     crash = int(at) if kind == "crash" and dist.rank() == 1 and attempt == "0" else None
     if kind == "crash" and dist.rank() == 0 and attempt != "0":
         time.sleep(1.0)
     record = args.run_dir / f"keys-{args.record_keys}-rank-{dist.rank()}.jsonl" if args.record_keys else None
-    task = MaskedTiny(poison={int(n) for n in at.split(",")} if kind == "nan" else None, delay=args.step_delay, crash=crash,
-                      seeded=args.masks == "seeded", record=record)
+    task = MaskedTiny(
+        poison={int(n) for n in at.split(",")} if kind == "nan" else None,
+        delay=args.step_delay,
+        crash=crash,
+        seeded=args.masks == "seeded",
+        record=record,
+    )
     result = fit(task, cfg, data, args.run_dir, seed=0, img_size=8)
     if dist.is_main():
         torch.save({k: v.detach().clone() for k, v in result.task.state_dict().items()}, args.run_dir / "final.pt")
@@ -143,13 +163,30 @@ main = entry_point("faults_driver", run)
 COMMON = ["max_steps=30", "batch_size=16", "checkpoint.every_steps=4", "log.every_steps=2"]
 
 
-def start(run_dir: Path, *args: str, data_root: Path, nproc: int = 1, max_restarts: int = 0,
-          torchrun_flags: list[str] | None = None) -> subprocess.Popen:
+def start(
+    run_dir: Path,
+    *args: str,
+    data_root: Path,
+    nproc: int = 1,
+    max_restarts: int = 0,
+    torchrun_flags: list[str] | None = None,
+) -> subprocess.Popen:
     """Launch this driver (under torchrun when ``nproc`` > 1); output goes to ``run_dir.log``."""
     script = [__file__, str(run_dir), *COMMON, f"data.root={data_root}", *args]
-    launcher = [sys.executable] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        f"--max-restarts={max_restarts}", "--monitor-interval=0.5", *(torchrun_flags or [])]
+    launcher = (
+        [sys.executable]
+        if nproc == 1
+        else [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}",
+            "--monitor-interval=0.5",
+            *(torchrun_flags or []),
+        ]
+    )
     # one thread per process: identical numerics in every run, and no oversubscription of 2 cores
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     with open(f"{run_dir}.log", "a") as log:
@@ -180,6 +217,7 @@ def assert_same_weights(a: dict[str, Tensor], b: dict[str, Tensor]) -> None:
     assert a.keys() == b.keys()
     diff = {k: (a[k] - b[k]).abs().max().item() for k in a if not torch.equal(a[k], b[k])}
     assert not diff, f"weights differ from the uninterrupted run (max abs diff per tensor): {diff}"
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -44,11 +44,25 @@ POISON_STEP = 3  # the "poison" launcher's NaN step (rehearsal_poison.py --step)
 # ----------------------------------------------------------------------------- miniature settings
 
 #: ViT-MAE at 224 px, 49 patches of 32 px, width 32: the shipped recipe's code path at toy cost
-TINY_MAE = ["model.patch_size=32", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-            "model.decoder_embed_dim=32", "model.decoder_depth=1", "model.decoder_num_heads=2"]  # fmt: skip
+TINY_MAE = [
+    "model.patch_size=32",
+    "model.embed_dim=32",
+    "model.depth=2",
+    "model.num_heads=2",
+    "model.decoder_embed_dim=32",
+    "model.decoder_depth=1",
+    "model.decoder_num_heads=2",
+]
 #: one epoch of every training stage (the last, odd-sized batch included), logged every step
-SHORT = ["epochs=1", "max_steps=null", "batch_size=4", "eval_batches=1", "log.every_steps=1", "log.progress=false",
-         "optim.warmup_steps=1"]  # fmt: skip
+SHORT = [
+    "epochs=1",
+    "max_steps=null",
+    "batch_size=4",
+    "eval_batches=1",
+    "log.every_steps=1",
+    "log.progress=false",
+    "optim.warmup_steps=1",
+]
 #: pretraining runs 3 epochs at a higher lr: the loss of norm_pix_loss starts at ~1.0 (the
 #: variance of a normalized patch) and falls below it only once the tiny model learns something
 PRETRAIN = ["epochs=3", "optim.lr=0.002"]
@@ -104,8 +118,13 @@ CELLS: dict[str, Cell] = {
     # side of this cell (unscale, skip, update) runs only where CUDA is present.
     "fp16-clip-nan": Cell("poison", PHOTO_PRETRAIN, PHOTO_FINETUNE, ("precision=fp16", "optim.clip_grad=1.0")),
     # the shipped MNIST recipes over two machines' launch file (one machine here)
-    "mnist": Cell("launch/accelerate/multinode.yaml", "configs/pretrain/mnist_tiny.yaml", "configs/finetune/mnist.yaml",
-                  data="mnist", probe=True),
+    "mnist": Cell(
+        "launch/accelerate/multinode.yaml",
+        "configs/pretrain/mnist_tiny.yaml",
+        "configs/finetune/mnist.yaml",
+        data="mnist",
+        probe=True,
+    ),
     "smoke-1gpu": Cell("launch/accelerate/1gpu.yaml", "configs/debug/smoke.yaml", data="mnist"),
     # the default suite's cells, one per backend: the debug configs run as their comments say
     "smoke-ddp": Cell("torchrun", "configs/debug/smoke.yaml", data="mnist", fast=True),
@@ -127,8 +146,14 @@ BASELINES: dict[str, list[str]] = {
     "vae": ["model.hidden=[32]"],
     "vae_conv": ["model.widths=[4,4]", "model.latent_dim=4"],
 }
-BASELINE_COMMON = ["trainer.max_steps=2", "trainer.batch_size=16", "trainer.log.tensorboard=false",
-                   "probe.trainer.max_steps=2", "probe.trainer.batch_size=16", "data.workers=0"]  # fmt: skip
+BASELINE_COMMON = [
+    "trainer.max_steps=2",
+    "trainer.batch_size=16",
+    "trainer.log.tensorboard=false",
+    "probe.trainer.max_steps=2",
+    "probe.trainer.batch_size=16",
+    "data.workers=0",
+]
 
 
 def rehearsed_files() -> set[str]:
@@ -164,8 +189,15 @@ class Runner:
         seconds to ``workdir/commands.txt``; a non-zero exit fails with the output's tail."""
         out, start = self.workdir / f"{name}.log", time.monotonic()
         with out.open("w") as stream:
-            proc = subprocess.run(cmd, cwd=ROOT, env={**self.env, **(env or {})}, stdout=stream,
-                                  stderr=subprocess.STDOUT, timeout=TIMEOUT, check=False)  # fmt: skip
+            proc = subprocess.run(
+                cmd,
+                cwd=ROOT,
+                env={**self.env, **(env or {})},
+                stdout=stream,
+                stderr=subprocess.STDOUT,
+                timeout=TIMEOUT,
+                check=False,
+            )
         line = f"{name}: exit {proc.returncode} after {time.monotonic() - start:.0f} s: {shlex.join(cmd)}"
         with (self.workdir / "commands.txt").open("a") as record:
             record.write(line + "\n")
@@ -177,7 +209,12 @@ class Runner:
 def console_script(name: str, args: list[str]) -> list[str]:
     """``mae-export ARGS`` exactly as the installed console script runs it (its entry point)."""
     (script,) = entry_points(group="console_scripts", name=name)
-    return [sys.executable, "-c", f"import sys; from {script.module} import {script.attr}; sys.exit({script.attr}())", *args]
+    return [
+        sys.executable,
+        "-c",
+        f"import sys; from {script.module} import {script.attr}; sys.exit({script.attr}())",
+        *args,
+    ]
 
 
 def free_port() -> int:
@@ -186,7 +223,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cell: Cell, module: str, args: list[str], workdir: Path, deepspeed_json: Path | None) -> tuple[list[str], dict[str, str]]:
+def launch(
+    cell: Cell, module: str, args: list[str], workdir: Path, deepspeed_json: Path | None
+) -> tuple[list[str], dict[str, str]]:
     """The command (and extra environment) starting ``python -m module args`` with the cell's launcher."""
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     if cell.launcher == "torchrun":
@@ -204,8 +243,18 @@ def accelerate(config_file: str, module: str, args: list[str], deepspeed_json: P
     """``accelerate launch --config_file FILE``; only the topology (and the ZeRO-3 JSON) overridden."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file]
     if "1gpu" not in config_file:
-        cmd += ["--num_processes", "2", "--num_machines", "1", "--machine_rank", "0",
-                "--main_process_ip", "127.0.0.1", "--main_process_port", str(free_port())]  # fmt: skip
+        cmd += [
+            "--num_processes",
+            "2",
+            "--num_machines",
+            "1",
+            "--machine_rank",
+            "0",
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            str(free_port()),
+        ]
     if deepspeed_json is not None:
         cmd += ["--deepspeed_config_file", str(deepspeed_json)]
     return [*cmd, "-m", module, *args]
@@ -230,8 +279,14 @@ def slurm(script: str, args: list[str], workdir: Path, srun: str = SRUN_EXEC) ->
     for name, body in stand_ins.items():
         (bin_dir / name).write_text(f"#!/bin/bash\n{body}\n")
         (bin_dir / name).chmod(0o755)
-    env = {"PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "1",
-           "SLURM_JOB_NODELIST": "localhost", "SLURM_GPUS_ON_NODE": "2", "SLURM_CPUS_PER_TASK": "2"}
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_NODELIST": "localhost",
+        "SLURM_GPUS_ON_NODE": "2",
+        "SLURM_CPUS_PER_TASK": "2",
+    }
     cmd = ["bash", script, *args]
     if _private_network():  # the script's rendezvous port is fixed: keep other jobs on this machine out
         cmd = ["unshare", "-rn", "sh", "-c", 'ip link set lo up && exec "$@"', "sh", *cmd]
@@ -241,7 +296,10 @@ def slurm(script: str, args: list[str], workdir: Path, srun: str = SRUN_EXEC) ->
 def _private_network() -> bool:
     if shutil.which("unshare") is None or shutil.which("ip") is None:
         return False
-    return subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, check=False).returncode == 0
+    return (
+        subprocess.run(["unshare", "-rn", "ip", "link", "set", "lo", "up"], capture_output=True, check=False).returncode
+        == 0
+    )
 
 
 def zero3_json(workdir: Path) -> Path:
@@ -288,8 +346,14 @@ CROP = 224
 # ----------------------------------------------------------------------------- one cell
 
 #: the MNIST recipes run a few steps (an epoch of 4,000 digits in batches of 8 is 250 steps)
-SHORT_MNIST = ["max_steps=9", "batch_size=8", "eval_batches=1", "log.every_steps=1", "log.progress=false",
-               "optim.warmup_steps=1"]  # fmt: skip
+SHORT_MNIST = [
+    "max_steps=9",
+    "batch_size=8",
+    "eval_batches=1",
+    "log.every_steps=1",
+    "log.progress=false",
+    "optim.warmup_steps=1",
+]
 
 
 @dataclass(frozen=True)
@@ -328,9 +392,19 @@ def run_cell(name: str, photos: Path | None, mnist: Path, workdir: Path) -> None
         runner.run(label, *launch(cell, module, args, workdir, override))
 
     pre, export = workdir / "pretrain", workdir / "export"
-    stage("pretrain", "pretrain", ["--config", cell.pretrain, f"run_dir={pre}", *mini.data, *mini.model,
-                                   *trainer_overrides("trainer.", settings + mini.pretrain),
-                                   *trainer_overrides("probe.trainer.", settings)])  # fmt: skip
+    stage(
+        "pretrain",
+        "pretrain",
+        [
+            "--config",
+            cell.pretrain,
+            f"run_dir={pre}",
+            *mini.data,
+            *mini.model,
+            *trainer_overrides("trainer.", settings + mini.pretrain),
+            *trainer_overrides("probe.trainer.", settings),
+        ],
+    )
     check_pretraining(pre, mini.image, poisoned=cell.launcher == "poison")
     if cell.launcher.endswith(".sbatch"):  # the script exits 0 after a requeue too
         assert "requeue" not in (workdir / "slurm-calls.txt").read_text(), "the Slurm script requeued a finished run"
@@ -340,18 +414,40 @@ def run_cell(name: str, photos: Path | None, mnist: Path, workdir: Path) -> None
     same_weights(pre / "export" / "timm", export / "timm")
 
     if cell.probe:
-        stage("mae-probe", "finetune.probe", [f"backbone={export / 'timm'}", f"run_dir={workdir / 'probe'}", *mini.data,
-                                              *trainer_overrides("probe.trainer.", settings)])  # fmt: skip
+        stage(
+            "mae-probe",
+            "finetune.probe",
+            [
+                f"backbone={export / 'timm'}",
+                f"run_dir={workdir / 'probe'}",
+                *mini.data,
+                *trainer_overrides("probe.trainer.", settings),
+            ],
+        )
         losses(workdir / "probe")
     if cell.finetune:
-        stage("mae-finetune", "finetune.finetune", ["--config", cell.finetune, f"backbone={export / 'timm'}",
-                                                    f"run_dir={workdir / 'finetune'}", *mini.data,
-                                                    *trainer_overrides("finetune.trainer.", settings)])  # fmt: skip
+        stage(
+            "mae-finetune",
+            "finetune.finetune",
+            [
+                "--config",
+                cell.finetune,
+                f"backbone={export / 'timm'}",
+                f"run_dir={workdir / 'finetune'}",
+                *mini.data,
+                *trainer_overrides("finetune.trainer.", settings),
+            ],
+        )
         losses(workdir / "finetune")
         load_timm(workdir / "finetune" / "export", *mini.image)
 
-    runner.run("mae-visualize", console_script("mae-visualize", [str(export), "--data", str(pre / "config.yaml"),
-                                                                 "--num-images", "2", "--out", str(workdir / "grid.png")]))
+    runner.run(
+        "mae-visualize",
+        console_script(
+            "mae-visualize",
+            [str(export), "--data", str(pre / "config.yaml"), "--num-images", "2", "--out", str(workdir / "grid.png")],
+        ),
+    )
     assert (workdir / "grid.png").stat().st_size > 0
 
 
@@ -379,4 +475,6 @@ def same_weights(a: Path, b: Path) -> None:
     first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
     assert first.keys() == second.keys(), f"{a} vs {b}: keys differ: {sorted(first.keys() ^ second.keys())[:5]}"
     for key in first:
-        assert torch.equal(second[key], first[key]), f"{a} vs {b}: {key} differs by up to {(second[key] - first[key]).abs().max()}"
+        assert torch.equal(second[key], first[key]), (
+            f"{a} vs {b}: {key} differs by up to {(second[key] - first[key]).abs().max()}"
+        )

@@ -18,8 +18,11 @@ ROOT = Path(__file__).resolve().parents[1]
 RUNS = {
     "ae": ["model.hidden=[32]", "model.latent_dim=4"],
     "dae": ["model.widths=[4,4]", "model.noise=mask", "model.noise_level=0.2"],
-    "sdae": ["model.layers=[32,8]", "finetune={max_steps: 2, batch_size: 16}",
-             "probe={trainer: {max_steps: 2, batch_size: 16}}"],
+    "sdae": [
+        "model.layers=[32,8]",
+        "finetune={max_steps: 2, batch_size: 16}",
+        "probe={trainer: {max_steps: 2, batch_size: 16}}",
+    ],
     "cae": ["model.widths=[4,4]"],
     "vae": ["model.arch=conv", "model.widths=[4,4]", "model.latent_dim=2"],
     "aae": ["model.hidden=[32]", "model.disc_hidden=[16]", "model.prior=mog"],
@@ -44,11 +47,27 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("dist")
     driver = tmp / "driver.py"
     driver.write_text(DRIVER)
-    common = [f"data.root={tmp / 'data'}", "data.workers=0", f"run_root={tmp / 'runs'}", "probe=null",
-              "trainer.max_steps=2", "trainer.batch_size=16", "trainer.log.tensorboard=false"]
+    common = [
+        f"data.root={tmp / 'data'}",
+        "data.workers=0",
+        f"run_root={tmp / 'runs'}",
+        "probe=null",
+        "trainer.max_steps=2",
+        "trainer.batch_size=16",
+        "trainer.log.tensorboard=false",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(driver), json.dumps(RUNS), *common]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(driver),
+        json.dumps(RUNS),
+        *common,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp / "runs"

@@ -31,7 +31,11 @@ MODELS = {
 
 
 def make_batch(channels: int, n: int = 12) -> dict:
-    return {"image": torch.randn(n, channels, SIZE, SIZE), "label": torch.arange(n) % 10, "key": [str(i) for i in range(n)]}
+    return {
+        "image": torch.randn(n, channels, SIZE, SIZE),
+        "label": torch.arange(n) % 10,
+        "key": [str(i) for i in range(n)],
+    }
 
 
 def pixels_for(channels: int) -> Pixels:
@@ -49,7 +53,9 @@ def test_forward_backward_shapes(name: str, channels: int) -> None:
         assert out["loss"].shape == () and torch.isfinite(out["loss"])
         out["loss"].backward()
         stepped = [p for p in task.phase_module(phase).parameters() if p.requires_grad]
-        assert stepped and all(p.grad is not None for p in stepped), f"{name}/{phase}: a stepped parameter got no gradient"
+        assert stepped and all(p.grad is not None for p in stepped), (
+            f"{name}/{phase}: a stepped parameter got no gradient"
+        )
     codes = task.backbone()(batch["image"])
     assert codes.shape == (12, task.backbone().num_features)
     sums = task.eval_step(batch)
@@ -117,8 +123,14 @@ def test_mixture_prior_places_its_modes_on_a_circle() -> None:
     assert GaussianPrior(2).grid(5).shape == (25, 2) and prior.grid(5).abs().max() == pytest.approx(5.0)
 
 
-@pytest.mark.parametrize("family, config", [("cae", cae.CAEConfig(widths=[8, 8, 8])), ("dae", dae.DAEConfig(widths=[8, 8])),
-                                            ("vae", vae.VAEConfig(arch="conv", widths=[8, 8]))])
+@pytest.mark.parametrize(
+    "family, config",
+    [
+        ("cae", cae.CAEConfig(widths=[8, 8, 8])),
+        ("dae", dae.DAEConfig(widths=[8, 8])),
+        ("vae", vae.VAEConfig(arch="conv", widths=[8, 8])),
+    ],
+)
 def test_conv_models_reject_sizes_their_poolings_cannot_invert(family: str, config) -> None:
     with pytest.raises(ConfigError) as err:
         build_task(config, pixels_for(1), 30)

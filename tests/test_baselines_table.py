@@ -28,12 +28,39 @@ COST = {"cpu_seconds": 90.0, "wall_seconds": 150.0, "load_start": 1.5, "load_end
 def test_render_only_fills_the_table_block_with_pixels_baselines_mae_and_cost(tmp_path: Path) -> None:
     root = tmp_path / "runs"
     write_run(root, PIXELS, {"name": "raw pixels", "params": 0, "eval": {}, "probe": {"top1": 85.4}}, COST)
-    write_run(root, "ae", {"name": "ae", "params": 419120, "eval": {"mse": 0.0104, "bce": 0.0969}, "steps": 2500,
-                           "train_seconds": 68.1, "probe": {"top1": 89.0}}, COST)
+    write_run(
+        root,
+        "ae",
+        {
+            "name": "ae",
+            "params": 419120,
+            "eval": {"mse": 0.0104, "bce": 0.0969},
+            "steps": 2500,
+            "train_seconds": 68.1,
+            "probe": {"top1": 89.0},
+        },
+        COST,
+    )
     page = tmp_path / "baselines.md"
     page.write_text(f"# x\n\n## Baselines\n\n{render.START}\nold table\n{render.END}\n\n## Next\nkept\n")
-    assert main(["--render-only", "--names", "ae", "cae", "--no-sweep", "--run-root", str(root),
-                    "--mae-run", str(tmp_path / "no-mae"), "--out", str(page)]) == 0
+    assert (
+        main(
+            [
+                "--render-only",
+                "--names",
+                "ae",
+                "cae",
+                "--no-sweep",
+                "--run-root",
+                str(root),
+                "--mae-run",
+                str(tmp_path / "no-mae"),
+                "--out",
+                str(page),
+            ]
+        )
+        == 0
+    )
     text = page.read_text()
     assert "old table" not in text and text.endswith("## Next\nkept\n")
     rows = [line for line in text.splitlines() if line.startswith("| ")]
@@ -54,7 +81,9 @@ def test_mae_recon_is_converted_to_unit_pixels_only_without_norm_pix() -> None:
 
 def test_child_cpu_seconds_are_measured_and_failures_raise(tmp_path: Path) -> None:
     with (tmp_path / "log").open("w") as out:
-        cost = jobs.measured(lambda: jobs._run_child([sys.executable, "-c", "sum(i * i for i in range(3 * 10**6))"], out))
+        cost = jobs.measured(
+            lambda: jobs._run_child([sys.executable, "-c", "sum(i * i for i in range(3 * 10**6))"], out)
+        )
         assert cost["cpu_seconds"] > 0.05 and cost["wall_seconds"] >= cost["cpu_seconds"] * 0.5
         with pytest.raises(subprocess.CalledProcessError):
             jobs._run_child([sys.executable, "-c", "raise SystemExit(3)"], out)

@@ -43,7 +43,10 @@ def mnist(data: DataConfig) -> tuple[dict, dict, Pixels]:
 
 def train_steps(task: Task, train: dict, steps: int, lr: float = 2e-3, batch: int = 50) -> None:
     """Plain Adam over the task's phases, as the trainer would step them."""
-    opts = {p: torch.optim.Adam([q for q in task.phase_module(p).parameters() if q.requires_grad], lr=lr) for p in task.phases}
+    opts = {
+        p: torch.optim.Adam([q for q in task.phase_module(p).parameters() if q.requires_grad], lr=lr)
+        for p in task.phases
+    }
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(0, train["image"].shape[0], (batch,), generator=gen)
@@ -117,8 +120,13 @@ def test_greedy_stage_keeps_lower_layers_bit_identical(data: DataConfig, mnist, 
     """Through the shared trainer: layer 1's fit must not move layer 0 by a single bit."""
     _, _, pixels = mnist
     task = build_task(stacked.SDAEConfig(layers=[64, 16]), pixels, 28)
-    trainer = TrainerConfig(max_steps=4, batch_size=32, eval_every_epochs=0,
-                            optim={"lr": 1e-2, "weight_decay": 0.0}, log={"progress": False, "tensorboard": False})
+    trainer = TrainerConfig(
+        max_steps=4,
+        batch_size=32,
+        eval_every_epochs=0,
+        optim={"lr": 1e-2, "weight_decay": 0.0},
+        log={"progress": False, "tensorboard": False},
+    )
     stages = task.stages()
     layers = task.stack.layers
     for i, (name, stage) in enumerate(stages):
@@ -135,11 +143,20 @@ def test_greedy_stage_keeps_lower_layers_bit_identical(data: DataConfig, mnist, 
 
 def test_probe_pixels_probes_the_flat_pixels_through_the_trainer(data: DataConfig, tmp_path: Path) -> None:
     """The table's floor row: the codes' linear probe with the raw pixels as the code."""
-    overrides = [f"run_root={tmp_path}", f"data.root={data.root}", "data.workers=0", "probe.trainer.max_steps=6",
-                 "probe.trainer.eval_every_epochs=0", "probe.trainer.log.progress=false"]
+    overrides = [
+        f"run_root={tmp_path}",
+        f"data.root={data.root}",
+        "data.workers=0",
+        "probe.trainer.max_steps=6",
+        "probe.trainer.eval_every_epochs=0",
+        "probe.trainer.log.progress=false",
+    ]
     cfg = load_baseline_config("ae", None, overrides).model_copy(update={"name": "pixels"})
     results = probe_pixels(cfg, tmp_path / "pixels")
     saved = json.loads((tmp_path / "pixels" / "results.json").read_text())
     assert saved == results and saved["params"] == 0 and saved["probe"]["steps"] == 6
     assert 0 <= saved["probe"]["top1"] <= 100
-    assert yaml.safe_load((tmp_path / "pixels" / "config.yaml").read_text())["probe"]["trainer"]["optim"]["name"] == "momentum"
+    assert (
+        yaml.safe_load((tmp_path / "pixels" / "config.yaml").read_text())["probe"]["trainer"]["optim"]["name"]
+        == "momentum"
+    )

@@ -14,24 +14,61 @@ from benchmarks.model_step import count_params
 from benchmarks.project import Workload
 from benchmarks.visible_only import MaskTokensInEncoder
 
-TINY = ["img_size=32", "batch_size=2", "warmup=1", "steps=1", "repeats=2", "threads=1",
-        "model_overrides={depth: 1, decoder_depth: 1}"]  # fmt: skip
-MEASUREMENT = {"name", "images_per_s", "images_per_cpu_s", "step_ms", "runs_images_per_s", "warmup_s", "peak_memory_mb",
-               "flops_per_image", "achieved_tflops", "mfu", "params_m", "info"}  # fmt: skip
+TINY = [
+    "img_size=32",
+    "batch_size=2",
+    "warmup=1",
+    "steps=1",
+    "repeats=2",
+    "threads=1",
+    "model_overrides={depth: 1, decoder_depth: 1}",
+]
+MEASUREMENT = {
+    "name",
+    "images_per_s",
+    "images_per_cpu_s",
+    "step_ms",
+    "runs_images_per_s",
+    "warmup_s",
+    "peak_memory_mb",
+    "flops_per_image",
+    "achieved_tflops",
+    "mfu",
+    "params_m",
+    "info",
+}
 
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    code = main([*TINY, "presets=[mae_vit_tiny]", "visible_presets=[mae_vit_tiny]", "levers=[bf16,boolean,item,where-masked]",
-                 "loader_workers=[0]", "loader_images=32", f"out={out}"])  # fmt: skip
+    code = main(
+        [
+            *TINY,
+            "presets=[mae_vit_tiny]",
+            "visible_presets=[mae_vit_tiny]",
+            "levers=[bf16,boolean,item,where-masked]",
+            "loader_workers=[0]",
+            "loader_images=32",
+            f"out={out}",
+        ]
+    )
     assert code == 0
     return json.loads(out.read_text())
 
 
 def test_meta_records_machine_and_load(result: dict) -> None:
     meta = result["meta"]
-    assert {"time_utc", "torch", "device", "torch_threads", "loadavg_start", "loadavg_end", "memory_kind", "config"} <= set(meta)
+    assert {
+        "time_utc",
+        "torch",
+        "device",
+        "torch_threads",
+        "loadavg_start",
+        "loadavg_end",
+        "memory_kind",
+        "config",
+    } <= set(meta)
     assert meta["torch_threads"] == 1 and meta["memory_kind"] == "process_peak_rss"
 
 
@@ -56,8 +93,12 @@ def test_visible_only_and_levers_sections(result: dict) -> None:
     assert vis["flops_ratio"] > 1 and vis["wallclock_speedup"] > 0
     levers = result["levers"]["rows"]
     assert levers[0]["lever"].startswith("baseline") and levers[0]["speedup"] == 1.0
-    assert {"bf16 autocast", "boolean-mask loss", "loss.item() every step",
-            "predict all patches, where-masked loss"} <= {r["lever"] for r in levers}  # fmt: skip
+    assert {
+        "bf16 autocast",
+        "boolean-mask loss",
+        "loss.item() every step",
+        "predict all patches, where-masked loss",
+    } <= {r["lever"] for r in levers}
     assert all({"speedup", "pays", "images_per_s", "settings"} <= set(r) for r in levers)
 
 

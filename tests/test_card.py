@@ -17,15 +17,28 @@ from huggingface_hub import ModelCard
 from finetune.finetune import FinetuneConfig, run_finetune
 from launch.card import CARD_FILE
 from launch.data import DataConfig
-from pretrain.export import main as export_main
 from pretrain.__main__ import main as pretrain_main
+from pretrain.export import main as export_main
 from pretrain.presets import create_mae
 
 #: a one-block MAE on scikit-learn's 8x8 digits: the pipeline's code path in seconds
-TINY = ["data.source=digits", "data.workers=0", "model.img_size=8", "model.depth=1", "model.decoder_depth=1",
-        "trainer.max_steps=3", "trainer.batch_size=16", "trainer.log.progress=false", "trainer.log.tensorboard=false",
-        "probe.trainer.max_steps=2", "probe.trainer.batch_size=16", "probe.trainer.eval_batches=2",
-        "probe.trainer.log.progress=false", "probe.trainer.log.tensorboard=false", "picture=false"]  # fmt: skip
+TINY = [
+    "data.source=digits",
+    "data.workers=0",
+    "model.img_size=8",
+    "model.depth=1",
+    "model.decoder_depth=1",
+    "trainer.max_steps=3",
+    "trainer.batch_size=16",
+    "trainer.log.progress=false",
+    "trainer.log.tensorboard=false",
+    "probe.trainer.max_steps=2",
+    "probe.trainer.batch_size=16",
+    "probe.trainer.eval_batches=2",
+    "probe.trainer.log.progress=false",
+    "probe.trainer.log.tensorboard=false",
+    "picture=false",
+]
 
 
 def header(card: str) -> dict:
@@ -55,7 +68,12 @@ def test_pretrain_card_parses_and_names_every_summary_figure(run: Path) -> None:
     assert f"validation loss: {summary['eval_loss']:.4f}" in card
     assert f"optimizer steps: {summary['steps']}\n" in card and f"images seen: {summary['images_seen']:,}\n" in card
     assert summary["images_seen"] == 3 * 16
-    for line in ("patch size: 4 px; input size: 1 x 8 x 8", "mask ratio 0.75", "optimizer: adamw", "normalization: mean"):
+    for line in (
+        "patch size: 4 px; input size: 1 x 8 x 8",
+        "mask ratio 0.75",
+        "optimizer: adamw",
+        "normalization: mean",
+    ):
         assert line in card
 
 
@@ -87,8 +105,16 @@ def test_mae_export_writes_the_card_of_the_checkpoint(run: Path, tmp_path: Path)
 def test_finetune_exports_carry_top1_and_top5(tmp_path: Path) -> None:
     torch.manual_seed(0)
     mae = create_mae("mae_vit_mnist_p4", img_size=8, depth=1)
-    cfg = FinetuneConfig.model_validate({"trainer": {"max_steps": 2, "batch_size": 16, "eval_batches": 2,
-                                                     "log": {"progress": False, "tensorboard": False}}})  # fmt: skip
+    cfg = FinetuneConfig.model_validate(
+        {
+            "trainer": {
+                "max_steps": 2,
+                "batch_size": 16,
+                "eval_batches": 2,
+                "log": {"progress": False, "tensorboard": False},
+            }
+        }
+    )
     data = DataConfig(source="digits", root=str(tmp_path / "data"), workers=0, hflip=0.0)
     result = run_finetune(cfg, backbone=mae, data=data, run_dir=tmp_path / "run", seed=0)
     card = (tmp_path / "run" / "export" / CARD_FILE).read_text()

@@ -32,21 +32,25 @@ def test_stop_is_checked_only_every_n_steps():
     with RunControl(check_every=4, every_steps=3) as control:
         os.kill(os.getpid(), signal.SIGTERM)
         assert [control.poll(s) for s in (1, 2, 3)] == [
-            preemption.Decision(), preemption.Decision(), preemption.Decision(save=True)]
+            preemption.Decision(),
+            preemption.Decision(),
+            preemption.Decision(save=True),
+        ]
         assert control.poll(4) == preemption.Decision(save=True, stop=True)
-
 
 
 def test_signal_handlers_are_restored_when_the_resume_fails(tmp_path):
     """fit() owns the handlers on every path: a resume refused before the first step gives them back."""
-    from launch.errors import CheckpointError
     from trainer_tiny import run
+
+    from launch.errors import CheckpointError
 
     run(str(tmp_path), ["max_steps=2", "batch_size=8"])
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
     with pytest.raises(CheckpointError, match="cannot resume"):
         run(str(tmp_path), ["max_steps=4", "batch_size=8"], two_phase=True)  # another task: not resumable
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)) == before
+
 
 def test_every_minutes_trigger(monkeypatch):
     now = [1000.0]
@@ -72,7 +76,7 @@ def test_nonfinite_flag():
     assert nonfinite_flag(torch.tensor(1.0), [torch.tensor([NAN], dtype=torch.bfloat16)]).item() == 1.0
 
 
-_TWO_RANKS = r'''
+_TWO_RANKS = r"""
 import os, signal, sys, torch, torch.distributed as td
 from pathlib import Path
 from launch import dist
@@ -110,7 +114,7 @@ out.append(f"published={len(mgr.checkpoints())}")
 # one write: torchrun runs workers unbuffered (python -u), and print writes its end separately
 print(f"rank{rank} " + " ".join(map(str, out)) + "\n", end="", flush=True)
 td.destroy_process_group()
-'''
+"""
 
 
 @pytest.mark.dist
@@ -118,16 +122,27 @@ def test_two_ranks_agree_on_stop_skip_and_failed_save(tmp_path: Path):
     script = tmp_path / "two_ranks.py"
     script.write_text(_TWO_RANKS)
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         str(script), str(tmp_path / "ck")],
-        capture_output=True, text=True, timeout=180, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(script),
+            str(tmp_path / "ck"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = sorted(line for line in proc.stdout.splitlines() if line.startswith("rank"))
     assert lines == ["rank0 stop@4 bad=1.0 agreed published=0", "rank1 stop@4 bad=1.0 agreed published=0"]
 
 
-_GROUP_SIGNAL = r'''
+_GROUP_SIGNAL = r"""
 import os, time, torch
 from torch.utils.data import DataLoader, IterableDataset
 from launch.preemption import RunControl
@@ -147,7 +162,7 @@ with RunControl() as control:
     seen += [int(next(batches)) for _ in range(6)]
 print(control.received, len(seen), flush=True)
 # exit with the workers still running: multiprocessing's exit handler SIGTERMs them, which must work
-'''
+"""
 
 
 def test_signal_to_the_process_group_spares_loader_workers(tmp_path):
@@ -155,8 +170,9 @@ def test_signal_to_the_process_group_spares_loader_workers(tmp_path):
     the workers still end when their parent stops them."""
     script = tmp_path / "group.py"
     script.write_text(_GROUP_SIGNAL)
-    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     assert proc.stdout.readline().strip() == "ready"
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=60)

@@ -17,9 +17,24 @@ import pytest
 import torch
 from torch import nn
 
-from launch.checkpoint import (COMPLETE, LATEST, TRAINER_FILE, CheckpointManager, check_compatible, fingerprint,
-                               is_complete, load_file, nonfinite_keys, rank_file, rank_state, read_meta,
-                               restore_rank_state, rng_state, save_file, set_rng_state)
+from launch.checkpoint import (
+    COMPLETE,
+    LATEST,
+    TRAINER_FILE,
+    CheckpointManager,
+    check_compatible,
+    fingerprint,
+    is_complete,
+    load_file,
+    nonfinite_keys,
+    rank_file,
+    rank_state,
+    read_meta,
+    restore_rank_state,
+    rng_state,
+    save_file,
+    set_rng_state,
+)
 from launch.errors import CheckpointError
 
 
@@ -28,6 +43,7 @@ def _writer(value: float, rank: int = 0):
         if rank == 0:
             save_file({"w": torch.full((3,), value)}, tmp / TRAINER_FILE)
         save_file(rank_state({"position": int(value)}), rank_file(tmp, rank))
+
     return write
 
 
@@ -98,7 +114,9 @@ def test_failed_write_keeps_earlier_checkpoints(tmp_path):
     def full_disk(tmp: Path) -> None:
         raise OSError(28, "No space left on device", str(tmp / TRAINER_FILE))
 
-    with pytest.raises(CheckpointError, match=r"No space left on device.*earlier checkpoints are intact \(latest: step-00000001\)"):
+    with pytest.raises(
+        CheckpointError, match=r"No space left on device.*earlier checkpoints are intact \(latest: step-00000001\)"
+    ):
         mgr.save(2, full_disk)
     assert [p.name for p in mgr.checkpoints()] == ["step-00000001"]
     assert not list(mgr.directory.glob(".tmp-*"))
@@ -199,8 +217,10 @@ def test_fingerprint_uses_full_zero3_shapes():
 
 
 def test_nonfinite_keys():
-    state = {"model": {"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])},
-             "optimizers": [{"state": {0: {"exp_avg": torch.tensor([float("inf")]), "step": torch.tensor(3)}}}]}
+    state = {
+        "model": {"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")])},
+        "optimizers": [{"state": {0: {"exp_avg": torch.tensor([float("inf")]), "step": torch.tensor(3)}}}],
+    }
     assert nonfinite_keys(state) == ["model.b", "optimizers.0.state.0.exp_avg"]
 
 

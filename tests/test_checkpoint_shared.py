@@ -27,25 +27,38 @@ def test_every_rank_takes_rank_0s_resume_choice(tmp_path: Path) -> None:
     chosen = _checkpoint(tmp_path / "shared", 4)
     _checkpoint(tmp_path / "shared", 2)
     _checkpoint(tmp_path / "rank1-view", 9)
-    rank1 = CheckpointManager(tmp_path / "rank1-view", keep=3, rank=1, agree=lambda ok: ok,
-                              share=lambda obj: (str(chosen), None))  # fmt: skip
+    rank1 = CheckpointManager(
+        tmp_path / "rank1-view", keep=3, rank=1, agree=lambda ok: ok, share=lambda obj: (str(chosen), None)
+    )
     assert rank1.resolve_agreed("auto") == chosen
-    fresh = CheckpointManager(tmp_path / "rank1-view", keep=3, rank=1, agree=lambda ok: ok, share=lambda obj: (None, None))
+    fresh = CheckpointManager(
+        tmp_path / "rank1-view", keep=3, rank=1, agree=lambda ok: ok, share=lambda obj: (None, None)
+    )
     assert fresh.resolve_agreed("auto") is None  # rank 0 starts fresh: so does every rank
 
 
 def test_a_checkpoint_missing_on_a_rank_stops_every_rank(tmp_path: Path) -> None:
     votes: list[bool] = []
-    rank1 = CheckpointManager(tmp_path / "local", keep=3, rank=1, agree=lambda ok: votes.append(ok) or all(votes),
-                              share=lambda obj: (str(tmp_path / "elsewhere" / "step-00000004"), None))  # fmt: skip
+    rank1 = CheckpointManager(
+        tmp_path / "local",
+        keep=3,
+        rank=1,
+        agree=lambda ok: votes.append(ok) or all(votes),
+        share=lambda obj: (str(tmp_path / "elsewhere" / "step-00000004"), None),
+    )
     with pytest.raises(CheckpointError, match="not visible on every rank"):
         rank1.resolve_agreed("auto")
     assert votes == [False]
 
 
 def test_rank_0s_resume_error_reaches_every_rank(tmp_path: Path) -> None:
-    rank1 = CheckpointManager(tmp_path, keep=3, rank=1, agree=lambda ok: ok,
-                              share=lambda obj: (None, "trainer.checkpoint.resume=/x: no such checkpoint"))  # fmt: skip
+    rank1 = CheckpointManager(
+        tmp_path,
+        keep=3,
+        rank=1,
+        agree=lambda ok: ok,
+        share=lambda obj: (None, "trainer.checkpoint.resume=/x: no such checkpoint"),
+    )
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         rank1.resolve_agreed("/x")
 
@@ -62,8 +75,18 @@ def test_a_directory_rank_1_does_not_see_is_refused(tmp_path: Path) -> None:
 @pytest.mark.dist
 def test_node_local_run_dirs_stop_both_ranks_before_training(tmp_path: Path) -> None:
     run_dir = tmp_path / "rank{rank}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
-           str(run_dir), "max_steps=2", "batch_size=8"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        str(run_dir),
+        "max_steps=2",
+        "batch_size=8",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode != 0
     assert proc.stderr.count("is not shared by all ranks") >= 2, proc.stderr[-3000:]  # both ranks, one line each

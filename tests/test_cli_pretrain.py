@@ -13,10 +13,19 @@ import yaml
 from pretrain.__main__ import main
 
 #: the default run, shortened: a few steps of pretraining and of probing
-SHORT = ["trainer.max_steps=3", "trainer.batch_size=32", "trainer.log.every_steps=1", "trainer.log.progress=false",
-         "trainer.eval_every_epochs=0", "trainer.eval_batches=2", "probe.trainer.max_steps=2",
-         "probe.trainer.batch_size=64", "probe.trainer.eval_batches=2",
-         "probe.trainer.log.progress=false", "data.workers=0"]  # fmt: skip
+SHORT = [
+    "trainer.max_steps=3",
+    "trainer.batch_size=32",
+    "trainer.log.every_steps=1",
+    "trainer.log.progress=false",
+    "trainer.eval_every_epochs=0",
+    "trainer.eval_batches=2",
+    "probe.trainer.max_steps=2",
+    "probe.trainer.batch_size=64",
+    "probe.trainer.eval_batches=2",
+    "probe.trainer.log.progress=false",
+    "data.workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +84,10 @@ def _ds_json(tmp_path):
         (["trainer.batch_size=abc"], "config key 'trainer.batch_size': "),
         (["data.source=/nonexistent/shards-{000..003}.tar"], "/nonexistent/shards-"),
         (["trainer.batch_size=5000"], "= 5000 images per step, more than the 4000 samples of split 'train'"),
-        (["trainer.backend=deepspeed", "DSJSON"], "sets zero_optimization.stage=3 but the run config gives 2 (trainer.zero_stage)"),
+        (
+            ["trainer.backend=deepspeed", "DSJSON"],
+            "sets zero_optimization.stage=3 but the run config gives 2 (trainer.zero_stage)",
+        ),
     ],
     ids=["unknown-key", "wrong-type", "missing-shards", "batch-split", "deepspeed-json"],
 )

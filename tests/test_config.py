@@ -29,7 +29,10 @@ def test_precedence_defaults_file_overrides(tmp_path):
     ("override", "expected"),
     [
         ("trainer.epoch=3", "unknown config key 'trainer.epoch' (did you mean 'trainer.epochs'?)"),
-        ("trainer.optim.wieght_decay=0", "unknown config key 'trainer.optim.wieght_decay' (did you mean 'trainer.optim.weight_decay'?)"),
+        (
+            "trainer.optim.wieght_decay=0",
+            "unknown config key 'trainer.optim.wieght_decay' (did you mean 'trainer.optim.weight_decay'?)",
+        ),
         ("traner.epochs=3", "unknown config key 'traner' (did you mean 'trainer'?)"),
     ],
 )
@@ -135,9 +138,15 @@ class _Tree(Schema):
     ("overrides", "expected"),
     [
         (["extra.epoch=2"], "unknown config key 'extra.epoch' (did you mean 'extra.epochs'?)"),  # through `X | None`
-        (["part.kind=leaf", "part.sise=2"], "unknown config key 'part.sise' for part.kind=leaf (did you mean 'part.size'?)"),
+        (
+            ["part.kind=leaf", "part.sise=2"],
+            "unknown config key 'part.sise' for part.kind=leaf (did you mean 'part.size'?)",
+        ),
         (["part.kind=leaf", "part.zzz=2"], "unknown config key 'part.zzz' for part.kind=leaf (valid keys: kind, size)"),
-        (["part.kind=leaf", "part.size=9"], "config key 'part.size': Input should be less than or equal to 8 (got 9; allowed: 1 <= size <= 8)"),
+        (
+            ["part.kind=leaf", "part.size=9"],
+            "config key 'part.size': Input should be less than or equal to 8 (got 9; allowed: 1 <= size <= 8)",
+        ),
         (["part.kind=bud"], "config key 'part.kind': unknown kind 'bud'; allowed: leaf, twig"),
     ],
 )

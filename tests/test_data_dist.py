@@ -35,6 +35,7 @@ def test_deal_covers_every_position_once_with_equal_batch_counts(world_size: int
 @pytest.mark.parametrize("start", [0, 36, 50])
 def test_global_micro_batches_do_not_depend_on_the_split_over_ranks(start: int) -> None:
     """The same W x B from the same position: global batch i holds the same positions, whatever W."""
+
     def global_batches(world_size: int, batch_size: int) -> list[list[int]]:
         ranks = [deal(200, start, world_size=world_size, batch_size=batch_size, rank=r) for r in range(world_size)]
         return [[q for batches in ranks for q in batches[i]] for i in range(len(ranks[0]))]
@@ -49,14 +50,17 @@ def test_drop_last_deals_only_full_global_micro_batches(world_size: int, batch_s
     """Training (drop_last): floor(left / (W x B)) global micro-batches, every one full, the first positions
     of the order; the partial rest is dropped (not merged, not split)."""
     unit = world_size * batch_size
-    ranks = [deal(200, start, world_size=world_size, batch_size=batch_size, rank=r, drop_last=True)
-             for r in range(world_size)]
+    ranks = [
+        deal(200, start, world_size=world_size, batch_size=batch_size, rank=r, drop_last=True)
+        for r in range(world_size)
+    ]
     assert all(len(batches) == (200 - start) // unit for batches in ranks)
     assert all(len(b) == batch_size for batches in ranks for b in batches)
     used = sorted(q for batches in ranks for b in batches for q in b)
     assert used == list(range(start, start + (200 - start) // unit * unit))
     assert global_batch_ends(200, start, world_size=world_size, batch_size=batch_size, drop_last=True) == [
-        start + (i + 1) * unit for i in range((200 - start) // unit)]
+        start + (i + 1) * unit for i in range((200 - start) // unit)
+    ]
 
 
 def test_a_resume_in_the_last_samples_of_an_epoch_has_nothing_left() -> None:
@@ -97,8 +101,15 @@ def test_one_shard_feeds_two_ranks_of_two_workers(tmp_path: Path) -> None:
 
     _write_uneven(tmp_path)
     cfg = DataConfig(source=str(tmp_path / "part-000000.tar"), workers=2, shuffle_buffer=10)
-    ranks = [[b["key"] for b in build_loader(cfg, "train", preset="pretrain", batch_size=16, img_size=8, seed=0,
-                                             rank=r, world_size=2)] for r in range(2)]
+    ranks = [
+        [
+            b["key"]
+            for b in build_loader(
+                cfg, "train", preset="pretrain", batch_size=16, img_size=8, seed=0, rank=r, world_size=2
+            )
+        ]
+        for r in range(2)
+    ]
     assert len(ranks[0]) == len(ranks[1]) == 3  # 97 samples: 2 x 32, then 33 (the last one is merged in)
     keys = [k for rank in ranks for batch in rank for k in batch]
     assert len(keys) == len(set(keys)) == UNEVEN[0]
@@ -112,19 +123,24 @@ def _write_uneven(folder: Path) -> None:
     items = digits().splits["train"]
     start = 0
     for i, n in enumerate(UNEVEN):
-        write_shard(folder / f"part-{i:06d}.tar", items[start:start + n])
+        write_shard(folder / f"part-{i:06d}.tar", items[start : start + n])
         start += n
 
 
-def _global_batches(folder: Path, world_size: int, batch_size: int, workers: int, stop: int | None = None,
-                    state: dict | None = None) -> tuple[list[list[tuple[str, torch.Tensor]]], dict]:
+def _global_batches(
+    folder: Path, world_size: int, batch_size: int, workers: int, stop: int | None = None, state: dict | None = None
+) -> tuple[list[list[tuple[str, torch.Tensor]]], dict]:
     """Global micro-batches (rank 0's samples, then rank 1's, ...) as (key, image) pairs, and the position
     after ``stop`` of them; ``state`` restores every rank first."""
     from launch.data import DataConfig, build_loader
 
     cfg = DataConfig(source=folder, workers=workers, shuffle_buffer=30)
-    loaders = [build_loader(cfg, "train", preset="pretrain", batch_size=batch_size, img_size=8, seed=5, rank=r,
-                            world_size=world_size) for r in range(world_size)]
+    loaders = [
+        build_loader(
+            cfg, "train", preset="pretrain", batch_size=batch_size, img_size=8, seed=5, rank=r, world_size=world_size
+        )
+        for r in range(world_size)
+    ]
     ranks = []
     for loader in loaders:
         if state is not None:
@@ -146,7 +162,8 @@ def test_resume_on_another_world_size_continues_with_the_same_global_batches(tmp
     _write_uneven(tmp_path)
     reference, _ = _global_batches(str(tmp_path), *before)
     assert len(reference) == 13 and sorted(k for b in reference for k, _ in b) == sorted(
-        {k for b in reference for k, _ in b})  # 200 samples, once each
+        {k for b in reference for k, _ in b}
+    )  # 200 samples, once each
     head, state = _global_batches(str(tmp_path), *before, stop=5)
     assert state["position"] == 80
     rest, _ = _global_batches(str(tmp_path), *after, state=state)
@@ -156,8 +173,17 @@ def test_resume_on_another_world_size_continues_with_the_same_global_batches(tmp
 @pytest.mark.dist
 def test_two_ranks_two_workers_read_every_key_once(tmp_path: Path) -> None:
     _write_uneven(tmp_path)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0", __file__,
-           str(tmp_path)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "0",
+        __file__,
+        str(tmp_path),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
@@ -173,8 +199,9 @@ def _rank_main(folder: str) -> None:
     from launch.dist import rank, world_size
 
     cfg = DataConfig(source=folder, workers=2, shuffle_buffer=30)
-    loader = build_loader(cfg, "train", preset="pretrain", batch_size=8, img_size=8, seed=5,
-                          rank=rank(), world_size=world_size())
+    loader = build_loader(
+        cfg, "train", preset="pretrain", batch_size=8, img_size=8, seed=5, rank=rank(), world_size=world_size()
+    )
     epochs = {}
     for epoch in range(2):
         loader.set_epoch(epoch)

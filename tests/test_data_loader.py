@@ -65,7 +65,7 @@ def test_resume_yields_exactly_the_uninterrupted_batches(digits: Path, mode: str
         if stop > per_epoch:
             _take(first, stop - per_epoch)
         state = first.state_dict()
-        _same(_take(first, 3), full[stop:stop + 3])  # a new iter() on the same loader continues too
+        _same(_take(first, 3), full[stop : stop + 3])  # a new iter() on the same loader continues too
         resumed = make()
         resumed.load_state_dict(state)
         rest = _take(resumed, max(per_epoch - stop, 0)) if stop < per_epoch else []
@@ -138,16 +138,25 @@ def _photo_items(n: int, start: int) -> list[Item]:
     for i in range(start, start + n):
         y, x = rng.integers(0, 480, size=2)
         buf = io.BytesIO()
-        Image.fromarray(photo[y:y + 32, x:x + 32]).save(buf, "JPEG", quality=90)
+        Image.fromarray(photo[y : y + 32, x : x + 32]).save(buf, "JPEG", quality=90)
         items.append(Item(key=f"photo-{i:04d}", ext="jpg", label=i % 4, size=len(buf.getvalue()), data=buf.getvalue()))
     return items
 
 
 def _manifest(folder: Path, shards: list[str], counts: list[int], channels: int = 3) -> None:
-    (folder / "dataset.json").write_text(json.dumps({
-        "num_classes": 4, "classes": list("abcd"), "channels": channels, "img_size": [32, 32],
-        "mean": [0.5] * channels, "std": [0.25] * channels,
-        "splits": {"train": {"shards": shards, "samples": counts, "num_samples": sum(counts)}}}))
+    (folder / "dataset.json").write_text(
+        json.dumps(
+            {
+                "num_classes": 4,
+                "classes": list("abcd"),
+                "channels": channels,
+                "img_size": [32, 32],
+                "mean": [0.5] * channels,
+                "std": [0.25] * channels,
+                "splits": {"train": {"shards": shards, "samples": counts, "num_samples": sum(counts)}},
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +175,12 @@ def broken(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, set[str], in
     (folder / names[2]).write_bytes(data[: len(data) // 2])
     survived = [s["__key__"] for s in read_samples(str(folder / names[2])) if BROKEN not in s]
     _manifest(folder, names, [20, 20, 20])
-    good = {i.key for items in shards[:2] for i in items} - {"photo-bad-jpeg", "photo-empty", "photo-bad-label", "photo-no-label"}
+    good = {i.key for items in shards[:2] for i in items} - {
+        "photo-bad-jpeg",
+        "photo-empty",
+        "photo-bad-label",
+        "photo-no-label",
+    }
     return folder, good | set(survived), 4 + 20 - len(survived)
 
 
@@ -221,8 +235,12 @@ def test_finetune_preset_runs_timm_augmentation_reproducibly(digits: Path, chann
 def test_bad_sources_fail_with_one_line(tmp_path: Path, digits: Path, broken: tuple[Path, set[str], int]) -> None:
     with pytest.raises(ConfigError, match="source"):
         load_config(DataConfig, overrides=["source=''"])
-    cases = {"mnsit": "unknown source", str(tmp_path / "s-{000..003}.tar"): "shard not found",
-             str(tmp_path): "holds no", "pipe:false": "cannot"}
+    cases = {
+        "mnsit": "unknown source",
+        str(tmp_path / "s-{000..003}.tar"): "shard not found",
+        str(tmp_path): "holds no",
+        "pipe:false": "cannot",
+    }
     for source, message in cases.items():
         with pytest.raises(DataError, match=message):
             build_loader(_cfg(source), "train", preset="pretrain", batch_size=4, img_size=8, seed=0)

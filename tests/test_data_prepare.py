@@ -59,7 +59,7 @@ def photo_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (root / name).mkdir(parents=True)
         for i in range(12):
             y, x = rng.integers(0, photo.shape[0] - 48), rng.integers(0, photo.shape[1] - 64)
-            crop = Image.fromarray(photo[y:y + 48, x:x + 64])
+            crop = Image.fromarray(photo[y : y + 48, x : x + 64])
             crop.save(root / name / (f"crop.{i}.jpg" if i % 2 else f"crop_{i}.png"), quality=90)
     return root
 
@@ -117,8 +117,12 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, case: str, capsys: pytest.
     assert exit_info.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mae-prepare: error: "), lines
-    expected = {"unknown": "unknown source", "empty": "holds no images", "exists": "output folder exists",
-                "mixed_channels": "inconsistent channels"}[case]
+    expected = {
+        "unknown": "unknown source",
+        "empty": "holds no images",
+        "exists": "output folder exists",
+        "mixed_channels": "inconsistent channels",
+    }[case]
     assert expected in lines[0]
     if case == "exists":
         assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
@@ -128,10 +132,14 @@ def test_bad_input_is_one_line_exit_2(tmp_path: Path, case: str, capsys: pytest.
 
 
 def test_two_processes_preparing_at_once_leave_one_complete_dataset(tmp_path: Path) -> None:
-    code = ("import sys; from launch.data import DataConfig, dataset_info; "
-            "print(dataset_info(DataConfig(source='digits', root=sys.argv[1])).splits)")
-    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-             for _ in range(2)]
+    code = (
+        "import sys; from launch.data import DataConfig, dataset_info; "
+        "print(dataset_info(DataConfig(source='digits', root=sys.argv[1])).splits)"
+    )
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     outputs = [p.communicate(timeout=300)[0] for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outputs[0] == outputs[1] == "{'train': 1497, 'val': 300}\n"

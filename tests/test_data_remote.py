@@ -90,7 +90,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         data = file.read_bytes()
         asked = self.headers.get("Range", "")
-        first, _, last = asked[len("bytes="):].partition("-") if asked.startswith("bytes=") and owner.ranges else ("", "", "")
+        first, _, last = (
+            asked[len("bytes=") :].partition("-") if asked.startswith("bytes=") and owner.ranges else ("", "", "")
+        )
         start, stop = int(first or 0), int(last) + 1 if last else len(data)
         body = data[start:stop]
         kind, cut = owner.fault(path, start, len(body))
@@ -162,13 +164,16 @@ def test_read_resumed_mid_shard_requests_only_its_bytes(digits: Path) -> None:
         tail = list(read_samples(url, 390, None, span=(starts[390], None)))
     assert _keys(middle) == _keys(read_samples(str(shard), 150, 160))
     assert _keys(tail) == _keys(read_samples(str(shard), 390)) and len(tail) == 10
-    assert server.requests == [(f"digits/{shard.name}", starts[150], starts[160] - starts[150]),
-                               (f"digits/{shard.name}", starts[390], shard.stat().st_size - starts[390])]
+    assert server.requests == [
+        (f"digits/{shard.name}", starts[150], starts[160] - starts[150]),
+        (f"digits/{shard.name}", starts[390], shard.stat().st_size - starts[390]),
+    ]
 
 
 @pytest.mark.parametrize("cut", ["boundary", "mid-member"])
-def test_pipe_command_that_fails_once_is_rerun(digits: Path, tmp_path: Path, cut: str,
-                                               caplog: pytest.LogCaptureFixture) -> None:
+def test_pipe_command_that_fails_once_is_rerun(
+    digits: Path, tmp_path: Path, cut: str, caplog: pytest.LogCaptureFixture
+) -> None:
     shard = digits / "train-000002.tar"
     size = _starts(shard)[37] + (0 if cut == "boundary" else 700)
     flag = tmp_path / "failed-once"
@@ -185,7 +190,9 @@ def test_after_the_last_retry_the_rest_is_skipped_or_the_run_stops(digits: Path)
     samples = list(read_samples(cmd, policy=ReadPolicy(retries=2, retry_wait=0.01)))
     # sample 9 ends where the output stops, but the command failed: it may have lost members, so it is not handed on
     assert len(samples) == 10 and BROKEN in samples[-1] and "status 1" in samples[-1][BROKEN]
-    with pytest.raises(DataError, match=r"shard pipe:head .* at sample 9 after 2 retries: command exited with status 1"):
+    with pytest.raises(
+        DataError, match=r"shard pipe:head .* at sample 9 after 2 retries: command exited with status 1"
+    ):
         list(read_samples(cmd, policy=ReadPolicy(retries=2, retry_wait=0.01, fail=True)))
 
 
@@ -194,8 +201,9 @@ def test_loader_over_a_faulty_server_matches_local_files(digits: Path) -> None:
     common = {"workers": 2, "shuffle_buffer": 50, "retries": FAULTS + 1, "retry_wait": 0.01}
 
     def make(source: str):
-        return build_loader(DataConfig(source=source, **common), "train", preset="pretrain", batch_size=64,
-                            img_size=8, seed=0)
+        return build_loader(
+            DataConfig(source=source, **common), "train", preset="pretrain", batch_size=64, img_size=8, seed=0
+        )
 
     local = make(str(digits))
     with FlakyServer(digits, faults=True, seed=2) as server:
@@ -223,17 +231,20 @@ def _tar_bytes(server: FlakyServer, alias: str) -> int:
 
 @pytest.mark.parametrize("buffer", [0, 50])
 def test_http_epoch_downloads_each_byte_once_and_a_resume_only_what_is_left(
-        digits: Path, buffer: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    digits: Path, buffer: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """2 ranks x 2 workers enter shards mid-way (the sample index gives the bytes); a loader restored
     after 5 batches asks for exactly the samples it has not yielded (with a shuffle buffer: still
     buffered or unread), and yields the same batches as the uninterrupted one."""
     monkeypatch.setattr("launch.data.loader._GAP", 1)  # one request per run of needed samples (forked workers see it)
     sizes = _sample_bytes(digits)
     with FlakyServer(digits, faults=False) as server:
+
         def make(alias: str, rank: int = 0):
             cfg = DataConfig(source=f"{server.url}/{alias}/dataset.json", workers=2, shuffle_buffer=buffer)
-            return build_loader(cfg, "train", preset="pretrain", batch_size=32, img_size=8, seed=1, rank=rank,
-                                world_size=2)
+            return build_loader(
+                cfg, "train", preset="pretrain", batch_size=32, img_size=8, seed=1, rank=rank, world_size=2
+            )
 
         full = [[b["key"] for b in make("full", rank)] for rank in range(2)]
         first, resumed = make("first"), make("resumed")
@@ -256,15 +267,23 @@ def test_without_retries_faults_are_skipped_and_counted_or_stop_the_loader(digit
         with pytest.raises(DataError) as err:
             list(make(f"{server.url}/fail", "fail"))
     # a batch that lost every sample holds one stand-in (a sample read before), so count distinct keys
-    assert len(batches) == len(skipping) and 0 < skipping.corrupt_samples() == 1497 - len({k for b in batches for k in b})
+    assert len(batches) == len(skipping) and 0 < skipping.corrupt_samples() == 1497 - len(
+        {k for b in batches for k in b}
+    )
     assert skipping.last_skip().startswith(f"{server.url}/skip/train-")
     message = str(err.value)
-    assert "\n" not in message and message.startswith(f"shard {server.url}/fail/train-") and "data.on_error=fail" in message
+    assert (
+        "\n" not in message
+        and message.startswith(f"shard {server.url}/fail/train-")
+        and "data.on_error=fail" in message
+    )
 
 
 def test_only_transient_faults_are_retried(digits: Path, caplog: pytest.LogCaptureFixture) -> None:
     reader = RemoteTar("http://host/x.tar")
-    status = {code: reader.transient(urllib.error.HTTPError("u", code, "", None, None)) for code in (404, 416, 429, 500, 503)}
+    status = {
+        code: reader.transient(urllib.error.HTTPError("u", code, "", None, None)) for code in (404, 416, 429, 500, 503)
+    }
     assert status == {404: False, 416: False, 429: True, 500: True, 503: True}
     assert reader.transient(ConnectionResetError()) and reader.transient(TimeoutError())
     assert not reader.transient(tarfile.ReadError("bad header"))

@@ -44,8 +44,10 @@ def test_crop_boxes_follow_torchvision_sampling(size: tuple[int, int]) -> None:
     theirs = v2.RandomResizedCrop(32, scale=(0.2, 1.0), interpolation=BICUBIC)
     image = torch.zeros(3, height, width, dtype=torch.uint8)
     torch.manual_seed(0)
-    boxes = {"ours": [ours.box(random.Random(seed), height, width) for seed in range(3000)],
-             "torchvision": [tuple(theirs.make_params([image]).values()) for _ in range(3000)]}
+    boxes = {
+        "ours": [ours.box(random.Random(seed), height, width) for seed in range(3000)],
+        "torchvision": [tuple(theirs.make_params([image]).values()) for _ in range(3000)],
+    }
     for top, left, h, w in boxes["ours"]:
         assert 0 <= top <= height - h and 0 <= left <= width - w and h > 0 and w > 0
     for stat in (lambda b: b[2] * b[3] / (height * width), lambda b: math.log(b[3] / b[2]), lambda b: b[0] / height):

@@ -55,12 +55,33 @@ def test_every_gradient_has_its_parameters_layout(layout: torch.memory_format) -
 def test_two_process_pretraining_copies_no_gradient(tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     photos = _photo_folder(tmp_path / "photos")
-    subprocess.run([sys.executable, "-m", "launch.data", str(photos), "--out", str(tmp_path / "shards")], env=env,
-                   check=True, capture_output=True)  # fmt: skip
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pretrain",
-           f"data.source={tmp_path / 'shards'}", "data.workers=0", f"run_dir={tmp_path / 'run'}",
-           "model.preset=mae_vit_tiny", "model.img_size=32", "model.depth=1", "model.decoder_depth=1",
-           "trainer.max_steps=2", "trainer.batch_size=8", "trainer.log.progress=false", "linear_probe=false"]  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "launch.data", str(photos), "--out", str(tmp_path / "shards")],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pretrain",
+        f"data.source={tmp_path / 'shards'}",
+        "data.workers=0",
+        f"run_dir={tmp_path / 'run'}",
+        "model.preset=mae_vit_tiny",
+        "model.img_size=32",
+        "model.depth=1",
+        "model.decoder_depth=1",
+        "trainer.max_steps=2",
+        "trainer.batch_size=8",
+        "trainer.log.progress=false",
+        "linear_probe=false",
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "bucket view strides" not in proc.stderr, proc.stderr[-3000:]

@@ -22,8 +22,16 @@ import torch
 pytestmark = pytest.mark.dist
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent
-TINY_MAE = ["model.preset=mae_vit_mnist_p4", "model.img_size=8", "model.embed_dim=16", "model.depth=1",
-            "model.num_heads=2", "model.decoder_embed_dim=16", "model.decoder_depth=1", "model.decoder_num_heads=2"]  # fmt: skip
+TINY_MAE = [
+    "model.preset=mae_vit_mnist_p4",
+    "model.img_size=8",
+    "model.embed_dim=16",
+    "model.depth=1",
+    "model.num_heads=2",
+    "model.decoder_embed_dim=16",
+    "model.decoder_depth=1",
+    "model.decoder_num_heads=2",
+]
 
 
 def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -67,21 +75,45 @@ def digits(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.parametrize("stage", [3, pytest.param(0, marks=pytest.mark.slow), pytest.param(1, marks=pytest.mark.slow),
-                                   pytest.param(2, marks=pytest.mark.slow)])  # fmt: skip
+@pytest.mark.parametrize(
+    "stage",
+    [
+        3,
+        pytest.param(0, marks=pytest.mark.slow),
+        pytest.param(1, marks=pytest.mark.slow),
+        pytest.param(2, marks=pytest.mark.slow),
+    ],
+)
 def test_bf16_pretraining_evaluates_pictures_exports_and_probes(tmp_path, digits, stage):
     """``-m pretrain`` under DeepSpeed bf16: eval + pictures every epoch, export, linear probe.
     The exports are the fp32 masters; ``mae-export`` of the checkpoint gives every tensor."""
     from pretrain.export import load_full, run
 
     run_dir = tmp_path / "run"
-    torchrun("-m", "pretrain", f"run_dir={run_dir}", f"data.root={digits}", "data.source=digits", "data.workers=0",
-             "data.hflip=0", *TINY_MAE, "trainer.backend=deepspeed", f"trainer.zero_stage={stage}",
-             f"trainer.deepspeed_config={ds_json(tmp_path, stage)}", "trainer.precision=bf16",
-             "trainer.max_steps=4", "trainer.batch_size=64", "trainer.eval_batches=1",
-             "trainer.log.every_steps=1", "trainer.log.progress=false", "trainer.log.images_every_epochs=1",
-             "probe.trainer.max_steps=2", "probe.trainer.batch_size=32", "probe.trainer.eval_batches=1",
-             "probe.trainer.log.progress=false")  # fmt: skip
+    torchrun(
+        "-m",
+        "pretrain",
+        f"run_dir={run_dir}",
+        f"data.root={digits}",
+        "data.source=digits",
+        "data.workers=0",
+        "data.hflip=0",
+        *TINY_MAE,
+        "trainer.backend=deepspeed",
+        f"trainer.zero_stage={stage}",
+        f"trainer.deepspeed_config={ds_json(tmp_path, stage)}",
+        "trainer.precision=bf16",
+        "trainer.max_steps=4",
+        "trainer.batch_size=64",
+        "trainer.eval_batches=1",
+        "trainer.log.every_steps=1",
+        "trainer.log.progress=false",
+        "trainer.log.images_every_epochs=1",
+        "probe.trainer.max_steps=2",
+        "probe.trainer.batch_size=32",
+        "probe.trainer.eval_batches=1",
+        "probe.trainer.log.progress=false",
+    )
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     train = [r["loss"] for r in records if r["split"] == "train"]
     assert len(train) == 4 and all(math.isfinite(x) for x in train)
@@ -144,11 +176,28 @@ def test_accelerate_launch_with_the_shipped_zero_files_runs_through_the_probe(tm
     pretraining with the shipped JSON, then the DDP linear probe in the same processes."""
     run_dir = tmp_path / "run"
     env = accelerate_env(ROOT / "launch" / "accelerate" / f"zero{stage}.yaml")
-    torchrun("-m", "pretrain", f"run_dir={run_dir}", f"data.root={digits}", "data.source=digits", "data.workers=0",
-             "data.hflip=0", *TINY_MAE, "trainer.backend=deepspeed", f"trainer.zero_stage={stage}",
-             "trainer.precision=bf16", "trainer.max_steps=2", "trainer.batch_size=64", "trainer.eval_batches=1",
-             "trainer.log.progress=false", "probe.trainer.max_steps=2", "probe.trainer.batch_size=32",
-             "probe.trainer.eval_batches=1", "probe.trainer.log.progress=false", env=env)  # fmt: skip
+    torchrun(
+        "-m",
+        "pretrain",
+        f"run_dir={run_dir}",
+        f"data.root={digits}",
+        "data.source=digits",
+        "data.workers=0",
+        "data.hflip=0",
+        *TINY_MAE,
+        "trainer.backend=deepspeed",
+        f"trainer.zero_stage={stage}",
+        "trainer.precision=bf16",
+        "trainer.max_steps=2",
+        "trainer.batch_size=64",
+        "trainer.eval_batches=1",
+        "trainer.log.progress=false",
+        "probe.trainer.max_steps=2",
+        "probe.trainer.batch_size=32",
+        "probe.trainer.eval_batches=1",
+        "probe.trainer.log.progress=false",
+        env=env,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["steps"] == 2 and math.isfinite(summary["final_loss"]) and summary["probe_top1"] is not None
     assert list((run_dir / "checkpoints" / "step-00000002" / "engine").glob("*optim_states.pt"))  # DeepSpeed's files

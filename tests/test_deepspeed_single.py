@@ -21,8 +21,14 @@ def one_rank(monkeypatch):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": "0", "WORLD_SIZE": "1",
-                       "LOCAL_RANK": "0", "OMP_NUM_THREADS": "1"}.items():  # fmt: skip
+    for key, value in {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "OMP_NUM_THREADS": "1",
+    }.items():
         monkeypatch.setenv(key, value)
     before = dict(os.environ)
     yield
@@ -39,8 +45,18 @@ def test_weights_only_reaches_deepspeeds_fp32_masters(tmp_path, one_rank, stage,
     refused the load, its parameters being partitioned to shape [0])."""
     source = run(str(tmp_path / "source"), ["max_steps=2", "batch_size=16", "optim.base_lr=0.5"])
     loaded = {k: v.clone() for k, v in source.task.state_dict().items()}
-    result = run(str(tmp_path / "ds"), ["max_steps=1", "batch_size=16", "backend=deepspeed", f"zero_stage={stage}",
-                                        f"precision={precision}", "optim.lr=1e-12", f"checkpoint.weights_only={source.checkpoint}"])  # fmt: skip
+    result = run(
+        str(tmp_path / "ds"),
+        [
+            "max_steps=1",
+            "batch_size=16",
+            "backend=deepspeed",
+            f"zero_stage={stage}",
+            f"precision={precision}",
+            "optim.lr=1e-12",
+            f"checkpoint.weights_only={source.checkpoint}",
+        ],
+    )
     for name, value in result.task.state_dict().items():  # DeepSpeed starts its masters from the bf16 copy
         torch.testing.assert_close(value, loaded[name], rtol=1e-2, atol=1e-2, msg=name)
 
@@ -48,8 +64,11 @@ def test_weights_only_reaches_deepspeeds_fp32_masters(tmp_path, one_rank, stage,
 def test_zero3_keeps_no_second_model_during_training(tmp_path, one_rank):
     """ZeRO-3 exists to avoid a whole model per rank: the trainer holds none besides the engine's
     partitioned one, and hands the task itself back whole at the end."""
-    cfg = load_config(TrainerConfig, None, ["log.progress=false", "max_steps=2", "batch_size=16", "backend=deepspeed",
-                                            "zero_stage=3", "precision=bf16"])  # fmt: skip
+    cfg = load_config(
+        TrainerConfig,
+        None,
+        ["log.progress=false", "max_steps=2", "batch_size=16", "backend=deepspeed", "zero_stage=3", "precision=bf16"],
+    )
     task = TinyTask()
     before = _tiny_tasks()
     trainer = Trainer(task, cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory())

@@ -11,12 +11,21 @@ import torch
 import yaml
 
 from launch.checkpoint import TRAINER_FILE, load_file, save_file
-from pretrain.export import load_full, load_pretraining_mae, main
 from pretrain.__main__ import main as pretrain_main
+from pretrain.export import load_full, load_pretraining_mae, main
 
-TINY = ["model.depth=1", "trainer.max_steps=2", "trainer.batch_size=16", "trainer.eval_every_epochs=0",
-        "trainer.log.progress=false", "trainer.log.tensorboard=false", "linear_probe=false", "picture=false",
-        "export=false", "data.workers=0"]  # fmt: skip
+TINY = [
+    "model.depth=1",
+    "trainer.max_steps=2",
+    "trainer.batch_size=16",
+    "trainer.eval_every_epochs=0",
+    "trainer.log.progress=false",
+    "trainer.log.tensorboard=false",
+    "linear_probe=false",
+    "picture=false",
+    "export=false",
+    "data.workers=0",
+]
 
 
 @pytest.fixture(scope="module")

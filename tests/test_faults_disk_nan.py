@@ -32,17 +32,31 @@ def test_poisoned_batches_are_skipped_then_the_run_stops(tmp_path, data_root, fu
     A fused AdamW skips inside its kernel (no host sync per step); the counters are read
     at log points, so it reports "by step 8" and no per-step warning."""
     run = tmp_path / "run"
-    code, log = finish(start(run, "--fault=nan@3,6,7,8", "checkpoint.every_steps=1", "checkpoint.keep=100",
-                             "max_bad_steps=3", "log.every_steps=1", f"optim.fused={str(fused).lower()}",
-                             data_root=data_root), run)
+    code, log = finish(
+        start(
+            run,
+            "--fault=nan@3,6,7,8",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep=100",
+            "max_bad_steps=3",
+            "log.every_steps=1",
+            f"optim.fused={str(fused).lower()}",
+            data_root=data_root,
+        ),
+        run,
+    )
     assert code == 2, log[-3000:]
     assert log.strip().splitlines()[-1] == (
         f"faults_driver: error: loss or gradients were NaN/inf for 3 consecutive steps {'by' if fused else 'up to'} "
         "step 8 (trainer.max_bad_steps=3): lower the lr, enable trainer.optim.clip_grad or check the data; "
-        f"{run / 'checkpoints' / 'step-00000007'} holds finite weights")
+        f"{run / 'checkpoints' / 'step-00000007'} holds finite weights"
+    )
     assert fused or "step 3: non-finite loss or gradients, step skipped (1 in a row)" in log
-    skipped = {r["step"]: r.get("skipped_steps") for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-               if r.get("skipped_steps")}
+    skipped = {
+        r["step"]: r.get("skipped_steps")
+        for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+        if r.get("skipped_steps")
+    }
     assert skipped == {3: 1.0, 6: 1.0, 7: 1.0}  # the run stopped inside step 8, before logging it
     states = {step: _model(run, step) for step in range(1, 8)}
     assert all(not nonfinite_keys(s) for s in states.values())
@@ -68,8 +82,17 @@ def test_full_disk_is_one_line_error_and_earlier_checkpoints_load(tmp_path, data
     run = tmp_path / "run"
     ckpts = run / "checkpoints"
     ckpts.mkdir(parents=True)
-    driver = " ".join([sys.executable, str(Path(__file__).with_name("faults_driver.py")), str(run), *COMMON,
-                       "--step-delay=0.1", "log.every_steps=100", f"data.root={data_root}"])
+    driver = " ".join(
+        [
+            sys.executable,
+            str(Path(__file__).with_name("faults_driver.py")),
+            str(run),
+            *COMMON,
+            "--step-delay=0.1",
+            "log.every_steps=100",
+            f"data.root={data_root}",
+        ]
+    )
     script = f"""
         mount -t tmpfs -o size=4m tmpfs {ckpts} || exit 9
         OMP_NUM_THREADS=1 {driver} &
@@ -83,8 +106,9 @@ def test_full_disk_is_one_line_error_and_earlier_checkpoints_load(tmp_path, data
     lines = proc.stdout.strip().splitlines() + proc.stderr.strip().splitlines()
     assert "exit=2" in lines, proc.stderr[-3000:]
     error = next(line for line in lines if line.startswith("faults_driver: error:"))
-    assert error.startswith(f"faults_driver: error: cannot write checkpoint {ckpts}/step-00000012: "
-                            "No space left on device"), error
+    assert error.startswith(
+        f"faults_driver: error: cannot write checkpoint {ckpts}/step-00000012: No space left on device"
+    ), error
     assert error.endswith("earlier checkpoints are intact (latest: step-00000008)"), error
     assert [p.name for p in checkpoints(run / "after")] == ["step-00000004", "step-00000008"]
     assert not list((run / "after").glob(".tmp-*"))

@@ -73,17 +73,27 @@ def test_odd_batch_with_mixup_is_refused(tmp_path: Path) -> None:
     cfg = FinetuneConfig.model_validate({"trainer": {"batch_size": 7}})
     assert cfg.trainer.optim.layer_decay == 0.65  # partial trainer overrides keep the fine-tune recipe
     with pytest.raises(ConfigError, match="batch_size=7 must be even"):
-        run_finetune(cfg, backbone="vit_tiny_patch16_224", data=DataConfig(root=str(tmp_path)), run_dir=tmp_path, seed=0)
+        run_finetune(
+            cfg, backbone="vit_tiny_patch16_224", data=DataConfig(root=str(tmp_path)), run_dir=tmp_path, seed=0
+        )
 
 
 def test_short_finetune_exports_best_and_final(tmp_path: Path) -> None:
     torch.manual_seed(0)
     mae = create_mae("mae_vit_mnist_p7", depth=1, embed_dim=64, num_heads=2)
-    cfg = FinetuneConfig.model_validate({
-        "ema": True, "ema_decay": 0.9, "train_preset": "eval",
-        "trainer": {"max_steps": 24, "batch_size": 64, "optim": {"base_lr": 4e-3, "warmup_steps": 4},
-                    "log": {"progress": False, "tensorboard": False}},
-    })  # fmt: skip
+    cfg = FinetuneConfig.model_validate(
+        {
+            "ema": True,
+            "ema_decay": 0.9,
+            "train_preset": "eval",
+            "trainer": {
+                "max_steps": 24,
+                "batch_size": 64,
+                "optim": {"base_lr": 4e-3, "warmup_steps": 4},
+                "log": {"progress": False, "tensorboard": False},
+            },
+        }
+    )
     data = DataConfig(root=str(tmp_path / "data"), workers=0, hflip=0.0)
     result = run_finetune(cfg, backbone=mae, data=data, run_dir=tmp_path / "run", seed=0)
     # 24 steps; chance is 10 %, and 15 % of the 1,000 eval digits is 5 s.d. above it (the figure moves by a

@@ -56,8 +56,18 @@ def test_vit_flops_equal_flop_counter_mode() -> None:
 
 
 def test_mae_flops_equal_flop_counter_mode_on_the_project_model() -> None:
-    arch = dict(img_size=32, patch_size=8, in_chans=3, embed_dim=64, depth=2, num_heads=4, mlp_ratio=4.0,
-                decoder_embed_dim=32, decoder_depth=2, decoder_num_heads=4)
+    arch = dict(
+        img_size=32,
+        patch_size=8,
+        in_chans=3,
+        embed_dim=64,
+        depth=2,
+        num_heads=4,
+        mlp_ratio=4.0,
+        decoder_embed_dim=32,
+        decoder_depth=2,
+        decoder_num_heads=4,
+    )
     model = _explicit_attention(MaskedAutoencoderViT(**arch)).eval()
 
     def forward(imgs: torch.Tensor) -> torch.Tensor:

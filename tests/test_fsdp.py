@@ -22,7 +22,14 @@ from launch.fsdp import SHARDED_DIR, read_model, units
 from launch.trainer import Trainer
 from pretrain.presets import create_mae
 
-COMMON = ["epochs=1", "optim.warmup_steps=1", "optim.clip_grad=1.0", "log.every_steps=1", "batch_size=8", "accum_steps=2"]
+COMMON = [
+    "epochs=1",
+    "optim.warmup_steps=1",
+    "optim.clip_grad=1.0",
+    "log.every_steps=1",
+    "batch_size=8",
+    "accum_steps=2",
+]
 
 
 def test_units_are_the_encoder_and_decoder_blocks():
@@ -39,7 +46,9 @@ def test_units_are_the_encoder_and_decoder_blocks():
 
 
 def test_bf16_policy_computes_in_bf16_and_keeps_fp32_shards(tmp_path):
-    cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "precision=bf16", "max_steps=2"])
+    cfg = load_config(
+        TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "precision=bf16", "max_steps=2"]
+    )
     torch.manual_seed(0)
     trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory())
     seen: list[tuple[torch.dtype, torch.dtype]] = []
@@ -121,7 +130,9 @@ def test_compiled_units_train_like_eager(tmp_path):
     eager = run(str(tmp_path / "eager"), [*COMMON, "backend=fsdp"])
     cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "compile=true"])
     torch.manual_seed(0)
-    trainer = Trainer(TinyTask(), cfg, None, tmp_path / "compiled", seed=0, img_size=4, loader_factory=synthetic_factory())
+    trainer = Trainer(
+        TinyTask(), cfg, None, tmp_path / "compiled", seed=0, img_size=4, loader_factory=synthetic_factory()
+    )
     assert all(unit._compiled_call_impl is not None for unit in units(trainer.task))
     compiled = trainer.fit()
     for name, value in eager.task.state_dict().items():
@@ -133,7 +144,9 @@ def test_nonfinite_step_is_skipped_on_sharded_gradients(tmp_path, clip):
     """Batch 2 holds a NaN pixel: with or without clipping (total norm vs per-shard check) the
     step is skipped, the weights stay finite and the next steps train on."""
     opts = [o for o in COMMON if not o.startswith("optim.clip_grad")] + ([] if clip else ["optim.clip_grad=null"])
-    cfg = load_config(TrainerConfig, None, ["log.progress=false", *opts, "backend=fsdp", "accum_steps=1", "max_steps=4"])
+    cfg = load_config(
+        TrainerConfig, None, ["log.progress=false", *opts, "backend=fsdp", "accum_steps=1", "max_steps=4"]
+    )
     torch.manual_seed(0)
     trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory(poison=2))
     result = trainer.fit()
@@ -159,7 +172,9 @@ def test_ema_is_sharded_and_equals_the_ddp_one(tmp_path):
     for backend in ("ddp", "fsdp"):
         cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, f"backend={backend}", "max_steps=3"])
         torch.manual_seed(0)
-        trainer = Trainer(EmaTinyTask(), cfg, None, tmp_path / backend, seed=0, img_size=4, loader_factory=synthetic_factory())
+        trainer = Trainer(
+            EmaTinyTask(), cfg, None, tmp_path / backend, seed=0, img_size=4, loader_factory=synthetic_factory()
+        )
         results[backend] = trainer.fit().task
     assert isinstance(trainer.task.ema.module[1].weight, DTensor)
     torch.manual_seed(0)

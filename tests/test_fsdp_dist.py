@@ -30,8 +30,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_fsdp_two_processes_equal_one_process_and_resume_bit_identically(tmp_path):
     run_dir = tmp_path / "fsdp"
-    fsdp = [*COMMON, "batch_size=8", "accum_steps=2", "backend=fsdp", "checkpoint.every_steps=2",
-            "checkpoint.async_save=true", "checkpoint.keep=3"]  # fmt: skip
+    fsdp = [
+        *COMMON,
+        "batch_size=8",
+        "accum_steps=2",
+        "backend=fsdp",
+        "checkpoint.every_steps=2",
+        "checkpoint.async_save=true",
+        "checkpoint.keep=3",
+    ]
     # the first fit runs 6 steps uninterrupted; the second resumes the first's step-4 checkpoint
     resumed = torchrun(run_dir, *fsdp, "--then", f"checkpoint.resume={run_dir / 'checkpoints' / 'step-00000004'}")
     first = torch.load(run_dir / "first.pt")
@@ -41,24 +48,52 @@ def test_fsdp_two_processes_equal_one_process_and_resume_bit_identically(tmp_pat
     for name, value in first["state"].items():
         assert torch.equal(resumed["state"][name], value), name
     step4 = run_dir / "checkpoints" / "step-00000004"
-    assert (step4 / "COMPLETE").is_file() and {"__0_0.distcp", "__1_0.distcp"} <= {p.name for p in (step4 / "sharded").iterdir()}
+    assert (step4 / "COMPLETE").is_file() and {"__0_0.distcp", "__1_0.distcp"} <= {
+        p.name for p in (step4 / "sharded").iterdir()
+    }
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 
-TINY_MAE = ["model.depth=2", "model.decoder_depth=1", "trainer.max_steps=3", "trainer.batch_size=8",
-            "trainer.backend=fsdp", "trainer.precision=bf16", "trainer.eval_batches=2", "trainer.log.tensorboard=false",
-            "trainer.log.progress=false", "linear_probe=false", "picture=false", "data.workers=0"]  # fmt: skip
+TINY_MAE = [
+    "model.depth=2",
+    "model.decoder_depth=1",
+    "trainer.max_steps=3",
+    "trainer.batch_size=8",
+    "trainer.backend=fsdp",
+    "trainer.precision=bf16",
+    "trainer.eval_batches=2",
+    "trainer.log.tensorboard=false",
+    "trainer.log.progress=false",
+    "linear_probe=false",
+    "picture=false",
+    "data.workers=0",
+]
 
 
 @pytest.mark.slow
 def test_sharded_pretraining_checkpoint_exports_to_timm_from_one_process(tmp_path):
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "pretrain",
-           f"run_dir={run_dir}", f"data.root={tmp_path / 'data'}", *TINY_MAE]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "pretrain",
+        f"run_dir={run_dir}",
+        f"data.root={tmp_path / 'data'}",
+        *TINY_MAE,
+    ]
+    proc = subprocess.run(
+        cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=900
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     ckpt = run_dir / "checkpoints" / "step-00000003"
-    assert (ckpt / "sharded" / ".metadata").is_file() and "model" not in torch.load(ckpt / "trainer.pt", weights_only=True)
+    assert (ckpt / "sharded" / ".metadata").is_file() and "model" not in torch.load(
+        ckpt / "trainer.pt", weights_only=True
+    )
     assert export_main([str(run_dir), "--out", str(tmp_path / "out")]) == 0  # this process has no process group
     # the run's own export holds the weights its 2 ranks all-gathered at the end
     gathered = safetensors.torch.load_file(run_dir / "export" / "full" / "model.safetensors")
@@ -76,9 +111,23 @@ def test_bench_backends_section_rows(tmp_path):
     from benchmarks.__main__ import main as bench_main
 
     out = tmp_path / "bench.json"
-    assert bench_main(["sections=[backends]", "backends=[ddp,fsdp]", "backend_preset=mae_vit_tiny", "img_size=32",
-                       "batch_size=2", "warmup=1", "steps=1", "repeats=1", "model_overrides={depth: 1, decoder_depth: 1}",
-                       f"out={out}"]) == 0  # fmt: skip
+    assert (
+        bench_main(
+            [
+                "sections=[backends]",
+                "backends=[ddp,fsdp]",
+                "backend_preset=mae_vit_tiny",
+                "img_size=32",
+                "batch_size=2",
+                "warmup=1",
+                "steps=1",
+                "repeats=1",
+                "model_overrides={depth: 1, decoder_depth: 1}",
+                f"out={out}",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["backends"]["rows"]
     assert [r["backend"] for r in rows] == ["ddp", "fsdp"]
     assert all(r["images_per_s"] > 0 and len(r["peak_memory_mb_per_rank"]) == 2 for r in rows)

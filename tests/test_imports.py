@@ -29,6 +29,7 @@ LAYERS = {
 #: torch-free settings any stage may read (``mae-pretrain``'s and ``mae-baseline``'s ``probe:`` section)
 CONFIG_MODULES = {"finetune.config"}
 
+
 def _modules() -> dict[str, Path]:
     """Dotted module name -> file, for every module of the project's packages."""
     found = {}
@@ -108,7 +109,9 @@ def test_the_scan_sees_function_level_and_relative_imports() -> None:
 def test_no_import_cycle() -> None:
     edges = import_edges()
     on_cycle = cycle_edges(edges)
-    assert not on_cycle, _report("imports on a cycle (break it: move the shared piece down, e.g. into launch/)", on_cycle, edges)
+    assert not on_cycle, _report(
+        "imports on a cycle (break it: move the shared piece down, e.g. into launch/)", on_cycle, edges
+    )
 
 
 def test_launch_imports_no_stage_package() -> None:
@@ -125,13 +128,22 @@ def _entry_point(module: str) -> bool:
 
 def test_stages_import_only_downwards() -> None:
     edges = import_edges()
-    up = {(a, b) for a, b in edges
-          if not _entry_point(a) and b not in CONFIG_MODULES
-          and b.split(".")[0] not in LAYERS[a.split(".")[0]] | {a.split(".")[0]}}  # fmt: skip
+    up = {
+        (a, b)
+        for a, b in edges
+        if not _entry_point(a)
+        and b not in CONFIG_MODULES
+        and b.split(".")[0] not in LAYERS[a.split(".")[0]] | {a.split(".")[0]}
+    }
     assert not up, _report("imports against the layers (see LAYERS; move the shared piece down)", up, edges)
 
 
 def test_config_modules_import_no_torch() -> None:
-    code = f"import sys; import {', '.join(sorted(CONFIG_MODULES))}; print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=True)
+    code = (
+        f"import sys; import {', '.join(sorted(CONFIG_MODULES))}; "
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=True
+    )
     assert out.stdout.strip() == "[]", out.stdout

@@ -15,19 +15,35 @@ from pretrain.objective import mae_loss, removed_patch_loss
 from pretrain.official import from_hf_vitmae, load_official
 
 # transformers 5 in-memory names -> the transformers 4 names stored in hub checkpoints
-_V4 = {"attention.q_proj": "attention.attention.query", "attention.k_proj": "attention.attention.key",
-       "attention.v_proj": "attention.attention.value", "attention.o_proj": "attention.output.dense",
-       "mlp.fc1": "intermediate.dense", "mlp.fc2": "output.dense"}  # fmt: skip
+_V4 = {
+    "attention.q_proj": "attention.attention.query",
+    "attention.k_proj": "attention.attention.key",
+    "attention.v_proj": "attention.attention.value",
+    "attention.o_proj": "attention.output.dense",
+    "mlp.fc1": "intermediate.dense",
+    "mlp.fc2": "output.dense",
+}
 
 
 @pytest.fixture(scope="module")
 def hf_model():
     torch.manual_seed(0)
     cfg = transformers.ViTMAEConfig(
-        image_size=28, patch_size=7, num_channels=1, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=128, decoder_hidden_size=16, decoder_num_hidden_layers=2, decoder_num_attention_heads=2,
-        decoder_intermediate_size=64, layer_norm_eps=1e-6, mask_ratio=0.75, norm_pix_loss=True,
-    )  # fmt: skip
+        image_size=28,
+        patch_size=7,
+        num_channels=1,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=128,
+        decoder_hidden_size=16,
+        decoder_num_hidden_layers=2,
+        decoder_num_attention_heads=2,
+        decoder_intermediate_size=64,
+        layer_norm_eps=1e-6,
+        mask_ratio=0.75,
+        norm_pix_loss=True,
+    )
     return transformers.ViTMAEForPreTraining(cfg).eval()
 
 
@@ -54,7 +70,9 @@ def test_same_weights_and_noise_give_the_same_prediction_and_loss(hf_model, layo
         pred, mask = ours(imgs, 0.75, noise)
     assert torch.equal(mask, out.mask)
     torch.testing.assert_close(pred, out.logits, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(mae_loss(pred, ours.patchify(imgs), mask, norm_pix_loss=True), out.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        mae_loss(pred, ours.patchify(imgs), mask, norm_pix_loss=True), out.loss, rtol=1e-5, atol=1e-6
+    )
     with torch.no_grad():  # the training path: only the removed patches are predicted and scored
         latent, _, ids_restore = ours.forward_encoder(imgs, 0.75, noise)
         ids = removed_ids(ids_restore, latent.shape[1] - 1)

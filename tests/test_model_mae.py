@@ -95,10 +95,15 @@ def test_tiny_preset_loads_strictly_into_timm_create_model() -> None:
     torch.testing.assert_close(model.forward_features(imgs), vit.forward_features(imgs), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("preset", "timm_name"), [
-    ("mae_vit_small", "vit_small_patch16_224"), ("mae_vit_base", "vit_base_patch16_224"),
-    ("mae_vit_large", "vit_large_patch16_224"), ("mae_vit_huge", "vit_huge_patch14_224"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("preset", "timm_name"),
+    [
+        ("mae_vit_small", "vit_small_patch16_224"),
+        ("mae_vit_base", "vit_base_patch16_224"),
+        ("mae_vit_large", "vit_large_patch16_224"),
+        ("mae_vit_huge", "vit_huge_patch14_224"),
+    ],
+)
 def test_paper_presets_have_timm_encoder_shapes_and_paper_decoder(preset: str, timm_name: str) -> None:
     with torch.device("meta"):  # no memory, no compute: shapes only
         model = create_mae(preset)
@@ -106,7 +111,11 @@ def test_paper_presets_have_timm_encoder_shapes_and_paper_decoder(preset: str, t
     ours = {k: tuple(v.shape) for k, v in model.encoder_state_dict().items()}
     assert ours == {k: tuple(v.shape) for k, v in vit.state_dict().items()}
     if preset != "mae_vit_small":
-        assert (model.arch["decoder_embed_dim"], model.arch["decoder_depth"], model.arch["decoder_num_heads"]) == (512, 8, 16)
+        assert (model.arch["decoder_embed_dim"], model.arch["decoder_depth"], model.arch["decoder_num_heads"]) == (
+            512,
+            8,
+            16,
+        )
 
 
 def test_fused_attention_equals_explicit_softmax() -> None:
@@ -174,8 +183,15 @@ def test_official_initialisation() -> None:
 
 
 def test_presets_are_registered_and_config_overrides_apply() -> None:
-    assert {"mae_vit_tiny", "mae_vit_small", "mae_vit_base", "mae_vit_large", "mae_vit_huge",
-            "mae_vit_mnist_p4", "mae_vit_mnist_p7"} <= set(PRESETS)  # fmt: skip
+    assert {
+        "mae_vit_tiny",
+        "mae_vit_small",
+        "mae_vit_base",
+        "mae_vit_large",
+        "mae_vit_huge",
+        "mae_vit_mnist_p4",
+        "mae_vit_mnist_p7",
+    } <= set(PRESETS)
     cfg = MAEConfig(preset="mae_vit_mnist_p7", depth=3, drop_path=0.1)
     model = build_model(cfg)
     assert model.arch["depth"] == 3 and model.arch["patch_size"] == 7 and model.num_patches == 16
@@ -193,7 +209,9 @@ def test_bad_architecture_and_input_give_one_line_errors(tmp_path) -> None:
     with pytest.raises(ConfigError, match="embed_dim 30 is not divisible by its number of heads 4"):
         create_mae("mae_vit_mnist_p4", embed_dim=30)
     model = small()
-    with pytest.raises(ValueError, match=r"images of shape \(2, 3, 28, 28\) do not fit the model; expected \(N, 1, 28, 28\)"):
+    with pytest.raises(
+        ValueError, match=r"images of shape \(2, 3, 28, 28\) do not fit the model; expected \(N, 1, 28, 28\)"
+    ):
         model.forward_encoder(torch.randn(2, 3, 28, 28), 0.75)
     with pytest.raises(ValueError, match=r"expected \(N, 1, 28, 28\)"):
         model.forward_features(torch.randn(2, 1, 32, 32))
@@ -231,7 +249,7 @@ def test_task_masks_follow_the_sample_seeds_in_the_batch() -> None:
     both = task({"image": imgs, "seed": seeds})["loss"]
     torch.manual_seed(2)
     assert torch.equal(task({"image": imgs, "seed": seeds})["loss"], both)
-    apart = [task({"image": imgs[i:i + 1], "seed": seeds[i:i + 1]})["loss"] for i in range(2)]
+    apart = [task({"image": imgs[i : i + 1], "seed": seeds[i : i + 1]})["loss"] for i in range(2)]
     torch.testing.assert_close(both, (apart[0] + apart[1]) / 2)  # same masks: 37 removed patches each
     pred, mask = task.model(imgs, 0.75, sample_noise(seeds, 49))
     torch.testing.assert_close(both, mae_loss(pred, task.model.patchify(imgs), mask))
@@ -249,6 +267,11 @@ def test_task_loss_eval_and_pictures() -> None:
     torch.testing.assert_close(evals[0]["loss"] / 6, mae_loss(pred, task.model.patchify(batch["image"]), mask))
     grid = task.pictures(batch)["reconstruction"]
     assert grid.shape == (3, 6 * 114 + 2, 4 * 114 + 2) and 0 <= grid.min() and grid.max() <= 1
-    assert task.no_weight_decay() == {"model.cls_token", "model.pos_embed", "model.mask_token", "model.decoder_pos_embed"}
+    assert task.no_weight_decay() == {
+        "model.cls_token",
+        "model.pos_embed",
+        "model.mask_token",
+        "model.decoder_pos_embed",
+    }
     with torch.device("meta"):  # ViT-B/16 MAE, paper decoder, mask 0.75: 58.7 GFLOP per training image
         assert MAETask(create_mae("mae_vit_base")).flops_per_image() == pytest.approx(58.7e9, rel=2e-3)

@@ -36,7 +36,6 @@ def test_visible_tokens_are_exactly_the_unmasked_positions() -> None:
         assert kept_positions == torch.nonzero(mask[i] == 0).flatten().tolist()
 
 
-
 def test_seeded_noise_depends_only_on_the_sample_seed() -> None:
     """A sample's mask follows its seed, not its batch: what makes masks world-size independent."""
     seeds = torch.tensor([0, 1, 2**62 + 5, 123456789012345], dtype=torch.int64)
@@ -64,6 +63,7 @@ def test_removed_ids_are_exactly_the_masked_positions(ratio: float) -> None:
     assert ids.shape == (6, 49 - visible.shape[1])
     for i in range(6):
         assert sorted(ids[i].tolist()) == torch.nonzero(mask[i] == 1).flatten().tolist()
+
 
 def test_restore_indices_invert_the_shuffle() -> None:
     x = _tokens()

@@ -36,7 +36,6 @@ def test_loss_matches_a_hand_computation(norm: bool) -> None:
     assert mae_loss(pred, target, mask, norm_pix_loss=norm).item() == pytest.approx(expected, rel=1e-5)
 
 
-
 @pytest.mark.filterwarnings("ignore:.*degrees of freedom:UserWarning")
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("pixels", [1, 12])
@@ -54,6 +53,7 @@ def test_removed_only_loss_equals_the_masked_loss(norm: bool, pixels: int) -> No
         torch.testing.assert_close(*(torch.autograd.grad(loss, pred)[0] for loss in (part, full)), rtol=1e-5, atol=1e-8)
     nothing_removed = removed_patch_loss(pred[:, :0], target[:, :0], norm_pix_loss=norm)
     assert nothing_removed.item() == 0.0 and nothing_removed.requires_grad
+
 
 def test_loss_ignores_predictions_at_visible_positions() -> None:
     pred, target = torch.randn(4, 16, 49), torch.randn(4, 16, 49)
@@ -87,7 +87,9 @@ def test_constant_patch_normalizes_to_zero_without_nan() -> None:
     assert torch.allclose(std, torch.full_like(std, 1e-3))
 
 
-@pytest.mark.parametrize(("preset", "chans", "size"), [("mae_vit_mnist_p4", 1, 28), ("mae_vit_mnist_p7", 3, 28), ("mae_vit_tiny", 3, 32)])
+@pytest.mark.parametrize(
+    ("preset", "chans", "size"), [("mae_vit_mnist_p4", 1, 28), ("mae_vit_mnist_p7", 3, 28), ("mae_vit_tiny", 3, 32)]
+)
 def test_patchify_round_trips_and_follows_official_layout(preset: str, chans: int, size: int) -> None:
     small = dict(embed_dim=16, depth=1, num_heads=1, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=1)
     model = create_mae(preset, in_chans=chans, img_size=size, **small)

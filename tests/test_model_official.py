@@ -12,15 +12,39 @@ from launch.errors import CheckpointError
 from pretrain.official import infer_arch, load_official, read_state_dict
 from pretrain.presets import create_mae
 
-_BLOCK = ["norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
-          "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias"]  # fmt: skip
+_BLOCK = [
+    "norm1.weight",
+    "norm1.bias",
+    "attn.qkv.weight",
+    "attn.qkv.bias",
+    "attn.proj.weight",
+    "attn.proj.bias",
+    "norm2.weight",
+    "norm2.bias",
+    "mlp.fc1.weight",
+    "mlp.fc1.bias",
+    "mlp.fc2.weight",
+    "mlp.fc2.bias",
+]
 # the state_dict keys of the official models_mae.MaskedAutoencoderViT with one block on each side
 OFFICIAL_KEYS = {
-    "cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
-    "mask_token", "decoder_pos_embed", "decoder_embed.weight", "decoder_embed.bias", "decoder_norm.weight",
-    "decoder_norm.bias", "decoder_pred.weight", "decoder_pred.bias",
-    *(f"blocks.0.{k}" for k in _BLOCK), *(f"decoder_blocks.0.{k}" for k in _BLOCK),
-}  # fmt: skip
+    "cls_token",
+    "pos_embed",
+    "patch_embed.proj.weight",
+    "patch_embed.proj.bias",
+    "norm.weight",
+    "norm.bias",
+    "mask_token",
+    "decoder_pos_embed",
+    "decoder_embed.weight",
+    "decoder_embed.bias",
+    "decoder_norm.weight",
+    "decoder_norm.bias",
+    "decoder_pred.weight",
+    "decoder_pred.bias",
+    *(f"blocks.0.{k}" for k in _BLOCK),
+    *(f"decoder_blocks.0.{k}" for k in _BLOCK),
+}
 
 
 @pytest.fixture(scope="module")
@@ -72,8 +96,15 @@ def test_encoder_only_checkpoint_gives_fresh_decoder_and_equal_features(model, t
 
 def test_unmatched_architecture_takes_heads_from_overrides(tmp_path) -> None:
     torch.manual_seed(1)
-    custom = create_mae("mae_vit_mnist_p4", embed_dim=48, depth=2, num_heads=3, decoder_embed_dim=32,
-                        decoder_depth=1, decoder_num_heads=4).eval()  # fmt: skip
+    custom = create_mae(
+        "mae_vit_mnist_p4",
+        embed_dim=48,
+        depth=2,
+        num_heads=3,
+        decoder_embed_dim=32,
+        decoder_depth=1,
+        decoder_num_heads=4,
+    ).eval()
     arch = infer_arch(custom.state_dict())
     assert (arch["embed_dim"], arch["depth"], arch["decoder_embed_dim"], arch["decoder_depth"]) == (48, 2, 32, 1)
     _same_outputs(custom, load_official(custom.state_dict(), num_heads=3, decoder_num_heads=4))

@@ -38,9 +38,20 @@ def _weights(run: Path, step: int) -> dict[str, torch.Tensor]:
 def test_fp16_clipped_run_skips_a_poisoned_step_and_trains_on(tmp_path, cpu_grad_scaler):
     """Step 2 is poisoned: skipped (weights of step 1 kept), the scale backs off once, and the
     clip of step 3 unscales again (it raised "unscale_() has already been called")."""
-    cfg = load_config(TrainerConfig, None, ["log.progress=false", "precision=fp16", "optim.clip_grad=1.0", "max_steps=4",
-                                            "batch_size=16", "log.every_steps=1", "checkpoint.every_steps=1",
-                                            "checkpoint.keep=10"])  # fmt: skip
+    cfg = load_config(
+        TrainerConfig,
+        None,
+        [
+            "log.progress=false",
+            "precision=fp16",
+            "optim.clip_grad=1.0",
+            "max_steps=4",
+            "batch_size=16",
+            "log.every_steps=1",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep=10",
+        ],
+    )
     torch.manual_seed(0)
     trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory(poison=1))
     assert trainer.backend.scaler is not None
@@ -71,9 +82,23 @@ def test_deepspeed_bf16_skips_a_poisoned_step_and_trains_on(tmp_path, digits, st
     (``p.grad`` is None), so the skip must clear those; the fp32 masters of steps 2 and 3 are
     equal, step 4 trains, every weight stays finite."""
     run = tmp_path / "run"
-    code, log = finish(start(run, "--fault=nan@3", "backend=deepspeed", f"zero_stage={stage}", "precision=bf16",
-                             "max_steps=5", "checkpoint.every_steps=1", "checkpoint.keep=100", "log.every_steps=1",
-                             data_root=digits, nproc=2), run, timeout=600)  # fmt: skip
+    code, log = finish(
+        start(
+            run,
+            "--fault=nan@3",
+            "backend=deepspeed",
+            f"zero_stage={stage}",
+            "precision=bf16",
+            "max_steps=5",
+            "checkpoint.every_steps=1",
+            "checkpoint.keep=100",
+            "log.every_steps=1",
+            data_root=digits,
+            nproc=2,
+        ),
+        run,
+        timeout=600,
+    )
     assert code == 0, log[-3000:]
     assert "step 3: non-finite loss or gradients, step skipped (1 in a row)" in log
     weights = {step: _masters(run, step) for step in (2, 3, 4)}

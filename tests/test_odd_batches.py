@@ -36,8 +36,17 @@ def test_training_loader_drops_the_short_last_batch_on_every_rank(digits: Path, 
     cfg = DataConfig(source=str(digits), workers=2, shuffle_buffer=50)
     keys: list[str] = []
     for rank in range(world):
-        loader = build_loader(cfg, "train", preset="pretrain", batch_size=64, img_size=8, seed=0, rank=rank,
-                              world_size=world, drop_last=True)  # fmt: skip
+        loader = build_loader(
+            cfg,
+            "train",
+            preset="pretrain",
+            batch_size=64,
+            img_size=8,
+            seed=0,
+            rank=rank,
+            world_size=world,
+            drop_last=True,
+        )
         batches = list(loader)
         assert len(batches) == len(loader) == 1497 // (world * 64)  # equal on every rank: nobody waits
         assert all(len(b["key"]) == 64 for b in batches)  # every micro-batch weighs the same in the DDP mean
@@ -47,15 +56,21 @@ def test_training_loader_drops_the_short_last_batch_on_every_rank(digits: Path, 
 
 def test_eval_loader_still_reads_every_sample_once(digits: Path) -> None:
     cfg = DataConfig(source=str(digits), workers=0)
-    keys = [k for rank in range(2) for b in build_loader(cfg, "val", preset="eval", batch_size=64, img_size=8, seed=0,
-                                                          rank=rank, world_size=2) for k in b["key"]]  # fmt: skip
+    keys = [
+        k
+        for rank in range(2)
+        for b in build_loader(cfg, "val", preset="eval", batch_size=64, img_size=8, seed=0, rank=rank, world_size=2)
+        for k in b["key"]
+    ]
     assert len(keys) == len(set(keys)) == 300
 
 
 @pytest.mark.parametrize("size", [7, 1])
 def test_mixup_batch_left_odd_by_a_corrupt_sample_trains(size: int) -> None:
     torch.manual_seed(0)
-    vit = build_vit(resolve_backbone(create_mae("mae_vit_mnist_p7", depth=1, embed_dim=32, num_heads=2)), num_classes=10)
+    vit = build_vit(
+        resolve_backbone(create_mae("mae_vit_mnist_p7", depth=1, embed_dim=32, num_heads=2)), num_classes=10
+    )
     task = FinetuneTask(vit, mixup=build_mixup(FinetuneConfig(), 10), smoothing=0.1).train()
     loss = task({"image": torch.randn(size, 1, 28, 28), "label": torch.arange(size) % 10})["loss"]
     loss.backward()
@@ -79,10 +94,24 @@ def test_two_ranks_finetune_the_default_recipe_to_the_end_of_the_epoch(digits: P
     """748 / 749 digits per rank at batch 64 left rank 1 a last batch of 45: Mixup's assertion there,
     rank 0 waiting in the all-reduce. Now 11 full batches on each rank."""
     backbone = "{img_size: 28, in_chans: 1, patch_size: 7, depth: 1, embed_dim: 32, num_heads: 2}"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "finetune.finetune",
-           "backbone=vit_tiny_patch16_224", f"finetune.model_args={backbone}", f"data.source={digits}", "data.workers=0",
-           "finetune.img_size=28", "finetune.trainer.epochs=1", "finetune.trainer.log.progress=false",
-           f"run_dir={tmp_path / 'run'}"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "finetune.finetune",
+        "backbone=vit_tiny_patch16_224",
+        f"finetune.model_args={backbone}",
+        f"data.source={digits}",
+        "data.workers=0",
+        "finetune.img_size=28",
+        "finetune.trainer.epochs=1",
+        "finetune.trainer.log.progress=false",
+        f"run_dir={tmp_path / 'run'}",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(11 steps," in proc.stdout

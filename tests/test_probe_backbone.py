@@ -34,8 +34,13 @@ def test_all_sources_give_the_encoder_features(mae, tmp_path: Path) -> None:
     export_timm(mae, tmp_path / "export" / "timm", mean=(0.13,), std=(0.31,))
     export_full(mae, tmp_path / "export" / "full", mean=(0.13,), std=(0.31,))
     torch.save({"model": mae.state_dict()}, tmp_path / "official.pth")
-    for spec in (mae, tmp_path / "export", tmp_path / "export" / "timm", tmp_path / "export" / "full",
-                 tmp_path / "official.pth"):  # fmt: skip
+    for spec in (
+        mae,
+        tmp_path / "export",
+        tmp_path / "export" / "timm",
+        tmp_path / "export" / "full",
+        tmp_path / "official.pth",
+    ):
         assert torch.allclose(_features(spec), want, atol=1e-6), spec
     source = resolve_backbone(tmp_path / "export")
     assert source.mean == (0.13,) and source.std == (0.31,)

@@ -22,8 +22,9 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 def test_final_norm_and_head_train_at_the_full_lr(pool: str) -> None:
     """Official ``param_groups_lrd``: blocks decay, everything after them (final norm or fc_norm, head)
     trains at ``lr``; timm's group_matcher merges the final norm into the last block's group."""
-    vit = VisionTransformer(img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=3, num_heads=2,
-                            num_classes=10, global_pool=pool)  # fmt: skip
+    vit = VisionTransformer(
+        img_size=28, patch_size=7, in_chans=1, embed_dim=32, depth=3, num_heads=2, num_classes=10, global_pool=pool
+    )
     opt = build_optimizer(vit, OptimConfig(layer_decay=0.5), lr=1.0)
     lr_of = {n: g["lr"] for g in opt.param_groups for p in g["params"] for n, q in vit.named_parameters() if q is p}
     norm = "norm" if pool == "token" else "fc_norm"

@@ -85,11 +85,22 @@ def test_cell(name: str, request: pytest.FixtureRequest, tmp_path: Path) -> None
 def test_every_baseline_recipe(mnist: Path, tmp_path: Path) -> None:
     """Every ``configs/baselines`` recipe through ``mae-baseline``'s own entry function, in one
     2-process launch (a torchrun start per recipe would cost more than the twelve runs)."""
-    runs = [[name, *BASELINE_COMMON, *extra, f"data.root={mnist}", f"run_root={tmp_path / 'runs'}"]
-            for name, extra in BASELINES.items()]
+    runs = [
+        [name, *BASELINE_COMMON, *extra, f"data.root={mnist}", f"run_root={tmp_path / 'runs'}"]
+        for name, extra in BASELINES.items()
+    ]
     script = tmp_path / "baselines_driver.py"
     script.write_text(BASELINES_DRIVER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), json.dumps(runs)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+        json.dumps(runs),
+    ]
     Runner(tmp_path).run("mae-baseline", cmd)
     for name in BASELINES:
         assert (tmp_path / "runs" / name / "results.json").is_file(), name
@@ -102,4 +113,3 @@ def test_every_shipped_file_is_rehearsed() -> None:
     assert not shipped - rehearsed, f"not run by the rehearsal: {sorted(shipped - rehearsed)}"
     assert not rehearsed - shipped, f"the rehearsal names missing files: {sorted(rehearsed - shipped)}"
     assert all((ROOT / f).is_file() for f in rehearsed)
-

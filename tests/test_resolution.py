@@ -26,11 +26,26 @@ from pretrain.presets import create_mae
 
 QUIET = {"log": {"progress": False, "tensorboard": False}}
 #: a 32-px MAE with one block: the pipeline's code path at a size the CPU runs in seconds
-TINY_MAE = ["model.preset=mae_vit_tiny", "model.img_size=32", "model.patch_size=8", "model.depth=1",
-            "model.decoder_depth=1", "model.decoder_embed_dim=32", "model.decoder_num_heads=1"]  # fmt: skip
-SHORT = ["trainer.max_steps=2", "trainer.batch_size=4", "trainer.log.progress=false", "trainer.log.tensorboard=false",
-         "probe.trainer.max_steps=2", "probe.trainer.batch_size=4", "probe.trainer.log.progress=false",
-         "probe.trainer.log.tensorboard=false", "data.workers=0"]  # fmt: skip
+TINY_MAE = [
+    "model.preset=mae_vit_tiny",
+    "model.img_size=32",
+    "model.patch_size=8",
+    "model.depth=1",
+    "model.decoder_depth=1",
+    "model.decoder_embed_dim=32",
+    "model.decoder_num_heads=1",
+]
+SHORT = [
+    "trainer.max_steps=2",
+    "trainer.batch_size=4",
+    "trainer.log.progress=false",
+    "trainer.log.tensorboard=false",
+    "probe.trainer.max_steps=2",
+    "probe.trainer.batch_size=4",
+    "probe.trainer.log.progress=false",
+    "probe.trainer.log.tensorboard=false",
+    "data.workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +82,12 @@ def test_probe_size_that_is_no_patch_multiple_stops_before_pretraining(photos: P
         pretrain_main([f"run_dir={tmp_path / 'run'}", f"data.source={photos}", "probe.img_size=36", *TINY_MAE, *SHORT])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [("mae-pretrain: error: probe.img_size=36 is not a multiple of the patch size 8: "
-                    "set probe.img_size=32 or 40, or leave it unset for the backbone's own size")]
+    assert err == [
+        (
+            "mae-pretrain: error: probe.img_size=36 is not a multiple of the patch size 8: "
+            "set probe.img_size=32 or 40, or leave it unset for the backbone's own size"
+        )
+    ]
     assert not (tmp_path / "run").exists()
 
 
@@ -83,11 +102,14 @@ def test_resampled_position_embeddings_keep_the_class_token(mae, caplog) -> None
     with caplog.at_level(logging.INFO):
         vit = set_input_size(build_vit(source, num_classes=0), 56)
     assert [r.getMessage() for r in caplog.records if "position embedding" in r.getMessage().lower()] == [
-        "position embeddings resampled (bicubic) from a 7x7 to a 14x14 patch grid for 56 px images"]  # logged once
+        "position embeddings resampled (bicubic) from a 7x7 to a 14x14 patch grid for 56 px images"
+    ]  # logged once
     native = source.state["pos_embed"]  # (1, 1 + 7 * 7, D)
     assert vit.pos_embed.shape == (1, 1 + 14 * 14, native.shape[-1])
     assert torch.equal(vit.pos_embed[:, :1], native[:, :1])
-    want = resample_abs_pos_embed(native, new_size=[14, 14], old_size=[7, 7], num_prefix_tokens=1, interpolation="bicubic")
+    want = resample_abs_pos_embed(
+        native, new_size=[14, 14], old_size=[7, 7], num_prefix_tokens=1, interpolation="bicubic"
+    )
     assert torch.equal(vit.pos_embed.detach(), want)
     with torch.no_grad():
         assert vit.forward_features(torch.randn(2, 1, 56, 56)).shape == (2, 1 + 14 * 14, native.shape[-1])
@@ -103,7 +125,9 @@ def test_backbone_features_at_its_own_size_are_unchanged(mae, tmp_path: Path) ->
     with torch.no_grad():
         want = mae.forward_features(x)
         assert torch.equal(set_input_size(build_vit(source, num_classes=0), 28).eval().forward_features(x), want)
-        assert torch.equal(build_vit(resolve_backbone(tmp_path / "timm"), num_classes=0).eval().forward_features(x), want)
+        assert torch.equal(
+            build_vit(resolve_backbone(tmp_path / "timm"), num_classes=0).eval().forward_features(x), want
+        )
 
 
 def test_28px_backbone_finetunes_at_56px_and_timm_rebuilds_it_there(mae, tmp_path: Path) -> None:
@@ -123,10 +147,22 @@ def test_28px_backbone_finetunes_at_56px_and_timm_rebuilds_it_there(mae, tmp_pat
 
 def test_finetune_size_that_is_no_patch_multiple_is_one_line(tmp_path: Path, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        finetune_main(["backbone=vit_tiny_patch16_224", f"run_dir={tmp_path / 'run'}", "data.source=digits",
-                       f"data.root={tmp_path / 'data'}", "finetune.img_size=100", "finetune.model_args.in_chans=1"])  # fmt: skip
+        finetune_main(
+            [
+                "backbone=vit_tiny_patch16_224",
+                f"run_dir={tmp_path / 'run'}",
+                "data.source=digits",
+                f"data.root={tmp_path / 'data'}",
+                "finetune.img_size=100",
+                "finetune.model_args.in_chans=1",
+            ]
+        )
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == [("mae-finetune: error: finetune.img_size=100 is not a multiple of the patch size 16: "
-                    "set finetune.img_size=96 or 112, or leave it unset for the backbone's own size")]
+    assert err == [
+        (
+            "mae-finetune: error: finetune.img_size=100 is not a multiple of the patch size 16: "
+            "set finetune.img_size=96 or 112, or leave it unset for the backbone's own size"
+        )
+    ]
     assert not (tmp_path / "run").exists()

@@ -23,7 +23,7 @@ import torch.distributed as torch_dist
 
 from launch import dist
 
-WORKER = '''
+WORKER = """
 import os, signal, sys, time
 from pathlib import Path
 import torch, torch.distributed as dist
@@ -39,7 +39,7 @@ for step in range(5):
     if attempt == 0 and rank == 1 and step == 1:
         os.kill(os.getpid(), signal.SIGKILL)
 Path(sys.argv[1], f"done-{attempt}-{rank}").write_text(str(int(total.item())))
-'''
+"""
 
 
 @pytest.mark.dist
@@ -47,8 +47,17 @@ Path(sys.argv[1], f"done-{attempt}-{rank}").write_text(str(int(total.item())))
 def test_restarted_group_rebuilds_gloo_mesh(tmp_path: Path) -> None:
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "--monitor-interval=0.5", str(script), str(tmp_path)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "--monitor-interval=0.5",
+        str(script),
+        str(tmp_path),
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=150)
     log = proc.stdout + proc.stderr
@@ -60,12 +69,23 @@ def test_restarted_group_rebuilds_gloo_mesh(tmp_path: Path) -> None:
     assert done == {"done-1-0": str(2**5), "done-1-1": str(2**5)}, log[-3000:]
 
 
-@pytest.mark.parametrize(("agent_store", "agents", "warns"), [("True", "2", True), ("False", "2", False), ("False", "1", False)])
-def test_process_group_left_to_accelerate_unless_one_agent_shares_its_store(monkeypatch, caplog, agent_store, agents, warns):
+@pytest.mark.parametrize(
+    ("agent_store", "agents", "warns"), [("True", "2", True), ("False", "2", False), ("False", "1", False)]
+)
+def test_process_group_left_to_accelerate_unless_one_agent_shares_its_store(
+    monkeypatch, caplog, agent_store, agents, warns
+):
     """Several agents count restarts apart (no per-attempt keys possible: warn unless torchrun
     gives each attempt a fresh store); without the agent's store there is nothing to namespace."""
-    env = {"WORLD_SIZE": "2", "RANK": "0", "GROUP_WORLD_SIZE": agents, "TORCHELASTIC_MAX_RESTARTS": "3",
-           "TORCHELASTIC_USE_AGENT_STORE": agent_store, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"}  # fmt: skip
+    env = {
+        "WORLD_SIZE": "2",
+        "RANK": "0",
+        "GROUP_WORLD_SIZE": agents,
+        "TORCHELASTIC_MAX_RESTARTS": "3",
+        "TORCHELASTIC_USE_AGENT_STORE": agent_store,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "1",
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
 

@@ -149,7 +149,9 @@ def test_fsdp_two_processes_killed_resume_on_two(tmp_path, data_root, fsdp_refer
 def test_one_process_killed_resumes_on_two(tmp_path, data_root, request, backend) -> None:
     weights, keys = request.getfixturevalue("fsdp_reference" if backend == "fsdp" else "reference")
     run = tmp_path / "run"
-    proc = start(run, SEEDED, "--step-delay=0.1", "--record-keys=a", ONE_PROC, f"backend={backend}", data_root=data_root)
+    proc = start(
+        run, SEEDED, "--step-delay=0.1", "--record-keys=a", ONE_PROC, f"backend={backend}", data_root=data_root
+    )
     wait_for(_ckpt(run, 8), proc)
     time.sleep(random.uniform(0.0, 1.0))
     proc.kill()
@@ -239,16 +241,32 @@ def test_a_deepspeed_checkpoint_of_another_world_size_is_refused_with_one_line(t
     import sys
 
     def tiny(max_steps: int) -> subprocess.CompletedProcess:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
-               str(Path(__file__).parent / "trainer_tiny.py"), str(tmp_path), f"max_steps={max_steps}", "batch_size=8",
-               "backend=deepspeed"]
-        return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "1",
+            str(Path(__file__).parent / "trainer_tiny.py"),
+            str(tmp_path),
+            f"max_steps={max_steps}",
+            "batch_size=8",
+            "backend=deepspeed",
+        ]
+        return subprocess.run(
+            cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"}
+        )
 
     assert tiny(2).returncode == 0
     meta_file = _ckpt(tmp_path, 2) / "meta.json"
-    meta_file.write_text(json.dumps({**json.loads(meta_file.read_text()), "world_size": 2}))  # as if 2 processes wrote it
+    meta_file.write_text(
+        json.dumps({**json.loads(meta_file.read_text()), "world_size": 2})
+    )  # as if 2 processes wrote it
     proc = tiny(4)
     assert proc.returncode != 0
-    assert (f"CheckpointError: cannot resume the deepspeed checkpoint {_ckpt(tmp_path, 2)} of 2 processes on 1: "
-            "relaunch with 2 processes\n") in proc.stderr
+    assert (
+        f"CheckpointError: cannot resume the deepspeed checkpoint {_ckpt(tmp_path, 2)} of 2 processes on 1: "
+        "relaunch with 2 processes\n"
+    ) in proc.stderr
     assert (_ckpt(tmp_path, 2) / "COMPLETE").exists() and not _ckpt(tmp_path, 4).exists()

@@ -54,7 +54,9 @@ def test_sigterm_kill_in_save_and_kill9_resume_bit_identical(tmp_path, data_root
     stopped = latest(run / "checkpoints")
     meta = read_meta(stopped)
     assert meta["reason"] == "preempted" and 4 < meta["step"] < 30, meta
-    assert log.strip().splitlines()[-1].startswith(f"faults_driver: error: stopped by SIGTERM after step {meta['step']}")
+    assert (
+        log.strip().splitlines()[-1].startswith(f"faults_driver: error: stopped by SIGTERM after step {meta['step']}")
+    )
 
     # 2. resumed, then SIGKILLed inside the next checkpoint write: that one stays partial
     doomed = (meta["step"] // 4 + 1) * 4

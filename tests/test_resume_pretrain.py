@@ -16,15 +16,26 @@ import torch
 
 from launch.checkpoint import TRAINER_FILE, latest
 
-ARGS = ["trainer.max_steps=24", "trainer.checkpoint.every_steps=4", "trainer.log.every_steps=2", "trainer.log.progress=false",
-        "linear_probe=false", "export=false", "picture=false"]
+ARGS = [
+    "trainer.max_steps=24",
+    "trainer.checkpoint.every_steps=4",
+    "trainer.log.every_steps=2",
+    "trainer.log.progress=false",
+    "linear_probe=false",
+    "export=false",
+    "picture=false",
+]
 
 
 def _pretrain(run_dir: Path, data_root: Path) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with open(f"{run_dir}.log", "a") as log:
-        return subprocess.Popen([sys.executable, "-m", "pretrain", f"run_dir={run_dir}", f"data.root={data_root}", *ARGS],
-                                stdout=log, stderr=subprocess.STDOUT, env=env)
+        return subprocess.Popen(
+            [sys.executable, "-m", "pretrain", f"run_dir={run_dir}", f"data.root={data_root}", *ARGS],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
 
 
 def _final_model(run_dir: Path) -> dict[str, torch.Tensor]:

@@ -6,7 +6,6 @@ import json
 import math
 
 import pytest
-
 from trainer_tiny import run
 
 BASE = ["optim.warmup_steps=2", "optim.base_lr=0.05", "optim.min_lr=0.001", "log.every_steps=1", "batch_size=16"]

@@ -21,11 +21,23 @@ def test_srun_gets_the_jobs_cpus_per_task(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     _fake(bin_dir, "srun", f'echo "$@" > {tmp_path}/srun.args')
-    _fake(bin_dir, "scontrol", 'echo node-a')
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_NODELIST": "node-a",
-           "SLURM_NNODES": "1", "SLURM_JOB_ID": "42", "SLURM_CPUS_PER_TASK": "64", "SLURM_GPUS_ON_NODE": "8"}  # fmt: skip
-    proc = subprocess.run(["bash", str(ROOT / "launch/slurm/pretrain.sbatch"), "--config", "x.yaml"], env=env,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    _fake(bin_dir, "scontrol", "echo node-a")
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "SLURM_JOB_NODELIST": "node-a",
+        "SLURM_NNODES": "1",
+        "SLURM_JOB_ID": "42",
+        "SLURM_CPUS_PER_TASK": "64",
+        "SLURM_GPUS_ON_NODE": "8",
+    }
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch/slurm/pretrain.sbatch"), "--config", "x.yaml"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     args = (tmp_path / "srun.args").read_text().split()
     assert "--cpus-per-task" in args and args[args.index("--cpus-per-task") + 1] == "64"

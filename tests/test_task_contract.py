@@ -33,14 +33,27 @@ from pretrain.task import build_task as build_mae
 
 SIZE, CLASSES, BATCH = 28, 10, 4
 MEAN, STD = (0.13,), (0.31,)
-MAE_ARCH = {"depth": 1, "embed_dim": 32, "num_heads": 2,
-            "decoder_embed_dim": 16, "decoder_depth": 1, "decoder_num_heads": 2}
+MAE_ARCH = {
+    "depth": 1,
+    "embed_dim": 32,
+    "num_heads": 2,
+    "decoder_embed_dim": 16,
+    "decoder_depth": 1,
+    "decoder_num_heads": 2,
+}
 
 #: ops that wait for the device on CUDA: reading a value on the host (``.item()``, ``float(t)``,
 #: ``if t:`` dispatch ``_local_scalar_dense``) or an output shape that depends on data. Not seen on
 #: CPU: ``.tolist()``, ``.numpy()`` and ``.cpu()`` of a CPU tensor dispatch no op at all.
-SYNC_OPS = {"aten::_local_scalar_dense", "aten::nonzero", "aten::masked_select", "aten::_unique2", "aten::unique_dim",
-            "aten::unique_consecutive", "aten::repeat_interleave"}
+SYNC_OPS = {
+    "aten::_local_scalar_dense",
+    "aten::nonzero",
+    "aten::masked_select",
+    "aten::_unique2",
+    "aten::unique_dim",
+    "aten::unique_consecutive",
+    "aten::repeat_interleave",
+}
 #: indexing ops that sync when an index is a boolean mask (``x[mask]``, ``x[mask] = v``)
 MASK_INDEX_OPS = {"aten::index", "aten::index_put", "aten::index_put_", "aten::_index_put_impl_"}
 
@@ -62,8 +75,13 @@ def _finetune(**settings) -> Callable[[], Task]:
     def build() -> Task:
         cfg = FinetuneConfig(**settings)
         model = build_classifier(cfg, _vit_source(), CLASSES)
-        return FinetuneTask(set_input_size(model, SIZE), mixup=build_mixup(cfg, CLASSES), smoothing=cfg.smoothing,
-                            ema_decay=cfg.ema_decay if cfg.ema else None)
+        return FinetuneTask(
+            set_input_size(model, SIZE),
+            mixup=build_mixup(cfg, CLASSES),
+            smoothing=cfg.smoothing,
+            ema_decay=cfg.ema_decay if cfg.ema else None,
+        )
+
     return build
 
 
@@ -117,8 +135,11 @@ def _is_mask(index: torch.Tensor | None) -> bool:
 
 def _batch(n: int = BATCH) -> dict:
     g = torch.Generator().manual_seed(1)
-    return {"image": torch.randn(n, 1, SIZE, SIZE, generator=g), "label": torch.arange(n) % CLASSES,
-            "key": [f"{i:06d}" for i in range(n)]}
+    return {
+        "image": torch.randn(n, 1, SIZE, SIZE, generator=g),
+        "label": torch.arange(n) % CLASSES,
+        "key": [f"{i:06d}" for i in range(n)],
+    }
 
 
 def _seeded(seed: int) -> None:
@@ -171,8 +192,9 @@ def _outputs(task: Task) -> dict[str, torch.Tensor]:
 
 def test_state_dict_round_trip_gives_identical_outputs(name: str) -> None:
     trained, fresh = _build(name, 0), _build(name, 1)
-    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), fresh.state_dict().values())), \
+    assert any(not torch.equal(a, b) for a, b in zip(trained.state_dict().values(), fresh.state_dict().values())), (
         f"{name}: seeds 0 and 1 build the same weights, the round trip would prove nothing"
+    )
     fresh.load_state_dict(trained.state_dict())
     expected, got = _outputs(trained), _outputs(fresh)
     assert expected.keys() == got.keys()
@@ -189,8 +211,12 @@ def test_pictures_are_rgb_in_unit_range(name: str) -> None:
 
 def test_the_sync_check_catches_host_reads_and_data_dependent_shapes() -> None:
     x = torch.randn(8)
-    reads = (lambda: x.sum().item(), lambda: bool(x.sum() > 0), lambda: x[x > 0],
-             lambda: x.clone().index_put_((x > 0,), torch.tensor(0.0)))
+    reads = (
+        lambda: x.sum().item(),
+        lambda: bool(x.sum() > 0),
+        lambda: x[x > 0],
+        lambda: x.clone().index_put_((x > 0,), torch.tensor(0.0)),
+    )
     for read in reads:
         with _SyncRecorder() as recorder:
             read()

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from launch import launcher
-from launch.launcher import check_launcher, deepspeed_config
 from launch.config import TrainerConfig, load_config
 from launch.errors import ConfigError
+from launch.launcher import check_launcher, deepspeed_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,8 +27,15 @@ def test_shipped_deepspeed_files_fill_from_the_run_config(stage):
     accelerate = yaml.safe_load((ROOT / f"launch/accelerate/zero{stage}.yaml").read_text())
     assert accelerate["distributed_type"] == "DEEPSPEED"
     json_file = ROOT / accelerate["deepspeed_config"]["deepspeed_config_file"]
-    cfg = _cfg("backend=deepspeed", f"zero_stage={stage}", "batch_size=32", "accum_steps=4", "precision=bf16",
-               "optim.clip_grad=3.0", f"deepspeed_config={json_file}")  # fmt: skip
+    cfg = _cfg(
+        "backend=deepspeed",
+        f"zero_stage={stage}",
+        "batch_size=32",
+        "accum_steps=4",
+        "precision=bf16",
+        "optim.clip_grad=3.0",
+        f"deepspeed_config={json_file}",
+    )
     ds = deepspeed_config(cfg, world=16)
     assert ds["train_batch_size"] == 32 * 4 * 16 and ds["gradient_accumulation_steps"] == 4
     assert ds["bf16"] == {"enabled": True} and ds["fp16"] == {"enabled": False} and ds["gradient_clipping"] == 3.0

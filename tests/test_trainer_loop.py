@@ -8,13 +8,13 @@ import math
 
 import pytest
 import torch
+from trainer_tiny import NUM_SAMPLES, TinyTask, TwoPhaseTask, run, synthetic_factory
 
-from launch.launcher import deepspeed_config
 from launch.config import TrainerConfig, load_config
 from launch.data import DataConfig
 from launch.errors import ConfigError, DataError
+from launch.launcher import deepspeed_config
 from launch.trainer import fit
-from trainer_tiny import NUM_SAMPLES, TinyTask, TwoPhaseTask, run, synthetic_factory
 
 BASE = ["optim.warmup_steps=2", "optim.base_lr=0.05", "optim.min_lr=0.001", "log.every_steps=1", "optim.clip_grad=1.0"]
 
@@ -79,9 +79,19 @@ def _trainer_cfg(*overrides: str) -> TrainerConfig:
 def test_impossible_batch_split_fails_before_writing(tmp_path):
     (tmp_path / "config.yaml").write_text("precious: true\n")
     with pytest.raises(ConfigError) as err:
-        fit(TinyTask(), _trainer_cfg("batch_size=64", "accum_steps=2"), None, tmp_path, seed=0, img_size=4,
-            loader_factory=synthetic_factory(), config={"x": 1})  # fmt: skip
-    assert "trainer.batch_size=64 x trainer.accum_steps=2 x 1 ranks = 128 images per step, more than the 96" in str(err.value)
+        fit(
+            TinyTask(),
+            _trainer_cfg("batch_size=64", "accum_steps=2"),
+            None,
+            tmp_path,
+            seed=0,
+            img_size=4,
+            loader_factory=synthetic_factory(),
+            config={"x": 1},
+        )
+    assert "trainer.batch_size=64 x trainer.accum_steps=2 x 1 ranks = 128 images per step, more than the 96" in str(
+        err.value
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
     assert (tmp_path / "config.yaml").read_text() == "precious: true\n"
 
@@ -89,15 +99,25 @@ def test_impossible_batch_split_fails_before_writing(tmp_path):
 def test_deepspeed_config_is_derived_and_checked(tmp_path):
     cfg = _trainer_cfg("backend=deepspeed", "batch_size=8", "accum_steps=2", "zero_stage=3", "optim.clip_grad=1.0")
     ds = deepspeed_config(cfg, world=4)
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (8, 2, 64)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (
+        8,
+        2,
+        64,
+    )
     assert ds["zero_optimization"]["stage"] == 3 and ds["gradient_clipping"] == 1.0
     user = tmp_path / "ds.json"
     user.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 3, "overlap_comm": True}}))
     merged = deepspeed_config(cfg.model_copy(update={"deepspeed_config": str(user)}), world=4)
     assert merged["zero_optimization"] == {"stage": 3, "overlap_comm": True} and merged["train_batch_size"] == 64
     for bad, message in [
-        ({"train_micro_batch_size_per_gpu": 16}, "sets train_micro_batch_size_per_gpu=16 but the run config gives 8 (trainer.batch_size)"),
-        ({"zero_optimization": {"stage": 2}}, "sets zero_optimization.stage=2 but the run config gives 3 (trainer.zero_stage)"),
+        (
+            {"train_micro_batch_size_per_gpu": 16},
+            "sets train_micro_batch_size_per_gpu=16 but the run config gives 8 (trainer.batch_size)",
+        ),
+        (
+            {"zero_optimization": {"stage": 2}},
+            "sets zero_optimization.stage=2 but the run config gives 3 (trainer.zero_stage)",
+        ),
         ({"bf16": {"enabled": True}}, "sets bf16.enabled=True but the run config gives False (trainer.precision)"),
         ({"optimizer": {"type": "Adam"}}, "has an 'optimizer' section"),
     ]:
@@ -108,8 +128,15 @@ def test_deepspeed_config_is_derived_and_checked(tmp_path):
 
 def test_deepspeed_refuses_several_optimizers(tmp_path):
     with pytest.raises(ConfigError, match="supports one optimizer; this task has several phases"):
-        fit(TwoPhaseTask(), _trainer_cfg("backend=deepspeed"), None, tmp_path, seed=0, img_size=4,
-            loader_factory=synthetic_factory())  # fmt: skip
+        fit(
+            TwoPhaseTask(),
+            _trainer_cfg("backend=deepspeed"),
+            None,
+            tmp_path,
+            seed=0,
+            img_size=4,
+            loader_factory=synthetic_factory(),
+        )
     assert not any(tmp_path.iterdir())
 
 
@@ -156,8 +183,16 @@ def test_training_split_is_always_shuffled(tmp_path):
         calls.append((split, preset, shuffle))
         return inner(data, split, preset=preset, shuffle=shuffle, **kwargs)
 
-    fit(TinyTask(), _trainer_cfg("max_steps=1", "batch_size=16"), None, tmp_path, seed=0, img_size=4,
-        train_preset="eval", loader_factory=recording)  # fmt: skip
+    fit(
+        TinyTask(),
+        _trainer_cfg("max_steps=1", "batch_size=16"),
+        None,
+        tmp_path,
+        seed=0,
+        img_size=4,
+        train_preset="eval",
+        loader_factory=recording,
+    )
     assert calls == [("train", "eval", True), ("val", "eval", None)]
 
 
@@ -177,10 +212,16 @@ def test_skipped_samples_are_logged_and_too_many_stop_the_run(tmp_path):
     # 96 samples per epoch, 1 %: more than 0.96 skipped stops at the first log point after the checkpoint of step 2
     stop = tmp_path / "stop"
     with pytest.raises(DataError) as err:
-        run(str(stop), ["batch_size=16", "log.every_steps=3", "checkpoint.every_steps=2", "max_steps=6"],
-            data=DataConfig(max_skipped_fraction=0.01), skips=1)
+        run(
+            str(stop),
+            ["batch_size=16", "log.every_steps=3", "checkpoint.every_steps=2", "max_steps=6"],
+            data=DataConfig(max_skipped_fraction=0.01),
+            skips=1,
+        )
     message = str(err.value)
-    assert "\n" not in message and message.startswith("data.max_skipped_fraction=0.01: 3 training samples skipped by step 3")
+    assert "\n" not in message and message.startswith(
+        "data.max_skipped_fraction=0.01: 3 training samples skipped by step 3"
+    )
     assert "last: synthetic skip, rank 0" in message and "step-00000002 is intact" in message
     assert (stop / "checkpoints" / "step-00000002" / "COMPLETE").is_file()
     assert not (stop / "checkpoints" / "step-00000004").exists()

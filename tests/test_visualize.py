@@ -16,9 +16,9 @@ from launch.data.prepare import prepare
 from pretrain.config import PretrainConfig
 from pretrain.export import export_full
 from pretrain.objective import normalize_patches
+from pretrain.pictures import PANELS, reconstruction_grid, reconstruction_panels
 from pretrain.presets import MAEConfig, create_mae
 from pretrain.task import MAETask
-from pretrain.pictures import PANELS, reconstruction_grid, reconstruction_panels
 from pretrain.visualize import main
 
 SMALL = dict(embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2)
@@ -108,7 +108,9 @@ def test_cli_draws_a_checkpoint_on_real_digits(model, mnist, tmp_path) -> None:
 
 def test_cli_reads_an_export_inside_a_run_dir(model, mnist, tmp_path, capsys) -> None:
     run = tmp_path / "run"
-    cfg = PretrainConfig(run_dir=str(run), data=DataConfig(source=str(mnist)), model=MAEConfig(preset="mae_vit_mnist_p7", **SMALL))
+    cfg = PretrainConfig(
+        run_dir=str(run), data=DataConfig(source=str(mnist)), model=MAEConfig(preset="mae_vit_mnist_p7", **SMALL)
+    )
     save_config(cfg, run / "config.yaml")
     export_full(model, run / "export" / "full", mean=MEAN, std=STD, extra={"mask_ratio": 0.5, "norm_pix_loss": False})
     out = tmp_path / "grid.png"
@@ -122,37 +124,61 @@ def test_cli_reads_the_folder_mae_export_writes(model, mnist, tmp_path) -> None:
     export_full(model, tmp_path / "export" / "full", mean=MEAN, std=STD)
     (tmp_path / "data.yaml").write_text(f"source: {mnist}\n")
     out = tmp_path / "grid.png"
-    assert main([str(tmp_path / "export"), "--data", str(tmp_path / "data.yaml"), "--num-images", "2", "--out", str(out)]) == 0
+    assert (
+        main([str(tmp_path / "export"), "--data", str(tmp_path / "data.yaml"), "--num-images", "2", "--out", str(out)])
+        == 0
+    )
     assert Image.open(out).size == (4 * TILE + 2, 2 * TILE + 2)
 
 
 def test_cli_reads_the_latest_checkpoint_of_a_run_without_export(model, mnist, tmp_path) -> None:
     run = tmp_path / "run"
-    cfg = PretrainConfig(run_dir=str(run), data=DataConfig(source=str(mnist)), model=MAEConfig(preset="mae_vit_mnist_p7", **SMALL))
+    cfg = PretrainConfig(
+        run_dir=str(run), data=DataConfig(source=str(mnist)), model=MAEConfig(preset="mae_vit_mnist_p7", **SMALL)
+    )
     save_config(cfg, run / "config.yaml")
     state = MAETask(model).state_dict()  # the trainer saves the task: keys "model.*"
-    CheckpointManager(run / "checkpoints", keep=1, rank=0).save(5, lambda tmp: save_file({"model": state}, tmp / TRAINER_FILE))
+    CheckpointManager(run / "checkpoints", keep=1, rank=0).save(
+        5, lambda tmp: save_file({"model": state}, tmp / TRAINER_FILE)
+    )
     out = tmp_path / "grid.png"
     assert main([str(run), "--num-images", "3", "--out", str(out)]) == 0
     assert Image.open(out).size == (4 * TILE + 2, 3 * TILE + 2)
     # the same weights given as a plain state_dict draw the very same picture
     torch.save(model.state_dict(), tmp_path / "mae.pth")
     (tmp_path / "data.yaml").write_text(f"source: {mnist}\n")
-    argv = [str(tmp_path / "mae.pth"), "--data", str(tmp_path / "data.yaml"), "--num-images", "3",
-            "--arch", "num_heads=2", "--arch", "decoder_num_heads=2", "--out", str(tmp_path / "ref.png")]  # fmt: skip
+    argv = [
+        str(tmp_path / "mae.pth"),
+        "--data",
+        str(tmp_path / "data.yaml"),
+        "--num-images",
+        "3",
+        "--arch",
+        "num_heads=2",
+        "--arch",
+        "decoder_num_heads=2",
+        "--out",
+        str(tmp_path / "ref.png"),
+    ]
     assert main(argv) == 0
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(Image.open(tmp_path / "ref.png")))
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["{ckpt}", "--mask-ratio", "1.0"], "mask_ratio 1.0 is outside the allowed range [0, 1)"),
-    (["{ckpt}"], "no data to draw from: pass --data FILE"),
-    (["{ckpt}", "--data", "{data}", "--split", "test"], "split 'test' is not in the data (available: train, val)"),
-    (["{ckpt}", "--data", "{data}", "shufle_buffer=3"], "unknown config key 'shufle_buffer' (did you mean 'shuffle_buffer'?)"),
-    (["{tmp}/nothing.pth", "--data", "{data}"], "checkpoint file not found"),
-    (["{tmp}", "--data", "{data}"], "is neither a checkpoint file, an export folder"),
-    (["{ckpt}", "--data", "{data}", "--num-images", "0"], "--num-images 0 must be at least 1"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["{ckpt}", "--mask-ratio", "1.0"], "mask_ratio 1.0 is outside the allowed range [0, 1)"),
+        (["{ckpt}"], "no data to draw from: pass --data FILE"),
+        (["{ckpt}", "--data", "{data}", "--split", "test"], "split 'test' is not in the data (available: train, val)"),
+        (
+            ["{ckpt}", "--data", "{data}", "shufle_buffer=3"],
+            "unknown config key 'shufle_buffer' (did you mean 'shuffle_buffer'?)",
+        ),
+        (["{tmp}/nothing.pth", "--data", "{data}"], "checkpoint file not found"),
+        (["{tmp}", "--data", "{data}"], "is neither a checkpoint file, an export folder"),
+        (["{ckpt}", "--data", "{data}", "--num-images", "0"], "--num-images 0 must be at least 1"),
+    ],
+)
 def test_cli_bad_input_is_one_line_and_keeps_the_old_picture(model, mnist, tmp_path, capsys, args, message) -> None:
     ckpt, data, out = tmp_path / "mae.pth", tmp_path / "data.yaml", tmp_path / "old.png"
     torch.save(model.state_dict(), ckpt)

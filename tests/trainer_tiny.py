@@ -70,8 +70,18 @@ class SyntheticLoader:
     """ShardLoader stand-in: deterministic per-epoch permutation, resumable position; ``skips``:
     every batch also reports ``skips * (rank + 1)`` skipped samples (ranks differ, so sums show)."""
 
-    def __init__(self, batch_size: int, seed: int, rank: int, world_size: int, num: int = NUM_SAMPLES,
-                 poison: int | None = None, skips: int = 0, shape: tuple[int, ...] = SHAPE, classes: int = 0) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num: int = NUM_SAMPLES,
+        poison: int | None = None,
+        skips: int = 0,
+        shape: tuple[int, ...] = SHAPE,
+        classes: int = 0,
+    ) -> None:
         gen = torch.Generator().manual_seed(1234)
         self.images = torch.randn(num, *shape, generator=gen)
         # labels 0..classes-1 in a fixed order (classes=0: unlabeled, -1)
@@ -79,7 +89,9 @@ class SyntheticLoader:
         self.b, self.seed, self.rank, self.world = batch_size, seed, rank, world_size
         self.epoch, self.pos, self.poison = 0, 0, poison
         self.skips, self.skipped = skips * (rank + 1), 0
-        self.info = SimpleNamespace(splits={"train": num, "val": num}, num_classes=max(classes, 1), mean=(0.0,), std=(1.0,))
+        self.info = SimpleNamespace(
+            splits={"train": num, "val": num}, num_classes=max(classes, 1), mean=(0.0,), std=(1.0,)
+        )
 
     def __len__(self) -> int:
         return len(self.images) // (self.b * self.world)
@@ -96,7 +108,7 @@ class SyntheticLoader:
         order = torch.randperm(len(self.images), generator=torch.Generator().manual_seed(self.seed + self.epoch))
         while self.pos < len(self):
             start = self.pos * self.b * self.world + self.rank * self.b
-            idx = order[start:start + self.b]
+            idx = order[start : start + self.b]
             images = self.images[idx].clone()
             if self.poison is not None and self.pos == self.poison:
                 images[0, 0, 0, 0] = float("nan")
@@ -118,15 +130,32 @@ class SyntheticLoader:
 
 
 def synthetic_factory(**extra: Any):
-    def factory(data: Any, split: str, *, preset: str, batch_size: int, img_size: int, seed: int,
-                rank: int = 0, world_size: int = 1, shuffle: bool | None = None, drop_last: bool = False) -> SyntheticLoader:
+    def factory(
+        data: Any,
+        split: str,
+        *,
+        preset: str,
+        batch_size: int,
+        img_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool | None = None,
+        drop_last: bool = False,
+    ) -> SyntheticLoader:
         return SyntheticLoader(batch_size, seed, rank, world_size, **extra)
 
     return factory
 
 
-def run(run_dir: str, overrides: list[str], two_phase: bool = False, reductions: list[int] | None = None,
-        data: Any = None, skips: int = 0):
+def run(
+    run_dir: str,
+    overrides: list[str],
+    two_phase: bool = False,
+    reductions: list[int] | None = None,
+    data: Any = None,
+    skips: int = 0,
+):
     """Train TinyTask with ``overrides`` of TrainerConfig into ``run_dir``; returns the FitResult.
     ``reductions`` (DDP only) receives one entry per gradient bucket all-reduce; ``data`` goes to
     the trainer (e.g. a DataConfig for max_skipped_fraction), ``skips`` to the SyntheticLoader."""
@@ -167,7 +196,12 @@ if __name__ == "__main__":
     def record(result, name: str) -> None:
         if dist.is_main():
             state = {k: v.detach().cpu().clone() for k, v in result.task.state_dict().items()}
-            out = {"state": state, "steps": result.steps, "loss": result.final_loss, "reductions": len(reductions or [])}
+            out = {
+                "state": state,
+                "steps": result.steps,
+                "loss": result.final_loss,
+                "reductions": len(reductions or []),
+            }
             torch.save(out, Path(run_dir) / name)
 
     result = run(run_dir, first, reductions=reductions, skips=skips)

@@ -24,12 +24,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--jobs", type=int, default=1, help="baselines trained at once")
     parser.add_argument("--rerun", action="store_true", help="train again even when results.json exists")
     parser.add_argument("--no-sweep", action="store_true", help="skip the latent-size sweep")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "baselines.md",
-                        help="the page whose table block is rewritten")
-    parser.add_argument("--set", nargs="*", default=[], metavar="key=value", help="overrides for every baseline (e.g. trainer.max_steps=100)")
-    parser.add_argument("--render-only", action="store_true", help="train nothing: tabulate the results.json files present")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=ROOT / "benchmarks" / "results" / "baselines.md",
+        help="the page whose table block is rewritten",
+    )
+    parser.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="key=value",
+        help="overrides for every baseline (e.g. trainer.max_steps=100)",
+    )
+    parser.add_argument(
+        "--render-only", action="store_true", help="train nothing: tabulate the results.json files present"
+    )
     parser.add_argument("--no-mae-run", action="store_true", help="do not pretrain MAE when its summary is missing")
-    parser.add_argument("--mae-set", nargs="*", default=[], metavar="key=value", help="overrides for mae-pretrain when it has to run")
+    parser.add_argument(
+        "--mae-set", nargs="*", default=[], metavar="key=value", help="overrides for mae-pretrain when it has to run"
+    )
     return parser
 
 

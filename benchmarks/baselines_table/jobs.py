@@ -40,7 +40,17 @@ def run_baseline(name: str, run_root: Path, overlay: Path, rerun: bool, override
     if rerun or not (run_root / name / "results.json").is_file():
         set_aside(run_root / name)
         extra = ["probe=null"] if name == SWEEP else []  # the sweep reports reconstruction only
-        cmd = [sys.executable, "-m", "baselines", name, "--config", str(overlay), f"run_root={run_root}", *overrides, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "baselines",
+            name,
+            "--config",
+            str(overlay),
+            f"run_root={run_root}",
+            *overrides,
+            *extra,
+        ]
         log.info("running %s", " ".join(cmd))
         with (run_root / f"{name}.log").open("w") as out:
             cost = measured(lambda: _run_child(cmd, out))
@@ -72,8 +82,12 @@ def measured(work: Callable[[], float]) -> dict[str, float]:
     """Wall seconds, CPU seconds (returned by ``work``) and the 1-minute load average before / after."""
     load_start, start = os.getloadavg()[0], time.perf_counter()
     cpu = work()
-    return {"cpu_seconds": round(cpu, 1), "wall_seconds": round(time.perf_counter() - start, 1),
-            "load_start": round(load_start, 2), "load_end": round(os.getloadavg()[0], 2)}
+    return {
+        "cpu_seconds": round(cpu, 1),
+        "wall_seconds": round(time.perf_counter() - start, 1),
+        "load_start": round(load_start, 2),
+        "load_end": round(os.getloadavg()[0], 2),
+    }
 
 
 def run_pixels(run_root: Path, overlay: Path, rerun: bool) -> None:
@@ -102,5 +116,10 @@ def run_mae(run_dir: Path, overrides: list[str]) -> None:
         return
     log.info("no %s: running mae-pretrain (the shared pipeline's MNIST run)", run_dir / "summary.json")
     with (run_dir.parent / f"{run_dir.name}.log").open("w") as out:
-        subprocess.run([sys.executable, "-m", "pretrain", f"run_dir={run_dir}", *overrides], check=True, cwd=ROOT,
-                       stdout=out, stderr=subprocess.STDOUT)
+        subprocess.run(
+            [sys.executable, "-m", "pretrain", f"run_dir={run_dir}", *overrides],
+            check=True,
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )

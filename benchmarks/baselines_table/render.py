@@ -37,20 +37,27 @@ def table_row(r: dict[str, Any], mark: str = "") -> str:
     seconds, cpu = r.get("train_seconds"), (r.get("cost") or {}).get("cpu_seconds")
     name = r["name"]
     shown = f"{name} (not run yet)" if r.get("missing") else name
-    return (f"| {shown} | {recon} | {_num(probe.get('top1'), '.1f')}{mark} | {_num(ft.get('top1'), '.1f')} | {params} "
-            f"| {r.get('steps', '—')} | {_num(seconds, '.0f')} | {_num(cpu, '.0f')} | {REFERENCE.get(name, '')} |")
+    return (
+        f"| {shown} | {recon} | {_num(probe.get('top1'), '.1f')}{mark} | {_num(ft.get('top1'), '.1f')} | {params} "
+        f"| {r.get('steps', '—')} | {_num(seconds, '.0f')} | {_num(cpu, '.0f')} | {REFERENCE.get(name, '')} |"
+    )
 
 
 def sweep_lines(sweep: dict[str, Any]) -> list[str]:
     rows = sweep["sweep"]
     return [
-        "", "Latent-size sweep (`mae-baseline ae_sweep`, MLP AE; curve in "
-        "`runs/baselines/ae_sweep/pictures/recon_vs_latent.png`):", "",
+        "",
+        "Latent-size sweep (`mae-baseline ae_sweep`, MLP AE; curve in "
+        "`runs/baselines/ae_sweep/pictures/recon_vs_latent.png`):",
+        "",
         "| latent size | " + " | ".join(str(r["latent_dim"]) for r in rows) + " |",
         "|---|" + "---|" * len(rows),
         "| val MSE | " + " | ".join(f"{r['eval']['mse']:.4f}" for r in rows) + " |",
-    ] + (["| probe top-1 % | " + " | ".join(_num((r.get("probe") or {}).get("top1"), ".1f") for r in rows) + " |"]
-         if any(r.get("probe") for r in rows) else [])
+    ] + (
+        ["| probe top-1 % | " + " | ".join(_num((r.get("probe") or {}).get("top1"), ".1f") for r in rows) + " |"]
+        if any(r.get("probe") for r in rows)
+        else []
+    )
 
 
 def render(rows: list[dict[str, Any]], sweep: dict[str, Any] | None) -> str:
@@ -64,8 +71,10 @@ def render(rows: list[dict[str, Any]], sweep: dict[str, Any] | None) -> str:
         "|---|---|---|---|---|---|---|---|---|",
         *[table_row(r, m) for r, m in zip(rows, marks)],
     ]
-    lines += [""] + [f"Probe ({letter}): {p}." if len(letters) > 1 else f"Linear probe (every row): {p}."
-                     for p, letter in letters.items()]
+    lines += [""] + [
+        f"Probe ({letter}): {p}." if len(letters) > 1 else f"Linear probe (every row): {p}."
+        for p, letter in letters.items()
+    ]
     lines += sweep_lines(sweep) if sweep else []
     lines += cost_lines([*rows, *([sweep] if sweep else [])])
     return "\n".join([*lines, END])
@@ -77,10 +86,13 @@ def cost_lines(rows: list[dict[str, Any]]) -> list[str]:
     if not costs:
         return []
     loads = [c[k] for c in costs for k in ("load_start", "load_end")]
-    return ["", f"Cost of the {len(costs)} runs above measured by this script: "
-            f"{sum(c['cpu_seconds'] for c in costs) / 60:.1f} CPU-minutes, "
-            f"{sum(c['wall_seconds'] for c in costs) / 60:.1f} wall-minutes, "
-            f"1-minute load average {min(loads):.1f}-{max(loads):.1f} on 2 cores."]
+    return [
+        "",
+        f"Cost of the {len(costs)} runs above measured by this script: "
+        f"{sum(c['cpu_seconds'] for c in costs) / 60:.1f} CPU-minutes, "
+        f"{sum(c['wall_seconds'] for c in costs) / 60:.1f} wall-minutes, "
+        f"1-minute load average {min(loads):.1f}-{max(loads):.1f} on 2 cores.",
+    ]
 
 
 def update_block(page: Path, block: str) -> None:

@@ -36,7 +36,10 @@ def mae_row(run_dir: Path, finetune_dir: Path) -> dict[str, Any]:
     best = finetune_dir / "best" / "best.json"
     cfg = _mae_config(run_dir)
     return {
-        "name": MAE_NAME, "params": _mae_params(cfg), "train_seconds": seconds, "steps": s.get("steps"),
+        "name": MAE_NAME,
+        "params": _mae_params(cfg),
+        "train_seconds": seconds,
+        "steps": s.get("steps"),
         "eval": {"mae_loss": s.get("eval_loss"), "mae_unit_mse": _unit_mse(cfg, s.get("eval_loss"))},
         "probe": {"top1": s.get("probe_top1")},
         "finetune": {"top1": json.loads(best.read_text())["top1"]} if best.is_file() else None,

@@ -30,15 +30,46 @@ must share with its checkpoint), :mod:`.manager` (the save protocol, keep-k, res
 path), :mod:`.weights` (weights-only loading).
 """
 
-from launch.checkpoint.files import (COMPLETE, LATEST, META, TMP_PREFIX, TRAINER_FILE, is_complete, load_file, rank_file,
-                                     read_meta, save_file, step_dir_name)
+from launch.checkpoint.files import (
+    COMPLETE,
+    LATEST,
+    META,
+    TMP_PREFIX,
+    TRAINER_FILE,
+    is_complete,
+    load_file,
+    rank_file,
+    read_meta,
+    save_file,
+    step_dir_name,
+)
 from launch.checkpoint.fingerprint import check_compatible, fingerprint
 from launch.checkpoint.manager import CheckpointManager, checkpoints, latest, resolve
 from launch.checkpoint.state import nonfinite_keys, rank_state, restore_rank_state, rng_state, set_rng_state
 from launch.checkpoint.weights import load_weights
 
 __all__ = [
-    "COMPLETE", "LATEST", "META", "TMP_PREFIX", "TRAINER_FILE", "CheckpointManager", "check_compatible", "checkpoints",
-    "fingerprint", "is_complete", "latest", "load_file", "load_weights", "nonfinite_keys", "rank_file", "rank_state",
-    "read_meta", "resolve", "restore_rank_state", "rng_state", "save_file", "set_rng_state", "step_dir_name",
+    "COMPLETE",
+    "LATEST",
+    "META",
+    "TMP_PREFIX",
+    "TRAINER_FILE",
+    "CheckpointManager",
+    "check_compatible",
+    "checkpoints",
+    "fingerprint",
+    "is_complete",
+    "latest",
+    "load_file",
+    "load_weights",
+    "nonfinite_keys",
+    "rank_file",
+    "rank_state",
+    "read_meta",
+    "resolve",
+    "restore_rank_state",
+    "rng_state",
+    "save_file",
+    "set_rng_state",
+    "step_dir_name",
 ]

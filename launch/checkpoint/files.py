@@ -26,7 +26,6 @@ def rank_file(ckpt: Path, rank: int) -> Path:
     return Path(ckpt) / f"rank-{rank:05d}.pt"
 
 
-
 def save_file(obj: Any, path: Path) -> None:
     """``torch.save`` that reaches the disk before returning (flush + fsync). A failed
     write raises the ``OSError`` itself ("No space left on device"), not torch's

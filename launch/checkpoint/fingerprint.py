@@ -29,7 +29,10 @@ def check_compatible(ckpt: Path, saved: dict[str, Any], current: dict[str, Any])
     diffs = [k for k in keys if saved.get(k, _ABSENT) != current.get(k, _ABSENT)]
     if not diffs:
         return
-    shown = "; ".join(f"checkpoint has {k}={_show(saved.get(k, _ABSENT))}, this run has {_show(current.get(k, _ABSENT))}" for k in diffs[:3])
+    shown = "; ".join(
+        f"checkpoint has {k}={_show(saved.get(k, _ABSENT))}, this run has {_show(current.get(k, _ABSENT))}"
+        for k in diffs[:3]
+    )
     more = f" (and {len(diffs) - 3} more differences)" if len(diffs) > 3 else ""
     raise CheckpointError(
         f"cannot resume from {ckpt}: {shown}{more}. To start from its weights only, use a new run_dir "

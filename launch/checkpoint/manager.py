@@ -15,8 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from launch import dist
-from launch import fileio
+from launch import dist, fileio
 from launch.checkpoint import files
 from launch.checkpoint.files import COMPLETE, LATEST, META, STEP_RE, TMP_PREFIX, is_complete, step_dir_name
 from launch.errors import CheckpointError
@@ -39,7 +38,9 @@ def latest(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def resolve(resume: str | Path, directory: Path | None = None, setting: str = "trainer.checkpoint.resume") -> Path | None:
+def resolve(
+    resume: str | Path, directory: Path | None = None, setting: str = "trainer.checkpoint.resume"
+) -> Path | None:
     """``resume``: ``"none"``, ``"auto"`` (the newest complete checkpoint in ``directory``, or None)
     or a checkpoint path (a ``step-*`` directory, the ``latest`` file, a checkpoints or run directory)."""
     if resume == "none":
@@ -56,7 +57,9 @@ def resolve(resume: str | Path, directory: Path | None = None, setting: str = "t
     if not path.exists():
         raise CheckpointError(f"{setting}={resume}: no such checkpoint")
     if not is_complete(path):
-        raise CheckpointError(f"{setting}={resume}: not a complete checkpoint (no {COMPLETE} marker in a step-* directory)")
+        raise CheckpointError(
+            f"{setting}={resume}: not a complete checkpoint (no {COMPLETE} marker in a step-* directory)"
+        )
     return path
 
 
@@ -68,8 +71,15 @@ class CheckpointManager:
     defaults use the process group through :mod:`launch.dist`.
     """
 
-    def __init__(self, directory: str | Path, *, keep: int, rank: int | None = None,
-                 agree: Callable[[bool], bool] = dist.all_true, share: Callable[[Any], Any] = dist.broadcast_object) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        keep: int,
+        rank: int | None = None,
+        agree: Callable[[bool], bool] = dist.all_true,
+        share: Callable[[Any], Any] = dist.broadcast_object,
+    ) -> None:
         if keep < 1:
             raise CheckpointError(f"checkpoint keep={keep} must be >= 1")
         self.directory, self.keep = Path(directory), keep
@@ -105,8 +115,10 @@ class CheckpointManager:
             raise CheckpointError(error)
         path = Path(found) if found is not None else None
         if not self._agree(path is None or is_complete(path)):
-            raise CheckpointError(f"{setting}={resume}: {path} is not visible on every rank: "
-                                  f"checkpoints must be on a file system all nodes share")  # fmt: skip
+            raise CheckpointError(
+                f"{setting}={resume}: {path} is not visible on every rank: "
+                f"checkpoints must be on a file system all nodes share"
+            )
         return path
 
     # -- writing
@@ -140,7 +152,9 @@ class CheckpointManager:
     def _marker(self, token: str) -> Path:
         return self.directory / f"{TMP_PREFIX}shared-{token}"
 
-    def save(self, step: int, write: Callable[[Path], Future | None], meta: dict[str, Any] | None = None) -> Path | None:
+    def save(
+        self, step: int, write: Callable[[Path], Future | None], meta: dict[str, Any] | None = None
+    ) -> Path | None:
         """Write checkpoint ``step``. ``write(tmp_dir)`` runs on every rank and writes that
         rank's files (use :func:`save_file`); ``meta`` (JSON) goes into ``meta.json``.
         Returns the complete checkpoint, or None when ``write`` returned a future (every rank
@@ -167,7 +181,11 @@ class CheckpointManager:
         if pending is None or not (block or self._agree(pending.future.done())):
             return None
         self._pending = None
-        self._require(self._attempt(pending.future.result, any_error=True), f"cannot write checkpoint {pending.final}", pending.tmp)
+        self._require(
+            self._attempt(pending.future.result, any_error=True),
+            f"cannot write checkpoint {pending.final}",
+            pending.tmp,
+        )
         return self._complete(pending.tmp, pending.final, pending.meta)
 
     def _complete(self, tmp: Path, final: Path, meta: dict[str, Any]) -> Path:

@@ -35,7 +35,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if "cuda" in state and torch.cuda.is_available():
         cuda = state["cuda"]
         if len(cuda) != torch.cuda.device_count():
-            raise CheckpointError(f"checkpoint has CUDA RNG states of {len(cuda)} devices, this process sees {torch.cuda.device_count()}")
+            raise CheckpointError(
+                f"checkpoint has CUDA RNG states of {len(cuda)} devices, this process sees {torch.cuda.device_count()}"
+            )
         torch.cuda.set_rng_state_all(cuda)
 
 
@@ -44,14 +46,14 @@ def _as_tuples(x: Any) -> Any:
     return tuple(_as_tuples(v) for v in x) if isinstance(x, (list, tuple)) else x
 
 
-
 def nonfinite_keys(state: Any, prefix: str = "") -> list[str]:
     """Dotted keys of floating tensors in a (nested) state dict holding NaN or inf."""
     if isinstance(state, torch.Tensor):
         bad = state.is_floating_point() and not bool(torch.isfinite(state).all())
         return [prefix.rstrip(".")] if bad else []
-    items: Iterable[tuple[Any, Any]] = state.items() if isinstance(state, dict) else (
-        enumerate(state) if isinstance(state, (list, tuple)) else ())
+    items: Iterable[tuple[Any, Any]] = (
+        state.items() if isinstance(state, dict) else (enumerate(state) if isinstance(state, (list, tuple)) else ())
+    )
     return [k for key, value in items for k in nonfinite_keys(value, f"{prefix}{key}.")]
 
 

@@ -21,15 +21,22 @@ def load_weights(model: nn.Module, source: str | Path) -> tuple[list[str], list[
     a run directory, a ``.safetensors`` file or a torch file holding a state dict (or one
     under ``"model"``, as official MAE checkpoints do). Keys present in both must have equal
     shapes; returns ``(missing, unexpected)`` key lists, which are logged."""
-    own = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()}  # global shapes (FSDP: not shards)
+    own = {
+        k: torch.empty(v.shape, dtype=v.dtype) for k, v in model.state_dict().items()
+    }  # global shapes (FSDP: not shards)
     state = _weights_state(Path(source), like=own)
     mismatched = [k for k in state.keys() & own.keys() if tuple(state[k].shape) != tuple(own[k].shape)]
     if mismatched:
         k = sorted(mismatched)[0]
-        raise CheckpointError(f"trainer.checkpoint.weights_only={source}: {k} has shape {list(state[k].shape)} there, "
-                              f"{list(own[k].shape)} in this model ({len(mismatched)} mismatched tensors)")
+        raise CheckpointError(
+            f"trainer.checkpoint.weights_only={source}: {k} has shape {list(state[k].shape)} there, "
+            f"{list(own[k].shape)} in this model ({len(mismatched)} mismatched tensors)"
+        )
     if not state.keys() & own.keys():
-        raise CheckpointError(f"trainer.checkpoint.weights_only={source}: no tensor name matches this model (e.g. {next(iter(state), '<empty>')})")
+        raise CheckpointError(
+            f"trainer.checkpoint.weights_only={source}: no tensor name matches this model "
+            f"(e.g. {next(iter(state), '<empty>')})"
+        )
     if fsdp.is_sharded(model):
         missing, unexpected = fsdp.load_full_state_dict(model, state)
     else:
@@ -45,7 +52,10 @@ def _weights_state(source: Path, like: dict[str, torch.Tensor]) -> dict[str, tor
         if "model" not in state and (ckpt / fsdp.SHARDED_DIR).is_dir():
             return fsdp.read_model(ckpt / fsdp.SHARDED_DIR, like)
         if "model" not in state:
-            raise CheckpointError(f"trainer.checkpoint.weights_only={source}: a DeepSpeed checkpoint holds no {TRAINER_FILE} model; export its weights first")
+            raise CheckpointError(
+                f"trainer.checkpoint.weights_only={source}: a DeepSpeed checkpoint holds no {TRAINER_FILE} model; "
+                "export its weights first"
+            )
         return state["model"]
     if not source.is_file():
         raise CheckpointError(f"trainer.checkpoint.weights_only={source}: no such file or checkpoint")

@@ -27,13 +27,13 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class DatasetInfo:
-    num_classes: int                 # 0 = unlabeled or unknown (labels then read as -1 when absent)
+    num_classes: int  # 0 = unlabeled or unknown (labels then read as -1 when absent)
     class_names: list[str]
     channels: int
-    img_size: tuple[int, int]        # (H, W), median of a sample
+    img_size: tuple[int, int]  # (H, W), median of a sample
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    splits: dict[str, int]           # split -> samples; empty for shard specs without a manifest
+    splits: dict[str, int]  # split -> samples; empty for shard specs without a manifest
     source: str = ""
 
 
@@ -55,8 +55,10 @@ class Part:
     def shards(self, split: str) -> tuple[list[str], list[int] | None]:
         if self.manifest is None:
             if "{split}" not in self.spec and split != "train":
-                raise DataError(f"shard spec '{self.spec}' has no '{{split}}' placeholder, so it only serves split "
-                                f"'train', not '{split}'")
+                raise DataError(
+                    f"shard spec '{self.spec}' has no '{{split}}' placeholder, so it only serves split "
+                    f"'train', not '{split}'"
+                )
             return expand_spec(self.spec.replace("{split}", split)), None
         splits = self.manifest["splits"]
         if split not in splits:
@@ -66,7 +68,7 @@ class Part:
 
 def _read_manifest(location: str) -> dict[str, Any]:
     try:
-        with (gopen(location, "rb") if is_remote(location) else open(location, "rb")) as stream:
+        with gopen(location, "rb") if is_remote(location) else open(location, "rb") as stream:
             manifest = json.loads(stream.read())
     except (OSError, ValueError) as err:
         raise DataError(f"cannot read manifest {location}: {err}") from None
@@ -110,7 +112,9 @@ def resolve_part(entry: str, root: str) -> Part:
     if not is_remote(entry) and (Path(entry) / MANIFEST).is_file():
         return Part(entry, _read_manifest(str(Path(entry) / MANIFEST)), entry.rstrip("/"))
     if not is_remote(entry) and not any(c in entry for c in "{*:") and not Path(entry).exists():
-        raise DataError(f"unknown source '{entry}': not a built-in ({', '.join(BUILTIN_SOURCES)}), folder, manifest or shard")
+        raise DataError(
+            f"unknown source '{entry}': not a built-in ({', '.join(BUILTIN_SOURCES)}), folder, manifest or shard"
+        )
     return Part(entry, spec=entry, probe=_probe(entry))
 
 
@@ -125,8 +129,10 @@ def dataset_info(cfg: DataConfig, parts: list[Part] | None = None) -> DatasetInf
     infos = [_part_info(p) for p in parts]
     for other in infos[1:]:
         if other.channels != infos[0].channels:
-            raise DataError(f"inconsistent channels: {infos[0].source} has {infos[0].channels}, "
-                            f"{other.source} has {other.channels}; set data.channels to convert on read")
+            raise DataError(
+                f"inconsistent channels: {infos[0].source} has {infos[0].channels}, "
+                f"{other.source} has {other.channels}; set data.channels to convert on read"
+            )
         if other.class_names != infos[0].class_names:
             raise DataError(f"inconsistent classes between {infos[0].source} and {other.source}")
     splits = {s: sum(i.splits.get(s, 0) for i in infos) for s in infos[0].splits if all(s in i.splits for i in infos)}
@@ -140,9 +146,16 @@ def _part_info(part: Part) -> DatasetInfo:
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if channels == 3 else ((0.5,), (0.5,))
         log.info("%s has no manifest: assuming mean %s, std %s (set data.mean / data.std)", part.name, mean, std)
         return DatasetInfo(0, [], channels, tuple(part.probe["img_size"]), mean, std, {}, part.name)
-    return DatasetInfo(int(m.get("num_classes", 0)), list(m.get("classes", [])), int(m["channels"]),
-                       tuple(m["img_size"]), tuple(m["mean"]), tuple(m["std"]),
-                       {s: int(v["num_samples"]) for s, v in m["splits"].items()}, part.name)
+    return DatasetInfo(
+        int(m.get("num_classes", 0)),
+        list(m.get("classes", [])),
+        int(m["channels"]),
+        tuple(m["img_size"]),
+        tuple(m["mean"]),
+        tuple(m["std"]),
+        {s: int(v["num_samples"]) for s, v in m["splits"].items()},
+        part.name,
+    )
 
 
 def _override(info: DatasetInfo, cfg: DataConfig) -> DatasetInfo:

@@ -32,8 +32,17 @@ from webdataset.filters import shuffle as shuffle_filter
 
 from launch.data.config import DataConfig
 from launch.data.dataset import DatasetInfo, dataset_info, resolve_parts
-from launch.data.plan import (GlobalOrder, Segment, deal, global_batch_ends, mix, resampled_batches, resampled_shards,
-                              runs, worker_batches)
+from launch.data.plan import (
+    GlobalOrder,
+    Segment,
+    deal,
+    global_batch_ends,
+    mix,
+    resampled_batches,
+    resampled_shards,
+    runs,
+    worker_batches,
+)
 from launch.data.remote import ReadPolicy
 from launch.data.shards import BROKEN, Sample, ShardIndex, count_samples, read_samples
 from launch.data.transforms import IMAGE_KEYS, PRESETS, build_transform, decode
@@ -70,9 +79,24 @@ class ShardStream(IterableDataset):
     ``shared`` = [epoch, start]: a pass yields the batches after global position ``start`` (samples
     of the epoch's order already consumed by all ranks together)."""
 
-    def __init__(self, cfg: DataConfig, info: DatasetInfo, urls: list[str], counts: list[int] | None, *, preset: str,
-                 batch_size: int, img_size: int, seed: int, rank: int, world_size: int, shuffle: bool,
-                 drop_last: bool = False, stack_only: bool = False, index: ShardIndex | None = None) -> None:
+    def __init__(
+        self,
+        cfg: DataConfig,
+        info: DatasetInfo,
+        urls: list[str],
+        counts: list[int] | None,
+        *,
+        preset: str,
+        batch_size: int,
+        img_size: int,
+        seed: int,
+        rank: int,
+        world_size: int,
+        shuffle: bool,
+        drop_last: bool = False,
+        stack_only: bool = False,
+        index: ShardIndex | None = None,
+    ) -> None:
         self.cfg, self.info, self.urls, self.counts = cfg, info, urls, counts
         self.index = index or ShardIndex(urls, [""] * len(urls))  # where a remote shard is entered mid-way
         self.stack_only = stack_only  # hand over uint8 batches; the ShardLoader normalizes them on its device
@@ -92,14 +116,17 @@ class ShardStream(IterableDataset):
     def batch_ends(self, start: int) -> list[int]:
         """Global position after each batch a pass from ``start`` yields (the same on every rank)."""
         if self.exact:
-            return global_batch_ends(self.total, start, world_size=self.world_size, batch_size=self.batch_size,
-                                     drop_last=self.drop_last)
+            return global_batch_ends(
+                self.total, start, world_size=self.world_size, batch_size=self.batch_size, drop_last=self.drop_last
+            )
         batches = resampled_batches(self.total, world_size=self.world_size, batch_size=self.batch_size)
         return [(b + 1) * self.unit for b in range(start // self.unit, batches)]
 
     def order(self, epoch: int) -> GlobalOrder:
         assert self.counts is not None
-        return GlobalOrder(self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle, block=self.cfg.shuffle_buffer)
+        return GlobalOrder(
+            self.counts, seed=self.seed, epoch=epoch, shuffle=self.shuffle, block=self.cfg.shuffle_buffer
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         worker = get_worker_info()
@@ -112,8 +139,14 @@ class ShardStream(IterableDataset):
     def _exact(self, epoch: int, start: int, workers: int, worker: int) -> Iterator[Batch]:
         """This worker's batches of the pass from ``start``: reads only its own samples, shard by shard."""
         order = self.order(epoch)
-        plan = deal(self.total, start, world_size=self.world_size, batch_size=self.batch_size, rank=self.rank,
-                    drop_last=self.drop_last)
+        plan = deal(
+            self.total,
+            start,
+            world_size=self.world_size,
+            batch_size=self.batch_size,
+            rank=self.rank,
+            drop_last=self.drop_last,
+        )
         batches = [[(q, order.storage(q)) for q in plan[i]] for i in worker_batches(len(plan), workers, worker)]
         reader = self._read(order, sorted(index for batch in batches for _, index in batch))
         ready: dict[int, Sample] = {}
@@ -134,9 +167,10 @@ class ShardStream(IterableDataset):
             inner = [k for _, _, k in group]  # ascending: indices inside the shard
             gap = _GAP if self.index.indexed(shard) else math.inf
             for lo, hi in runs(inner, gap):
-                run = group[bisect.bisect_left(inner, lo):bisect.bisect_left(inner, hi)]
-                samples = read_samples(self.urls[shard], lo, hi, self.policy, self.index.span(shard, lo, hi),
-                                       keep={k for _, _, k in run})
+                run = group[bisect.bisect_left(inner, lo) : bisect.bisect_left(inner, hi)]
+                samples = read_samples(
+                    self.urls[shard], lo, hi, self.policy, self.index.span(shard, lo, hi), keep={k for _, _, k in run}
+                )
                 broken = None
                 for index, _, k in run:
                     sample = broken or next(samples, None) or {BROKEN: f"{self.urls[shard]}: ended before sample {k}"}
@@ -150,11 +184,15 @@ class ShardStream(IterableDataset):
         logical = (physical + start) % workers
         done = start // workers + (logical < start % workers)
         lost = _Lost()  # samples of broken shards met since the last batch
-        draws = resampled_shards(self.counts, len(self.urls), seed=self.seed, epoch=epoch, rank=self.rank, worker=logical)
+        draws = resampled_shards(
+            self.counts, len(self.urls), seed=self.seed, epoch=epoch, rank=self.rank, worker=logical
+        )
         raw = self._raw(draws, lost)
         if self.shuffle and self.cfg.shuffle_buffer > 1:
             buffer_seed = mix(self.seed, epoch, self.rank, logical, "buffer")
-            raw = shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=buffer_seed)(raw)
+            raw = shuffle_filter(bufsize=self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, seed=buffer_seed)(
+                raw
+            )
         total = resampled_batches(self.total, world_size=self.world_size, batch_size=self.batch_size)
         for j, index in enumerate(worker_batches(total, workers, logical)):
             samples = list(itertools.islice(raw, self.batch_size))
@@ -203,8 +241,14 @@ class ShardStream(IterableDataset):
             image, label = self._sample(spare, seed)
             images, labels, keys, seeds = [image], [label], [spare["__key__"]], [seed]
         image = self.preset_fns.stack(images) if self.stack_only else self.preset_fns.batch(images)
-        return {"image": image, "label": torch.tensor(labels, dtype=torch.int64), "key": keys,
-                "seed": torch.tensor(seeds, dtype=torch.int64), "corrupt": lost.count, "corrupt_why": lost.why}
+        return {
+            "image": image,
+            "label": torch.tensor(labels, dtype=torch.int64),
+            "key": keys,
+            "seed": torch.tensor(seeds, dtype=torch.int64),
+            "corrupt": lost.count,
+            "corrupt_why": lost.why,
+        }
 
     def _sample(self, sample: Sample, seed: int) -> tuple[torch.Tensor, int]:
         """-> ((C, img_size, img_size) uint8, float for finetune; label); raises _Corrupt for a bad image or label."""
@@ -257,16 +301,23 @@ class ShardLoader:
     The position is global: samples of the epoch's order consumed by all ranks together, so a
     loader with another world size, batch size or worker count continues at the same sample."""
 
-    def __init__(self, stream: ShardStream, info: DatasetInfo, workers: int, prefetch: int,
-                 device: torch.device | None = None) -> None:
+    def __init__(
+        self, stream: ShardStream, info: DatasetInfo, workers: int, prefetch: int, device: torch.device | None = None
+    ) -> None:
         self.info = info
         self.device = device
         self._stream = stream
         self._epoch = self._position = self._corrupt = 0
         self._corrupt_why = ""  # the reason of the last skip, for the max_skipped_fraction stop
-        self._loader = DataLoader(stream, batch_size=None, num_workers=workers, persistent_workers=workers > 0,
-                                  prefetch_factor=prefetch if workers else None, pin_memory=torch.cuda.is_available(),
-                                  generator=torch.Generator())  # its per-iter() base seed must not draw from the trainer's RNG
+        self._loader = DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=prefetch if workers else None,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator(),
+        )  # its per-iter() base seed must not draw from the trainer's RNG
 
     def __len__(self) -> int:
         return self._stream.num_batches
@@ -317,12 +368,26 @@ class ShardLoader:
         if position < 0:  # a checkpoint of per-rank batch counts (before global positions)
             layout = state.get("layout", {})
             position = int(state["consumed"]) * int(layout.get("batch_size", 1)) * int(layout.get("world_size", 1))
-            log.warning("the checkpoint counts batches per rank, not samples: resuming epoch %d at sample %d, "
-                        "which is not sample-exact", epoch, position)
+            log.warning(
+                "the checkpoint counts batches per rank, not samples: resuming epoch %d at sample %d, "
+                "which is not sample-exact",
+                epoch,
+                position,
+            )
         elif state.get("order") != self._order_key():
-            log.warning("the sample order changed since the checkpoint (%s -> %s): resuming epoch %d at sample %d, "
-                        "which is not sample-exact", state.get("order"), self._order_key(), epoch, position)
-        self._epoch, self._position, self._corrupt = epoch, min(position, self._stream.total), int(state.get("corrupt", 0))
+            log.warning(
+                "the sample order changed since the checkpoint (%s -> %s): resuming epoch %d at sample %d, "
+                "which is not sample-exact",
+                state.get("order"),
+                self._order_key(),
+                epoch,
+                position,
+            )
+        self._epoch, self._position, self._corrupt = (
+            epoch,
+            min(position, self._stream.total),
+            int(state.get("corrupt", 0)),
+        )
         self._roll_over()
 
     def __iter__(self) -> Iterator[Batch]:
@@ -343,9 +408,20 @@ class ShardLoader:
         self._epoch, self._position = self._epoch + 1, 0
 
 
-def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, img_size: int, seed: int,
-                 rank: int = 0, world_size: int = 1, shuffle: bool | None = None, drop_last: bool = False,
-                 device: torch.device | str | None = None) -> ShardLoader:
+def build_loader(
+    cfg: DataConfig,
+    split: str,
+    *,
+    preset: str,
+    batch_size: int,
+    img_size: int,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+    shuffle: bool | None = None,
+    drop_last: bool = False,
+    device: torch.device | str | None = None,
+) -> ShardLoader:
     """The loader of ``split`` for one rank. ``preset`` "eval" reads in exact mode, unshuffled unless
     ``shuffle`` says otherwise; other presets follow ``cfg.mode`` and shuffle. ``drop_last`` (training):
     only full global micro-batches (exact mode; resampled batches are always full). ``cfg.normalize``
@@ -353,8 +429,10 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")
     if batch_size < 1 or img_size < 1 or not 0 <= rank < world_size:
-        raise ConfigError(f"need batch_size >= 1, img_size >= 1, 0 <= rank < world_size "
-                          f"(got {batch_size}, {img_size}, {rank}, {world_size})")
+        raise ConfigError(
+            f"need batch_size >= 1, img_size >= 1, 0 <= rank < world_size "
+            f"(got {batch_size}, {img_size}, {rank}, {world_size})"
+        )
     parts = resolve_parts(cfg)
     info = dataset_info(cfg, parts)
     urls, counts, suffixes = [], [], []
@@ -362,17 +440,31 @@ def build_loader(cfg: DataConfig, split: str, *, preset: str, batch_size: int, i
         part_urls, part_counts = part.shards(split)
         suffixes += [part.index_suffix] * len(part_urls)
         if part_counts is None and (cfg.mode == "exact" or preset == "eval" or cfg.epoch_samples is None):
-            log.info("counting the samples of %d shards of %s (a dataset.json would skip this)", len(part_urls), part.name)
+            log.info(
+                "counting the samples of %d shards of %s (a dataset.json would skip this)", len(part_urls), part.name
+            )
             part_counts = [count_samples(u, read_policy(cfg)) for u in part_urls]
         urls += part_urls
         counts = None if counts is None or part_counts is None else counts + part_counts
     if counts is not None and sum(counts) == 0:
         raise DataError(f"split '{split}' of {info.source} holds no samples")
     info = replace(info, splits={**info.splits, split: sum(counts)} if counts is not None else info.splits)
-    stream = ShardStream(cfg, info, urls, counts, preset=preset, batch_size=batch_size, img_size=img_size, seed=seed,
-                         rank=rank, world_size=world_size, shuffle=preset != "eval" if shuffle is None else shuffle,
-                         drop_last=drop_last, stack_only=normalize_where(cfg) == "device",
-                         index=ShardIndex(urls, suffixes, read_policy(cfg)))
+    stream = ShardStream(
+        cfg,
+        info,
+        urls,
+        counts,
+        preset=preset,
+        batch_size=batch_size,
+        img_size=img_size,
+        seed=seed,
+        rank=rank,
+        world_size=world_size,
+        shuffle=preset != "eval" if shuffle is None else shuffle,
+        drop_last=drop_last,
+        stack_only=normalize_where(cfg) == "device",
+        index=ShardIndex(urls, suffixes, read_policy(cfg)),
+    )
     return ShardLoader(stream, info, cfg.workers, cfg.prefetch, _normalize_device(cfg, device))
 
 

@@ -88,8 +88,9 @@ class GlobalOrder:
         return self.shards[k], index - self.starts[k]
 
 
-def deal(total: int, start: int, *, world_size: int, batch_size: int, rank: int,
-         drop_last: bool = False) -> list[range]:
+def deal(
+    total: int, start: int, *, world_size: int, batch_size: int, rank: int, drop_last: bool = False
+) -> list[range]:
     """This rank's batches, as ranges of positions in the global order, for positions ``[start, total)``;
     with ``drop_last`` only the full global micro-batches.
 
@@ -110,7 +111,9 @@ def deal(total: int, start: int, *, world_size: int, batch_size: int, rank: int,
     return out
 
 
-def global_batch_ends(total: int, start: int, *, world_size: int, batch_size: int, drop_last: bool = False) -> list[int]:
+def global_batch_ends(
+    total: int, start: int, *, world_size: int, batch_size: int, drop_last: bool = False
+) -> list[int]:
     """The position after each global micro-batch of ``deal`` (where a checkpoint resumes)."""
     last = deal(total, start, world_size=world_size, batch_size=batch_size, rank=world_size - 1, drop_last=drop_last)
     return [r.stop for r in last]
@@ -141,8 +144,9 @@ def resampled_batches(epoch_samples: int, *, world_size: int, batch_size: int) -
     return batches
 
 
-def resampled_shards(counts: list[int] | None, num_shards: int, *, seed: int, epoch: int, rank: int,
-                     worker: int) -> Iterator[Segment]:
+def resampled_shards(
+    counts: list[int] | None, num_shards: int, *, seed: int, epoch: int, rank: int, worker: int
+) -> Iterator[Segment]:
     """An endless, seeded draw of whole shards for one (rank, worker) slot, weighted by their sample
     counts when known, so that every sample is equally likely whatever the shard sizes."""
     rng = random.Random(mix(seed, epoch, rank, worker, "resample"))

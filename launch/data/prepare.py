@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import argparse
 import functools
-import logging
 import json
+import logging
 import random
 import shutil
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,9 @@ def _shapes(items: list[Item]) -> list[tuple[Item, tuple[int, ...]]]:
         try:
             shapes.append((item, tuple(_decode(item.read()).shape)))
         except (RuntimeError, ValueError):
-            log.warning("undecodable image %s: left out of the statistics (the loader skips it too)", item.path or item.key)
+            log.warning(
+                "undecodable image %s: left out of the statistics (the loader skips it too)", item.path or item.key
+            )
     if not shapes:
         raise DataError(f"none of the {len(items)} images sampled for statistics can be decoded")
     return shapes
@@ -60,8 +62,10 @@ def measure(items: list[Item], channels: int | None, seed: int = 0) -> dict[str,
     shapes = _shapes(random.Random(seed).sample(items, min(len(items), STATS_SAMPLES)))
     found = Counter(1 if shape[0] in (1, 2) else 3 for _, shape in shapes)
     if channels is None and len(found) > 1:
-        raise DataError(f"inconsistent channels: {found[1]} grayscale and {found[3]} color images among {len(shapes)} "
-                        "sampled; pass --channels 1 or 3 to convert every image on read")
+        raise DataError(
+            f"inconsistent channels: {found[1]} grayscale and {found[3]} color images among {len(shapes)} "
+            "sampled; pass --channels 1 or 3 to convert every image on read"
+        )
     channels = channels or next(iter(found))
     mode = ImageReadMode.GRAY if channels == 1 else ImageReadMode.RGB
     total = torch.zeros(channels, dtype=torch.float64)
@@ -76,9 +80,14 @@ def measure(items: list[Item], channels: int | None, seed: int = 0) -> dict[str,
     std = (square / pixels - mean.square()).clamp_min(0).sqrt()
     heights = sorted(shape[1] for _, shape in shapes)
     widths = sorted(shape[2] for _, shape in shapes)
-    return {"channels": channels, "img_size": [heights[len(heights) // 2], widths[len(widths) // 2]],
-            "img_size_min": [heights[0], widths[0]], "img_size_max": [heights[-1], widths[-1]],
-            "mean": [round(v, 6) for v in mean.tolist()], "std": [round(v, 6) for v in std.tolist()]}
+    return {
+        "channels": channels,
+        "img_size": [heights[len(heights) // 2], widths[len(widths) // 2]],
+        "img_size_min": [heights[0], widths[0]],
+        "img_size_max": [heights[-1], widths[-1]],
+        "mean": [round(v, 6) for v in mean.tolist()],
+        "std": [round(v, 6) for v in std.tolist()],
+    }
 
 
 def reencode(data: bytes, channels: int) -> tuple[str, bytes]:
@@ -86,16 +95,27 @@ def reencode(data: bytes, channels: int) -> tuple[str, bytes]:
     return "jpg", encode_jpeg(_decode(data, mode), quality=95).numpy().tobytes()
 
 
-def prepare(source: str, out: str | Path, *, overwrite: bool = False, shard_samples: int = 1000,
-            shard_bytes: int = 512 << 20, workers: int = 1, reencode_images: bool = False,
-            channels: int | None = None, seed: int = 0) -> Path:
+def prepare(
+    source: str,
+    out: str | Path,
+    *,
+    overwrite: bool = False,
+    shard_samples: int = 1000,
+    shard_bytes: int = 512 << 20,
+    workers: int = 1,
+    reencode_images: bool = False,
+    channels: int | None = None,
+    seed: int = 0,
+) -> Path:
     """Write ``source`` as shards under ``out``; returns the manifest path. Never touches an existing
     ``out`` unless ``overwrite``; if another process publishes ``out`` first, its dataset is kept."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise DataError(f"output folder exists: {out} (pass --overwrite to replace it)")
     if shard_samples < 1 or shard_bytes < 1 or workers < 1:
-        raise DataError(f"--shard-samples, --shard-bytes and --workers must be >= 1 (got {shard_samples}, {shard_bytes}, {workers})")
+        raise DataError(
+            f"--shard-samples, --shard-bytes and --workers must be >= 1 (got {shard_samples}, {shard_bytes}, {workers})"
+        )
     src = load_source(source, seed)
     stats = measure(src.splits["train"], channels, seed)
     transcode = functools.partial(reencode, channels=stats["channels"]) if reencode_images else None
@@ -103,8 +123,15 @@ def prepare(source: str, out: str | Path, *, overwrite: bool = False, shard_samp
     try:
         splits = {}
         for split, items in src.splits.items():
-            names, counts = write_split(tmp, split, items, max_samples=shard_samples, max_bytes=shard_bytes,
-                                        workers=workers, transcode=transcode)
+            names, counts = write_split(
+                tmp,
+                split,
+                items,
+                max_samples=shard_samples,
+                max_bytes=shard_bytes,
+                workers=workers,
+                transcode=transcode,
+            )
             splits[split] = {"shards": names, "samples": counts, "num_samples": sum(counts)}
         write_manifest(tmp, _manifest(src, splits, stats, seed))  # last: its presence marks a complete dataset
     except BaseException:
@@ -116,10 +143,19 @@ def prepare(source: str, out: str | Path, *, overwrite: bool = False, shard_samp
 
 
 def _manifest(src: Source, splits: dict[str, Any], stats: dict[str, Any], seed: int) -> dict[str, Any]:
-    return {"format": "webdataset", "version": 1, "source": src.name, "notes": src.notes, "seed": seed,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "num_classes": len(src.classes), "classes": src.classes, **stats, "splits": splits,
-            "index_suffix": INDEX_SUFFIX}
+    return {
+        "format": "webdataset",
+        "version": 1,
+        "source": src.name,
+        "notes": src.notes,
+        "seed": seed,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "num_classes": len(src.classes),
+        "classes": src.classes,
+        **stats,
+        "splits": splits,
+        "index_suffix": INDEX_SUFFIX,
+    }
 
 
 def run(argv: list[str]) -> int:
@@ -127,9 +163,16 @@ def run(argv: list[str]) -> int:
     if args.source not in BUILTINS and not Path(args.source).is_dir():
         raise DataError(f"unknown source '{args.source}': use {', '.join(BUILTINS)} or an image folder")
     out = args.out or Path("data") / (args.source if args.source in BUILTINS else Path(args.source).resolve().name)
-    manifest = prepare(args.source, out, overwrite=args.overwrite, shard_samples=args.shard_samples,
-                       shard_bytes=args.shard_bytes, workers=args.workers, reencode_images=args.reencode,
-                       channels=args.channels)
+    manifest = prepare(
+        args.source,
+        out,
+        overwrite=args.overwrite,
+        shard_samples=args.shard_samples,
+        shard_bytes=args.shard_bytes,
+        workers=args.workers,
+        reencode_images=args.reencode,
+        channels=args.channels,
+    )
     info = json.loads(manifest.read_text())
     sizes = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shards" for k, v in info["splits"].items())
     print(f"{manifest}: {sizes}; {info['num_classes']} classes, {info['channels']} channels")
@@ -137,7 +180,9 @@ def run(argv: list[str]) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mae-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="mae-prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("source", help=f"built-in source ({', '.join(BUILTINS)}) or an image folder")
     p.add_argument("--out", type=Path, default=None, help="output folder (default: data/<source name>)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -145,7 +190,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-bytes", type=int, default=512 << 20, help="max bytes per shard")
     p.add_argument("--workers", type=int, default=1, help="shard-writer processes")
     p.add_argument("--reencode", action="store_true", help="re-encode every image as JPEG (quality 95)")
-    p.add_argument("--channels", type=int, choices=(1, 3), default=None, help="force grayscale or RGB (default: detect)")
+    p.add_argument(
+        "--channels", type=int, choices=(1, 3), default=None, help="force grayscale or RGB (default: detect)"
+    )
     return p
 
 

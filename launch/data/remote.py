@@ -99,7 +99,9 @@ class RemoteTar:
         """Worth a retry: connection reset / refused, timeout, early end, HTTP 429 / 5xx, a failed command."""
         if isinstance(err, urllib.error.HTTPError):
             return err.code == 429 or err.code >= 500
-        return isinstance(err, (CommandFailed, ConnectionError, TimeoutError, urllib.error.URLError, http.client.HTTPException))
+        return isinstance(
+            err, (CommandFailed, ConnectionError, TimeoutError, urllib.error.URLError, http.client.HTTPException)
+        )
 
     def _files(self, tar: tarfile.TarFile, stream: Any) -> Iterator[tuple[tarfile.TarFile, tarfile.TarInfo]]:
         yield from ((tar, m) for m in tar if m.isfile())

@@ -45,7 +45,9 @@ def expand_spec(spec: str) -> list[str]:
     urls = expand_urls(spec)
     missing = [u for u in urls if not is_remote(u) and not Path(u).is_file()]
     if missing:
-        raise DataError(f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+        raise DataError(
+            f"shard not found: {missing[0]}" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
     if not urls:
         raise DataError(f"shard spec '{spec}' names no shard")
     return urls
@@ -82,7 +84,9 @@ class ShardIndex:
         try:
             offsets = json.loads(fetch(url, self.policy))
         except (*READ_ERRORS, json.JSONDecodeError) as err:
-            log.warning("no sample index %s (%s): reading its shard from byte 0 where it starts mid-way", url, _one_line(err))
+            log.warning(
+                "no sample index %s (%s): reading its shard from byte 0 where it starts mid-way", url, _one_line(err)
+            )
             return None
         return offsets if isinstance(offsets, list) else None
 
@@ -97,8 +101,14 @@ def _split_name(name: str) -> tuple[str, str] | None:
     return None if parts is None or parts[0] is None else (parts[0], parts[1].lower())
 
 
-def read_samples(url: str, start: int = 0, stop: int | None = None, policy: ReadPolicy = NO_RETRY,
-                 span: tuple[int | None, int | None] = (None, None), keep: Container[int] | None = None) -> Iterator[Sample]:
+def read_samples(
+    url: str,
+    start: int = 0,
+    stop: int | None = None,
+    policy: ReadPolicy = NO_RETRY,
+    span: tuple[int | None, int | None] = (None, None),
+    keep: Container[int] | None = None,
+) -> Iterator[Sample]:
     """Samples ``[start, stop)`` of one shard (only those whose index is in ``keep``, if given),
     member bytes read only for those.
 
@@ -122,9 +132,16 @@ def read_samples(url: str, start: int = 0, stop: int | None = None, policy: Read
         yield _give_up(url, got, err, policy, retried=0)
 
 
-def _group(members: Iterable[tuple[tarfile.TarFile, tarfile.TarInfo]], url: str, *, first: int = 0, start: int = 0,
-           stop: int | None = None, keep: Container[int] | None = None,
-           cursor: RemoteTar | None = None) -> Iterator[tuple[int, Sample]]:
+def _group(
+    members: Iterable[tuple[tarfile.TarFile, tarfile.TarInfo]],
+    url: str,
+    *,
+    first: int = 0,
+    start: int = 0,
+    stop: int | None = None,
+    keep: Container[int] | None = None,
+    cursor: RemoteTar | None = None,
+) -> Iterator[tuple[int, Sample]]:
     """``(index, sample)`` for samples ``[start, stop)`` (those in ``keep``, if given); the first key
     met is sample ``first``. Member bytes of other samples are not read (a local tar seeks over them). A sample is
     yielded once the next key's header has been read (or at the end), so a sample cut by a
@@ -150,16 +167,23 @@ def _group(members: Iterable[tuple[tarfile.TarFile, tarfile.TarInfo]], url: str,
         yield index, current
 
 
-def _read_remote(url: str, start: int, stop: int | None, policy: ReadPolicy,
-                 span: tuple[int | None, int | None], keep: Container[int] | None) -> Iterator[Sample]:
+def _read_remote(
+    url: str,
+    start: int,
+    stop: int | None,
+    policy: ReadPolicy,
+    span: tuple[int | None, int | None],
+    keep: Container[int] | None,
+) -> Iterator[Sample]:
     offset, end = span
     cursor = RemoteTar(url, start if offset is not None else 0, offset or 0, end)
     done, failures, failed_at = start, 0, -1  # done: the first sample not yet yielded
     while True:
         try:
             with cursor.open() as members:
-                for index, sample in _group(members, url, first=cursor.index, start=done, stop=stop, keep=keep,
-                                            cursor=cursor):
+                for index, sample in _group(
+                    members, url, first=cursor.index, start=done, stop=stop, keep=keep, cursor=cursor
+                ):
                     done = index + 1
                     yield sample
             return
@@ -169,19 +193,31 @@ def _read_remote(url: str, start: int, stop: int | None, policy: ReadPolicy,
             if not cursor.transient(err) or failures >= policy.retries:
                 yield _give_up(url, done, err, policy, retried=failures)
                 return
-            wait = policy.retry_wait * 2 ** failures
+            wait = policy.retry_wait * 2**failures
             failures += 1
-            log.warning("shard %s: %s; retry %d/%d in %.2g s from byte %d (sample %d)", url, _one_line(err), failures,
-                        policy.retries, wait, cursor.byte, cursor.index)
+            log.warning(
+                "shard %s: %s; retry %d/%d in %.2g s from byte %d (sample %d)",
+                url,
+                _one_line(err),
+                failures,
+                policy.retries,
+                wait,
+                cursor.byte,
+                cursor.index,
+            )
             time.sleep(wait)
 
 
 def _give_up(url: str, samples: int, err: BaseException, policy: ReadPolicy, retried: int) -> Sample:
     after = f" after {retried} retries" if retried else ""
     if policy.fail:
-        raise DataError(f"shard {url} is unreadable at sample {samples}{after}: {_one_line(err)} "
-                        "(data.on_error=fail; set data.on_error=skip to skip the rest of the shard)")
-    log.warning("shard %s is unreadable after %d samples%s (%s); skipping the rest of it", url, samples, after, _one_line(err))
+        raise DataError(
+            f"shard {url} is unreadable at sample {samples}{after}: {_one_line(err)} "
+            "(data.on_error=fail; set data.on_error=skip to skip the rest of the shard)"
+        )
+    log.warning(
+        "shard %s is unreadable after %d samples%s (%s); skipping the rest of it", url, samples, after, _one_line(err)
+    )
     return {BROKEN: f"{url}: {_one_line(err)}"}
 
 

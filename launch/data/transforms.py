@@ -25,8 +25,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from torch.utils.data import get_worker_info
 from torch.nn.functional import interpolate
+from torch.utils.data import get_worker_info
 from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -53,14 +53,15 @@ def decode(data: bytes, channels: int) -> torch.Tensor:
 
 
 class Preset(NamedTuple):
-    sample: Transform                                    # one image, with its seed; contiguous output
+    sample: Transform  # one image, with its seed; contiguous output
     batch: Callable[[list[torch.Tensor]], torch.Tensor]  # B samples -> float32 (B, C, img_size, img_size), normalized
     stack: Callable[[list[torch.Tensor]], torch.Tensor]  # B samples -> (B, C, img_size, img_size) as they are (uint8)
-    normalize: Callable[[torch.Tensor], torch.Tensor]    # a ``stack`` batch, on any device -> what ``batch`` gives
+    normalize: Callable[[torch.Tensor], torch.Tensor]  # a ``stack`` batch, on any device -> what ``batch`` gives
 
 
-def build_transform(cfg: DataConfig, preset: str, img_size: int, mean: tuple[float, ...],
-                    std: tuple[float, ...]) -> Preset:
+def build_transform(
+    cfg: DataConfig, preset: str, img_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Preset:
     """Per-sample augmentation, then batch assembly. pretrain / eval stay uint8 per sample and are
     normalized while the batch is assembled, straight into shared memory (``batch``), or later on the
     training device (``stack`` in the worker, ``normalize`` on the device)."""
@@ -126,8 +127,14 @@ class RandomResizedCropFlip:
     ``random.Random(seed)``. A v2 Compose spent ~60-90 us per image on dispatch and one-element
     torch ops; this spends ~10. Output: contiguous uint8 (C, size, size)."""
 
-    def __init__(self, size: int, scale: tuple[float, float], interpolation: v2.InterpolationMode, hflip: float,
-                 ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> None:
+    def __init__(
+        self,
+        size: int,
+        scale: tuple[float, float],
+        interpolation: v2.InterpolationMode,
+        hflip: float,
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+    ) -> None:
         self.size, self.scale, self.ratio, self.hflip = size, scale, ratio, hflip
         self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
         self.mode = interpolation.value  # "bicubic" / "bilinear", as torch's interpolate names them
@@ -153,8 +160,13 @@ class RandomResizedCropFlip:
         top, left, h, w = self.box(rng, image.shape[-2], image.shape[-1])
         # uint8 in, uint8 out: torch's antialiased bicubic/bilinear has a native uint8 CPU kernel; a
         # (1, C, h, w) view of the decoder's HWC buffer gives a contiguous CHW result at no extra copy
-        out = interpolate(image[None, :, top:top + h, left:left + w], size=(self.size, self.size), mode=self.mode,
-                          align_corners=False, antialias=True)[0]
+        out = interpolate(
+            image[None, :, top : top + h, left : left + w],
+            size=(self.size, self.size),
+            mode=self.mode,
+            align_corners=False,
+            antialias=True,
+        )[0]
         return out.flip(-1) if rng.random() < self.hflip else out
 
 
@@ -184,10 +196,20 @@ class _TimmTrainTransform:
         from timm.data.auto_augment import RandAugment, posterize
 
         # the MAE fine-tuning recipe: no color jitter, RandAugment, pixel-mode RandomErasing
-        self.timm_tf = create_transform(input_size=(len(mean), img_size, img_size), is_training=True,
-                                        scale=cfg.finetune_crop_scale, hflip=cfg.hflip, color_jitter=None,
-                                        auto_augment=cfg.auto_augment, interpolation=cfg.interpolation,
-                                        re_prob=cfg.re_prob, re_mode="pixel", re_count=1, mean=mean, std=std)
+        self.timm_tf = create_transform(
+            input_size=(len(mean), img_size, img_size),
+            is_training=True,
+            scale=cfg.finetune_crop_scale,
+            hflip=cfg.hflip,
+            color_jitter=None,
+            auto_augment=cfg.auto_augment,
+            interpolation=cfg.interpolation,
+            re_prob=cfg.re_prob,
+            re_mode="pixel",
+            re_count=1,
+            mean=mean,
+            std=std,
+        )
         for t in self.timm_tf.transforms:
             for op in t.ops if isinstance(t, RandAugment) else []:
                 op.aug_fn = _posterize_any if op.aug_fn is posterize else op.aug_fn

@@ -92,8 +92,9 @@ def write_shard(path: Path, items: list[Item], transcode: Any = None) -> int:
     return len(starts)
 
 
-def write_split(tmp: Path, split: str, items: list[Item], *, max_samples: int, max_bytes: int,
-                workers: int, transcode: Any = None) -> tuple[list[str], list[int]]:
+def write_split(
+    tmp: Path, split: str, items: list[Item], *, max_samples: int, max_bytes: int, workers: int, transcode: Any = None
+) -> tuple[list[str], list[int]]:
     """Write ``<split>-%06d.tar`` files into ``tmp``; returns shard names and samples per shard."""
     shards = list(cut_shards(items, max_samples, max_bytes))
     names = [f"{split}-{i:06d}.tar" for i in range(len(shards))]
@@ -138,7 +139,9 @@ def publish(tmp: Path, out: Path, overwrite: bool) -> bool:
             old.rename(out)
         if (out / MANIFEST).is_file():
             return False
-        raise DataError(f"output folder {out} appeared while writing and holds no {MANIFEST}; nothing was replaced") from None
+        raise DataError(
+            f"output folder {out} appeared while writing and holds no {MANIFEST}; nothing was replaced"
+        ) from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return True
