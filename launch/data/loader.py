@@ -323,7 +323,8 @@ class ShardLoader:
         return self._stream.num_batches
 
     def batches_left(self) -> int:
-        """Batches the next iteration yields in the current epoch (``len()`` at the epoch's start)."""
+        """Batches of the current epoch still to come (``len()`` at its start; 0 after a restore to a
+        position where this layout has no batch left: the next iteration starts the next epoch)."""
         return len(self._stream.batch_ends(self._position))
 
     def set_epoch(self, epoch: int) -> None:
@@ -387,8 +388,7 @@ class ShardLoader:
             epoch,
             min(position, self._stream.total),
             int(state.get("corrupt", 0)),
-        )
-        self._roll_over()
+        )  # not rolled over yet: batches_left() tells a resumed trainer that this epoch is over
 
     def __iter__(self) -> Iterator[Batch]:
         self._roll_over()
@@ -405,7 +405,7 @@ class ShardLoader:
                 yield batch
         except DataError as err:  # re-raised from a worker with its traceback: keep the one line
             raise DataError(str(err).strip().splitlines()[-1].split("DataError: ", 1)[-1]) from None
-        self._epoch, self._position = self._epoch + 1, 0
+        self._roll_over()  # a state_dict() taken at the last batch may have rolled over already
 
 
 def build_loader(
