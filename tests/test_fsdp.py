@@ -45,6 +45,33 @@ def test_units_are_the_encoder_and_decoder_blocks():
     assert units(nn.Sequential(stack)) == [stack[0].encoder[0]]  # the bare decoder belongs to the root
 
 
+def test_each_units_whole_weights_are_freed_as_soon_as_it_is_sharded(tmp_path, monkeypatch):
+    """The optimizers are built on the whole task: if they held its parameters while ``fully_shard`` swaps
+    them for shards, every unit's whole weights would stay allocated (on a GPU: the whole model at once,
+    the memory FSDP is there to save) until the last unit is done."""
+    import gc
+    import weakref
+
+    from launch import fsdp as fsdp2
+
+    alive: list[int] = []
+
+    def fully_shard(module: nn.Module, **kwargs):
+        whole = [weakref.ref(p) for p in module.parameters() if not isinstance(p, DTensor)]
+        sharded = real(module, **kwargs)
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in whole))
+        return sharded
+
+    real = fsdp2.fully_shard
+    monkeypatch.setattr(fsdp2, "fully_shard", fully_shard)
+    cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "max_steps=1"])
+    trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory())
+    assert alive == [0, 0, 0, 0]  # 3 layers of the net, then the root (cls_token)
+    held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    assert held == {id(p) for p in trainer.task.parameters()}  # the optimizers hold the shards
+
+
 def test_bf16_policy_computes_in_bf16_and_keeps_fp32_shards(tmp_path):
     cfg = load_config(
         TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "precision=bf16", "max_steps=2"]
