@@ -128,9 +128,12 @@ def outside_forward(model: nn.Module) -> Iterator[None]:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The whole model's weights on every rank, on the CPU (a collective)."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().cpu() for k, v in state.items()}
+    """The whole model's weights on every rank, on the CPU (a collective). Gathered one tensor at
+    a time, each moved to the CPU before the next: ``full_state_dict=True`` would gather them all
+    on the device first (the whole model, which under FSDP need not fit there), and its
+    ``cpu_offload`` leaves them to rank 0 only."""
+    state = get_model_state_dict(model)
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> tuple[list[str], list[str]]:
