@@ -6,6 +6,7 @@ The multi-process test runs this file under ``torchrun --nproc_per_node 2`` (see
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -143,6 +144,22 @@ def test_an_empty_shard_among_three_feeds_two_ranks_of_two_workers(tmp_path: Pat
     assert len(ranks[0]) == len(ranks[1]) == (5 if drop_last else 6)
     keys = [k for rank in ranks for batch in rank for k in batch]
     assert len(keys) == len(set(keys)) == (40 if drop_last else 47)
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_a_split_of_one_sample_is_one_batch_per_epoch_and_too_small_for_two_ranks(tmp_path: Path, mode: str) -> None:
+    from launch.data import DataConfig, build_loader
+    from launch.errors import DataError
+
+    _write_uneven(tmp_path, (1,))
+    cfg = DataConfig(source=str(tmp_path), workers=2, mode=mode, epoch_samples=1)
+    make = functools.partial(build_loader, cfg, "train", preset="pretrain", batch_size=1, img_size=8, seed=0)
+    loader = make(drop_last=True)
+    epochs = [[b["key"] for b in loader] for _ in range(2)]
+    assert len(loader) == 1 and epochs[0] == epochs[1] and len(epochs[0][0]) == 1
+    assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["position"] == 0
+    with pytest.raises(DataError, match="1 samples, fewer than the 2 ranks" if mode == "exact" else "less than one"):
+        make(rank=1, world_size=2)
 
 
 def _write_uneven(folder: Path, sizes: tuple[int, ...] = UNEVEN) -> None:

@@ -4,6 +4,7 @@ read back without a group, and the asynchronous-save protocol of the checkpoint 
 
 from __future__ import annotations
 
+import itertools
 import json
 from concurrent.futures import Future
 from pathlib import Path
@@ -70,6 +71,19 @@ def test_each_units_whole_weights_are_freed_as_soon_as_it_is_sharded(tmp_path, m
     assert alive == [0, 0, 0, 0]  # 3 layers of the net, then the root (cls_token)
     held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
     assert held == {id(p) for p in trainer.task.parameters()}  # the optimizers hold the shards
+
+
+def test_gradients_are_reduce_scattered_on_the_last_micro_step_only(tmp_path):
+    """A sharded gradient exists only once FSDP reduce-scattered: not after a non-final micro-step (its
+    gradients stay local and unsharded), then the sum of both micro-steps after the last one."""
+    cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "max_steps=1"])
+    trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory())
+    batches = [trainer.backend.to_device(b) for b in itertools.islice(trainer.train_loader, 2)]
+    params = list(trainer.task.parameters())
+    for i, batch in enumerate(batches):
+        with trainer.backend.micro_step(trainer.model, is_last=i == 1):
+            trainer.backend.backward(trainer.model(batch)["loss"])
+        assert all((p.grad is not None) == (i == 1) for p in params), f"micro-step {i}"
 
 
 def test_bf16_policy_computes_in_bf16_and_keeps_fp32_shards(tmp_path):
