@@ -147,9 +147,7 @@ class Backend:
         never prepared: each rank reads its own shards. FSDP shards ``task`` in place and
         points the optimizers at its new (DTensor) parameters."""
         if self.fsdp:
-            names = {id(p): n for n, p in task.named_parameters(remove_duplicate=False)}
-            model = fsdp2.shard(task, bf16=self.cfg.precision == "bf16", compile=self.cfg.compile)
-            fsdp2.repoint_optimizers(optimizers, names, model)
+            model = fsdp2.shard(task, optimizers, bf16=self.cfg.precision == "bf16", compile=self.cfg.compile)
             self._autocast_forward(model)
             return model, optimizers
         if self.deepspeed:  # it casts the task's tensors in place: ``release`` gives them their dtypes

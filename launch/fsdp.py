@@ -61,33 +61,37 @@ def units(module: nn.Module) -> list[nn.Module]:
     return found
 
 
-def shard(task: nn.Module, *, bf16: bool, compile: bool) -> nn.Module:
-    """``fully_shard`` every unit, then ``task`` (the root, in place). With ``bf16`` the
+def shard(task: nn.Module, optimizers: Iterable[Optimizer], *, bf16: bool, compile: bool) -> nn.Module:
+    """``fully_shard`` every unit, then ``task`` (the root, in place), and point ``optimizers``
+    (built on the whole task, empty state) at the new DTensor parameters. With ``bf16`` the
     parameters are all-gathered and used in bf16 and gradients reduced in fp32; the root keeps
     its inputs (the batch, hence the loss targets) in fp32 under the trainer's autocast.
-    ``compile`` compiles each unit (torchtitan's order: compile, then shard)."""
+    ``compile`` compiles each unit (torchtitan's order: compile, then shard).
+
+    ``fully_shard`` moves each unit to the device and frees its whole weights once sharded, as
+    long as nothing else holds them: meanwhile the optimizers hold parameter names, so a device
+    never holds more than one whole unit (give it ``task`` on the CPU)."""
     unit_mp = (
         MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else MixedPrecisionPolicy()
     )
     root_mp = MixedPrecisionPolicy(
         param_dtype=unit_mp.param_dtype, reduce_dtype=unit_mp.reduce_dtype, cast_forward_inputs=False
     )
+    names = {id(p): n for n, p in task.named_parameters(remove_duplicate=False)}
+    groups = [group for opt in optimizers for group in opt.param_groups]
+    held = [[names[id(p)] for p in group["params"]] for group in groups]
+    for group in groups:
+        group["params"] = []
     for unit in units(task):
         if compile:
             unit.compile()
         fully_shard(unit, mp_policy=unit_mp, reshard_after_forward=True)
     # the root's weights are needed again at once by the backward: keep them gathered until then
     fully_shard(task, mp_policy=root_mp, reshard_after_forward=False)
-    return task
-
-
-def repoint_optimizers(optimizers: Iterable[Optimizer], names: dict[int, str], task: nn.Module) -> None:
-    """``fully_shard`` replaced every parameter with a DTensor one: point optimizers (built on
-    the plain task, empty state) at the new objects. ``names``: ``id(old param) -> name``."""
     new = dict(task.named_parameters(remove_duplicate=False))
-    for opt in optimizers:
-        for group in opt.param_groups:
-            group["params"] = [new[names[id(p)]] for p in group["params"]]
+    for group, params in zip(groups, held):
+        group["params"] = [new[name] for name in params]
+    return task
 
 
 def clip_(params: list[nn.Parameter], max_norm: float) -> Tensor:
@@ -124,9 +128,12 @@ def outside_forward(model: nn.Module) -> Iterator[None]:
 
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
-    """The whole model's weights on every rank, on the CPU (a collective)."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
-    return {k: v.detach().cpu() for k, v in state.items()}
+    """The whole model's weights on every rank, on the CPU (a collective). Gathered one tensor at
+    a time, each moved to the CPU before the next: ``full_state_dict=True`` would gather them all
+    on the device first (the whole model, which under FSDP need not fit there), and its
+    ``cpu_offload`` leaves them to rank 0 only."""
+    state = get_model_state_dict(model)
+    return {k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().cpu() for k, v in state.items()}
 
 
 def load_full_state_dict(model: nn.Module, state: dict[str, Tensor]) -> tuple[list[str], list[str]]:

@@ -154,7 +154,10 @@ class Trainer:
         if self._whole is not None:
             task = copy.deepcopy(task)
         optimizers, self.schedulers = self._build_optimizers(task)
-        self.model, self.optimizers = self.backend.prepare(task.to(self.backend.device), optimizers)
+        # FSDP moves the task to the device one unit at a time as it shards it: never whole
+        self.model, self.optimizers = self.backend.prepare(
+            task if self.backend.fsdp else task.to(self.backend.device), optimizers
+        )
         self.task: Task = self.backend.unwrap(self.model)
         # after prepare: FSDP replaces the parameters
         self.phase_params = {

@@ -6,6 +6,7 @@ The multi-process test runs this file under ``torchrun --nproc_per_node 2`` (see
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import os
@@ -115,14 +116,60 @@ def test_one_shard_feeds_two_ranks_of_two_workers(tmp_path: Path) -> None:
     assert len(keys) == len(set(keys)) == UNEVEN[0]
 
 
-def _write_uneven(folder: Path) -> None:
-    """Digit shards of UNEVEN sizes, without a manifest (the reader counts them)."""
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_an_empty_shard_among_three_feeds_two_ranks_of_two_workers(tmp_path: Path, drop_last: bool) -> None:
+    """Shards of 30, 0 and 17 samples, 2 ranks x 2 workers x batch 4: no sample twice in an epoch, none
+    missing but the drop_last remainder (47 = 5 global micro-batches of 8 + 7), equal batch counts."""
+    from launch.data import DataConfig, build_loader
+
+    _write_uneven(tmp_path, (30, 0, 17))
+    cfg = DataConfig(source=str(tmp_path), workers=2, shuffle_buffer=10)
+    ranks = [
+        [
+            b["key"]
+            for b in build_loader(
+                cfg,
+                "train",
+                preset="pretrain",
+                batch_size=4,
+                img_size=8,
+                seed=0,
+                rank=r,
+                world_size=2,
+                drop_last=drop_last,
+            )
+        ]
+        for r in range(2)
+    ]
+    assert len(ranks[0]) == len(ranks[1]) == (5 if drop_last else 6)
+    keys = [k for rank in ranks for batch in rank for k in batch]
+    assert len(keys) == len(set(keys)) == (40 if drop_last else 47)
+
+
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_a_split_of_one_sample_is_one_batch_per_epoch_and_too_small_for_two_ranks(tmp_path: Path, mode: str) -> None:
+    from launch.data import DataConfig, build_loader
+    from launch.errors import DataError
+
+    _write_uneven(tmp_path, (1,))
+    cfg = DataConfig(source=str(tmp_path), workers=2, mode=mode, epoch_samples=1)
+    make = functools.partial(build_loader, cfg, "train", preset="pretrain", batch_size=1, img_size=8, seed=0)
+    loader = make(drop_last=True)
+    epochs = [[b["key"] for b in loader] for _ in range(2)]
+    assert len(loader) == 1 and epochs[0] == epochs[1] and len(epochs[0][0]) == 1
+    assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["position"] == 0
+    with pytest.raises(DataError, match="1 samples, fewer than the 2 ranks" if mode == "exact" else "less than one"):
+        make(rank=1, world_size=2)
+
+
+def _write_uneven(folder: Path, sizes: tuple[int, ...] = UNEVEN) -> None:
+    """Digit shards of ``sizes`` samples, without a manifest (the reader counts them)."""
     from launch.data.sources import digits
     from launch.data.writer import write_shard
 
     items = digits().splits["train"]
     start = 0
-    for i, n in enumerate(UNEVEN):
+    for i, n in enumerate(sizes):
         write_shard(folder / f"part-{i:06d}.tar", items[start : start + n])
         start += n
 

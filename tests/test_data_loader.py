@@ -86,6 +86,31 @@ def test_state_is_a_global_position_and_old_batch_counts_still_load(digits: Path
     assert resumed.state_dict()["position"] == 80 and resumed.batches_left() == -(-(1497 - 80) // 32)
 
 
+def test_a_state_taken_at_the_last_batch_does_not_skip_the_next_epoch(digits: Path) -> None:
+    make = functools.partial(
+        build_loader, _cfg(str(digits), workers=0), "val", preset="pretrain", batch_size=64, img_size=8, seed=0
+    )
+    loader = make()
+    for _ in loader:  # a loop that saves after every batch, the last one included
+        state = loader.state_dict()
+    assert state["epoch"] == loader.state_dict()["epoch"] == 1 and state["position"] == 0
+    again = make()
+    again.set_epoch(1)
+    assert [b["key"] for b in loader] == [b["key"] for b in again]
+
+
+def test_a_restored_position_past_the_last_batch_of_this_layout_leaves_none_in_its_epoch(digits: Path) -> None:
+    """Samples 272..299 of 300 are not one batch of 32: the restored loader has no batch left in the saved epoch
+    (what the trainer counts the resumed step from), and its next pass is the next epoch."""
+    make = functools.partial(build_loader, _cfg(str(digits), workers=0), "val", preset="pretrain", img_size=8, seed=0)
+    loader = make(batch_size=32, drop_last=True)
+    loader.load_state_dict({**make(batch_size=16, drop_last=True).state_dict(), "position": 272})
+    assert loader.batches_left() == 0
+    epoch1 = make(batch_size=32, drop_last=True)
+    epoch1.set_epoch(1)
+    assert [b["key"] for b in loader] == [b["key"] for b in epoch1] and len(epoch1) == 9
+
+
 def test_epochs_reshuffle_inside_persistent_workers_and_seed_fixes_the_order(digits: Path) -> None:
     make = functools.partial(build_loader, _cfg(str(digits)), "train", preset="pretrain", batch_size=32, img_size=8)
     loader = make(seed=0)

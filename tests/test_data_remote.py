@@ -236,7 +236,7 @@ def test_http_epoch_downloads_each_byte_once_and_a_resume_only_what_is_left(
     """2 ranks x 2 workers enter shards mid-way (the sample index gives the bytes); a loader restored
     after 5 batches asks for exactly the samples it has not yielded (with a shuffle buffer: still
     buffered or unread), and yields the same batches as the uninterrupted one."""
-    monkeypatch.setattr("launch.data.loader._GAP", 1)  # one request per run of needed samples (forked workers see it)
+    monkeypatch.setattr("launch.data.stream._GAP", 1)  # one request per run of needed samples (forked workers see it)
     sizes = _sample_bytes(digits)
     with FlakyServer(digits, faults=False) as server:
 

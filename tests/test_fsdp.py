@@ -4,6 +4,7 @@ read back without a group, and the asynchronous-save protocol of the checkpoint 
 
 from __future__ import annotations
 
+import itertools
 import json
 from concurrent.futures import Future
 from pathlib import Path
@@ -43,6 +44,46 @@ def test_units_are_the_encoder_and_decoder_blocks():
 
     stack = nn.ModuleList([Holder()])
     assert units(nn.Sequential(stack)) == [stack[0].encoder[0]]  # the bare decoder belongs to the root
+
+
+def test_each_units_whole_weights_are_freed_as_soon_as_it_is_sharded(tmp_path, monkeypatch):
+    """The optimizers are built on the whole task: if they held its parameters while ``fully_shard`` swaps
+    them for shards, every unit's whole weights would stay allocated (on a GPU: the whole model at once,
+    the memory FSDP is there to save) until the last unit is done."""
+    import gc
+    import weakref
+
+    from launch import fsdp as fsdp2
+
+    alive: list[int] = []
+
+    def fully_shard(module: nn.Module, **kwargs):
+        whole = [weakref.ref(p) for p in module.parameters() if not isinstance(p, DTensor)]
+        sharded = real(module, **kwargs)
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in whole))
+        return sharded
+
+    real = fsdp2.fully_shard
+    monkeypatch.setattr(fsdp2, "fully_shard", fully_shard)
+    cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "max_steps=1"])
+    trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory())
+    assert alive == [0, 0, 0, 0]  # 3 layers of the net, then the root (cls_token)
+    held = {id(p) for opt in trainer.optimizers for group in opt.param_groups for p in group["params"]}
+    assert held == {id(p) for p in trainer.task.parameters()}  # the optimizers hold the shards
+
+
+def test_gradients_are_reduce_scattered_on_the_last_micro_step_only(tmp_path):
+    """A sharded gradient exists only once FSDP reduce-scattered: not after a non-final micro-step (its
+    gradients stay local and unsharded), then the sum of both micro-steps after the last one."""
+    cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "max_steps=1"])
+    trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory())
+    batches = [trainer.backend.to_device(b) for b in itertools.islice(trainer.train_loader, 2)]
+    params = list(trainer.task.parameters())
+    for i, batch in enumerate(batches):
+        with trainer.backend.micro_step(trainer.model, is_last=i == 1):
+            trainer.backend.backward(trainer.model(batch)["loss"])
+        assert all((p.grad is not None) == (i == 1) for p in params), f"micro-step {i}"
 
 
 def test_bf16_policy_computes_in_bf16_and_keeps_fp32_shards(tmp_path):

@@ -194,9 +194,20 @@ def test_a_resume_with_no_full_step_left_in_the_epoch_moves_to_the_next(tmp_path
     assert result.steps == 11 and result.epochs == 1 and sorted(_keys(tmp_path, ["b"])) == [10, 11]
 
 
-def _resume_with_two_by_sixteen(tmp_path, data_root, caplog, first: list[str]):
+@pytest.mark.timeout(120)
+def test_a_larger_batch_with_no_batch_left_in_the_epoch_moves_to_the_next(tmp_path, data_root, caplog) -> None:
+    """300 samples, stopped after 17 steps of 16 (28 samples left): a resume with batch 32 has no batch of
+    its own left in epoch 0, so it starts epoch 1 as step 9, not epoch 0 again from step 0."""
+    result = _resume_with_two_by_sixteen(tmp_path, data_root, caplog, ["max_steps=17"], ["batch_size=32"])
+    assert "as step 9 of 11 (was step 17)" in caplog.text
+    assert result.steps == 11 and sorted(_keys(tmp_path, ["b"])) == [10, 11]
+
+
+def _resume_with_two_by_sixteen(
+    tmp_path, data_root, caplog, first: list[str], then: tuple[str, ...] = ("accum_steps=2",)
+):
     """A single-process fit on the 300 digits with ``first`` (batch 16), then the same run resumed
-    with 2 x 16 per step up to step 11; records each step's keys (tags "a", "b")."""
+    with ``then`` (default 2 x 16 per step) up to step 11; records each step's keys (tags "a", "b")."""
     from faults_driver import MaskedTiny
 
     from launch.config import TrainerConfig, load_config
@@ -205,7 +216,7 @@ def _resume_with_two_by_sixteen(tmp_path, data_root, caplog, first: list[str]):
 
     data = load_config(DataConfig, None, ["source=digits", f"root={data_root}", "workers=0", "hflip=0"])
     common = ["log.progress=false", "log.tensorboard=false", "eval_every_epochs=0", "log.images_every_epochs=0"]
-    for tag, overrides in (("a", first), ("b", ["max_steps=11", "accum_steps=2"])):
+    for tag, overrides in (("a", first), ("b", ["max_steps=11", *then])):
         cfg = load_config(TrainerConfig, None, [*common, "batch_size=16", *overrides])
         task = MaskedTiny(seeded=True, record=tmp_path / f"keys-{tag}-rank-0.jsonl")
         with caplog.at_level("WARNING", logger="launch.trainer"):
