@@ -158,7 +158,7 @@ def test_a_split_of_one_sample_is_one_batch_per_epoch_and_too_small_for_two_rank
     epochs = [[b["key"] for b in loader] for _ in range(2)]
     assert len(loader) == 1 and epochs[0] == epochs[1] and len(epochs[0][0]) == 1
     assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["position"] == 0
-    with pytest.raises(DataError, match="1 samples, fewer than the 2 ranks" if mode == "exact" else "less than one"):
+    with pytest.raises(DataError, match="has 1 sample, fewer than the 2 ranks" if mode == "exact" else "less than one"):
         make(rank=1, world_size=2)
 
 
