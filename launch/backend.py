@@ -191,8 +191,8 @@ class Backend:
         if self.deepspeed:
             self._engine.set_gradient_accumulation_boundary(is_last)
             yield
-        elif self.fsdp:  # gradients stay unsharded and local until the last micro-step's reduce-scatter
-            model.set_requires_gradient_sync(is_last)
+        elif self.fsdp:  # gradients and weights stay unsharded until the last micro-step's reduce-scatter
+            fsdp2.accumulate(model, is_last=is_last)
             yield
         elif is_last:
             yield

@@ -6,7 +6,7 @@ selects its FSDP mode only for GPU-like process types (``state.py``), never for
 ``MULTI_CPU``, so on CPU the plugin is silently dropped and the model wrapped in DDP: the
 path could not be tested here, and the tests would pass on DDP. The trainer also needs the
 FSDP calls themselves: units found by structure (transformer blocks, a baseline's layers,
-not a class-name list), ``set_requires_gradient_sync`` per micro-step, ``unshard`` of the root
+not a class-name list), gradient sync and resharding per micro-step, ``unshard`` of the root
 for evaluation, one ``get_optimizer_state_dict`` per phase optimizer (the AAE's share the
 encoder), a dedicated group for asynchronous saves. Each is one torch call here.
 
@@ -82,16 +82,29 @@ def shard(task: nn.Module, optimizers: Iterable[Optimizer], *, bf16: bool, compi
     held = [[names[id(p)] for p in group["params"]] for group in groups]
     for group in groups:
         group["params"] = []
-    for unit in units(task):
+    found = units(task)
+    for i, unit in enumerate(found):
         if compile:
             unit.compile()
-        fully_shard(unit, mp_policy=unit_mp, reshard_after_forward=True)
-    # the root's weights are needed again at once by the backward: keep them gathered until then
+        # the last unit's backward runs right after the forward: freeing its weights would only gather
+        # them again at once (torchtitan's default; module order is the forward order of our tasks)
+        fully_shard(unit, mp_policy=unit_mp, reshard_after_forward=i < len(found) - 1)
+    # the root's weights, likewise: kept gathered until the backward
     fully_shard(task, mp_policy=root_mp, reshard_after_forward=False)
     new = dict(task.named_parameters(remove_duplicate=False))
     for group, params in zip(groups, held):
         group["params"] = [new[name] for name in params]
     return task
+
+
+def accumulate(model: nn.Module, *, is_last: bool) -> None:
+    """Set up the next micro-step of a gradient accumulation. Until the last one, gradients stay
+    local and unsharded (no reduce-scatter) and the weights stay gathered after the backward, so
+    the next forward gathers nothing; the last one reduce-scatters the summed gradients and frees
+    the weights. Trades memory for communication: between micro-steps a rank holds the whole
+    gradients (fp32) and the whole weights (in the compute dtype); ``accum_steps=1`` holds neither."""
+    model.set_requires_gradient_sync(is_last)
+    model.set_reshard_after_backward(is_last)
 
 
 def clip_(params: list[nn.Parameter], max_norm: float) -> Tensor:

@@ -158,7 +158,7 @@ def test_a_split_of_one_sample_is_one_batch_per_epoch_and_too_small_for_two_rank
     epochs = [[b["key"] for b in loader] for _ in range(2)]
     assert len(loader) == 1 and epochs[0] == epochs[1] and len(epochs[0][0]) == 1
     assert loader.state_dict()["epoch"] == 2 and loader.state_dict()["position"] == 0
-    with pytest.raises(DataError, match="1 samples, fewer than the 2 ranks" if mode == "exact" else "less than one"):
+    with pytest.raises(DataError, match="has 1 sample, fewer than the 2 ranks" if mode == "exact" else "less than one"):
         make(rank=1, world_size=2)
 
 
@@ -241,6 +241,33 @@ def test_two_ranks_two_workers_read_every_key_once(tmp_path: Path) -> None:
     assert ranks[0]["0"] != ranks[0]["1"]
 
 
+@pytest.mark.dist
+def test_two_processes_count_the_shards_of_a_spec_without_manifest_once(tmp_path: Path) -> None:
+    """Rank 0 counts (reads every shard) and broadcasts the counts: each shard is opened once for the
+    job, not once per rank (the first one is also probed by each rank for its channels)."""
+    _write_uneven(tmp_path)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__]
+    result = subprocess.run([*cmd, str(tmp_path), "count"], capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    opens = [Path(line).name for line in (tmp_path / "opens.log").read_text().split()]
+    assert [opens.count(f"part-{i:06d}.tar") for i in range(1, len(UNEVEN))] == [1] * (len(UNEVEN) - 1)
+    assert [json.loads((tmp_path / f"samples{r}.json").read_text()) for r in range(2)] == [sum(UNEVEN)] * 2
+
+
+def _count_main(folder: str) -> None:
+    import torch.distributed as torch_dist
+
+    from launch.data import DataConfig, build_loader
+
+    torch_dist.init_process_group("gloo")
+    shards = f"{folder}/part-{{000000..{len(UNEVEN) - 1:06d}}}.tar"
+    cfg = DataConfig(source=f"pipe:f={shards} && echo $f >> {folder}/opens.log && cat $f", workers=0)
+    rank = torch_dist.get_rank()
+    loader = build_loader(cfg, "train", preset="pretrain", batch_size=8, img_size=8, seed=0, rank=rank, world_size=2)
+    Path(folder, f"samples{rank}.json").write_text(json.dumps(loader.info.splits["train"]))
+    torch_dist.destroy_process_group()
+
+
 def _rank_main(folder: str) -> None:
     from launch.data import DataConfig, build_loader
     from launch.dist import rank, world_size
@@ -257,4 +284,7 @@ def _rank_main(folder: str) -> None:
 
 
 if __name__ == "__main__":
-    _rank_main(sys.argv[1] if len(sys.argv) > 1 else os.getcwd())
+    if sys.argv[2:] == ["count"]:
+        _count_main(sys.argv[1])
+    else:
+        _rank_main(sys.argv[1] if len(sys.argv) > 1 else os.getcwd())

@@ -86,6 +86,65 @@ def test_state_is_a_global_position_and_old_batch_counts_still_load(digits: Path
     assert resumed.state_dict()["position"] == 80 and resumed.batches_left() == -(-(1497 - 80) // 32)
 
 
+@pytest.mark.parametrize("mode", ["exact", "resampled"])
+def test_a_resume_over_other_shards_of_the_same_total_warns(tmp_path: Path, digits: Path, mode: str, caplog) -> None:
+    """Two shards of 200 swapped, or one replaced, leave the total alone but not the samples at a position;
+    the same shards read from another folder are the same order."""
+    one, two = digits / "train-000000.tar", digits / "train-000001.tar"
+    moved = tmp_path / "train-000000.tar"
+    moved.write_bytes(one.read_bytes())
+    other = tmp_path / "train-000002.tar"
+    other.write_bytes((digits / "train-000002.tar").read_bytes())
+
+    def state_of(*shards: Path) -> dict:
+        cfg = _cfg("::".join(map(str, shards)), workers=0, mode=mode, epoch_samples=400)
+        loader = build_loader(cfg, "train", preset="pretrain", batch_size=16, img_size=8, seed=0)
+        _take(loader, 2)
+        return loader.state_dict()
+
+    saved = state_of(one, two)
+    for shards, warns in (((moved, two), False), ((two, one), True), ((other, two), True)):
+        caplog.clear()
+        cfg = _cfg("::".join(map(str, shards)), workers=0, mode=mode, epoch_samples=400)
+        build_loader(cfg, "train", preset="pretrain", batch_size=16, img_size=8, seed=0).load_state_dict(saved)
+        assert ("not sample-exact" in caplog.text) == warns, [s.name for s in shards]
+
+
+def test_a_resampled_resume_from_0_to_1_worker_replays_the_same_batches_without_a_warning(digits: Path, caplog) -> None:
+    """Workers=0 reads in the main process exactly as one worker does: nothing changes, nothing to warn of."""
+    make = functools.partial(build_loader, preset="pretrain", batch_size=16, img_size=8, seed=0)
+    cfg = _cfg(str(digits), mode="resampled", epoch_samples=160)
+    reference = _take(make(cfg.model_copy(update={"workers": 0}), "val"))
+    for before, after in ((0, 1), (1, 0)):
+        first = make(cfg.model_copy(update={"workers": before}), "val")
+        _take(first, 4)
+        caplog.clear()
+        resumed = make(cfg.model_copy(update={"workers": after}), "val")
+        resumed.load_state_dict(first.state_dict())
+        assert "not sample-exact" not in caplog.text
+        _same(_take(resumed), reference[4:])
+
+
+def test_shards_without_a_manifest_are_counted_by_rank_0_only(tmp_path: Path, digits: Path, monkeypatch) -> None:
+    """Counting a remote shard reads all of it: two ranks must not download the split twice before training.
+    A stand-in broadcast hands every rank what rank 0 (built first) sent; every shard open is logged."""
+    from launch import dist
+
+    opens = tmp_path / "opens.log"
+    spec = f"pipe:f={digits}/train-{{000000..000007}}.tar && echo $f >> {opens} && cat $f"
+    sent: list = []
+    monkeypatch.setattr(dist, "broadcast_object", lambda obj, src=0: sent[0] if sent else sent.append(obj) or obj)
+    loaders = [
+        build_loader(
+            _cfg(spec, workers=0), "train", preset="pretrain", batch_size=16, img_size=8, seed=0, rank=r, world_size=2
+        )
+        for r in range(2)
+    ]
+    assert len(loaders[0]) == len(loaders[1]) == -(-1497 // 32)
+    read = [Path(line).name for line in opens.read_text().split()]
+    assert [read.count(f"train-{i:06d}.tar") for i in range(1, 8)] == [1] * 7  # shard 0 is also probed once per rank
+
+
 def test_a_state_taken_at_the_last_batch_does_not_skip_the_next_epoch(digits: Path) -> None:
     make = functools.partial(
         build_loader, _cfg(str(digits), workers=0), "val", preset="pretrain", batch_size=64, img_size=8, seed=0

@@ -86,6 +86,29 @@ def test_gradients_are_reduce_scattered_on_the_last_micro_step_only(tmp_path):
         assert all((p.grad is not None) == (i == 1) for p in params), f"micro-step {i}"
 
 
+def test_the_last_unit_stays_gathered_after_forward_and_accumulation_gathers_once_per_step(tmp_path):
+    """A unit's registered weight is whole (not a DTensor) while gathered. The last unit (net[4]), whose
+    backward runs first, is not freed after the forward (torchtitan's default); between micro-steps every
+    unit stays gathered, so the next forward gathers nothing; the last micro-step frees them all."""
+    cfg = load_config(TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "max_steps=1"])
+    trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory())
+    batches = [trainer.backend.to_device(b) for b in itertools.islice(trainer.train_loader, 2)]
+    layers = [trainer.task.net[k] for k in (1, 2, 4)]  # the units: Linear, LayerNorm, Linear
+
+    def gathered() -> list[bool]:
+        return [not isinstance(layer.weight, DTensor) for layer in layers]
+
+    after_forward, after_backward = [], []
+    for i, batch in enumerate(batches):
+        with trainer.backend.micro_step(trainer.model, is_last=i == 1):
+            loss = trainer.model(batch)["loss"]
+            after_forward.append(gathered())
+            trainer.backend.backward(loss)
+        after_backward.append(gathered())
+    assert after_forward == [[False, False, True]] * 2
+    assert after_backward == [[True, True, True], [False, False, False]]
+
+
 def test_bf16_policy_computes_in_bf16_and_keeps_fp32_shards(tmp_path):
     cfg = load_config(
         TrainerConfig, None, ["log.progress=false", *COMMON, "backend=fsdp", "precision=bf16", "max_steps=2"]

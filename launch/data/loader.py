@@ -12,6 +12,7 @@ workers start, so persistent workers see every new epoch (and a restore) on the 
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
@@ -20,12 +21,13 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from launch import dist
 from launch.data.config import DataConfig
-from launch.data.dataset import DatasetInfo, dataset_info, resolve_parts
-from launch.data.shards import ShardIndex, count_samples
+from launch.data.dataset import DatasetInfo, Part, dataset_info, resolve_parts
+from launch.data.remote import ReadPolicy
+from launch.data.shards import ShardIndex, count_samples, plural
 from launch.data.stream import Batch, ShardStream, read_policy
 from launch.data.transforms import PRESETS
-from launch.dist import local_rank
 from launch.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -87,11 +89,13 @@ class ShardLoader:
     def _order_key(self) -> dict[str, Any]:
         """What the epoch's sample order depends on (a position means the same samples iff equal)."""
         s = self._stream
-        key = {"exact": s.exact, "seed": s.seed, "shuffle": s.shuffle, "samples": s.total}
+        key = {"exact": s.exact, "seed": s.seed, "shuffle": s.shuffle, "samples": s.total, "shards": s.identity()}
         if s.exact:
             return {**key, "block": s.cfg.shuffle_buffer}
-        # resampled streams are drawn per (rank, worker): only the same layout replays them
-        return {**key, "world_size": s.world_size, "batch_size": s.batch_size, "workers": self._loader.num_workers}
+        # resampled streams are drawn per (rank, worker): only the same layout replays them; 0 workers
+        # read in the main process exactly as 1 worker does
+        workers = max(self._loader.num_workers, 1)
+        return {**key, "world_size": s.world_size, "batch_size": s.batch_size, "workers": workers}
 
     def _roll_over(self) -> None:
         # a consumer that stops after the epoch's last batch never resumes the generator past its
@@ -165,7 +169,9 @@ def build_loader(
     """The loader of ``split`` for one rank. ``preset`` "eval" reads in exact mode, unshuffled unless
     ``shuffle`` says otherwise; other presets follow ``cfg.mode`` and shuffle. ``drop_last`` (training):
     only full global micro-batches (exact mode; resampled batches are always full). ``cfg.normalize``
-    "device" normalizes on ``device`` (default: this rank's GPU, else the CPU of the main process)."""
+    "device" normalizes on ``device`` (default: this rank's GPU, else the CPU of the main process).
+    With ``world_size`` > 1 every rank must call it alike: shards without a manifest are counted by rank 0
+    and the counts broadcast."""
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}' (allowed: {', '.join(PRESETS)})")
     if batch_size < 1 or img_size < 1 or not 0 <= rank < world_size:
@@ -175,17 +181,8 @@ def build_loader(
         )
     parts = resolve_parts(cfg)
     info = dataset_info(cfg, parts)
-    urls, counts, suffixes = [], [], []
-    for part in parts:
-        part_urls, part_counts = part.shards(split)
-        suffixes += [part.index_suffix] * len(part_urls)
-        if part_counts is None and (cfg.mode == "exact" or preset == "eval" or cfg.epoch_samples is None):
-            log.info(
-                "counting the samples of %d shards of %s (a dataset.json would skip this)", len(part_urls), part.name
-            )
-            part_counts = [count_samples(u, read_policy(cfg)) for u in part_urls]
-        urls += part_urls
-        counts = None if counts is None or part_counts is None else counts + part_counts
+    needs_counts = cfg.mode == "exact" or preset == "eval" or cfg.epoch_samples is None
+    urls, counts, suffixes = _shards(parts, split, read_policy(cfg), needs_counts, rank=rank, world_size=world_size)
     if counts is not None and sum(counts) == 0:
         raise DataError(f"split '{split}' of {info.source} holds no samples")
     info = replace(info, splits={**info.splits, split: sum(counts)} if counts is not None else info.splits)
@@ -208,6 +205,50 @@ def build_loader(
     return ShardLoader(stream, info, cfg.workers, cfg.prefetch, _normalize_device(cfg, device))
 
 
+def _shards(
+    parts: list[Part], split: str, policy: ReadPolicy, needs_counts: bool, *, rank: int, world_size: int
+) -> tuple[list[str], list[int] | None, list[str]]:
+    """``split``'s shard URLs, samples per shard (None when a part has none and they are not needed)
+    and sample-index suffixes, over every part. Shards without a manifest are counted once per job
+    (see ``_count_once``)."""
+    listed = [(part, *part.shards(split)) for part in parts]
+    uncounted = [(part, urls) for part, urls, counts in listed if counts is None] if needs_counts else []
+    for part, urls in uncounted if rank == 0 else []:
+        log.info(
+            "counting the samples of %s of %s (a dataset.json would skip this)", plural(len(urls), "shard"), part.name
+        )
+    counted = iter(_count_once([u for _, urls in uncounted for u in urls], policy, rank=rank, world_size=world_size))
+    urls, counts, suffixes = [], [], []
+    for part, part_urls, part_counts in listed:
+        if part_counts is None and needs_counts:
+            part_counts = list(itertools.islice(counted, len(part_urls)))
+        urls += part_urls
+        suffixes += [part.index_suffix] * len(part_urls)
+        counts = None if counts is None or part_counts is None else counts + part_counts
+    return urls, counts, suffixes
+
+
+def _count_once(urls: list[str], policy: ReadPolicy, *, rank: int, world_size: int) -> list[int]:
+    """Samples in each of ``urls``, counted by rank 0 alone when ``world_size`` ranks build this loader
+    together (a collective then): counting a remote shard downloads it, so counting on every rank
+    would fetch the dataset once per rank before training starts. Rank 0's DataError is raised on
+    every rank, so none waits for counts that never come; without a process group each rank counts."""
+    if world_size == 1 or not urls:
+        return [count_samples(u, policy) for u in urls]
+    counted: list[int] | str | None = None
+    if rank == 0:
+        try:
+            counted = [count_samples(u, policy) for u in urls]
+        except DataError as err:
+            counted = str(err)
+    counted = dist.broadcast_object(counted)
+    if counted is None:  # no process group to share them: broadcast_object handed back our own None
+        return [count_samples(u, policy) for u in urls]
+    if isinstance(counted, str):
+        raise DataError(counted)
+    return counted
+
+
 def normalize_where(cfg: DataConfig) -> str:
     """``cfg.normalize`` resolved: "auto" hands uint8 to the GPU when there is one and workers to
     relieve (a worker then needs ~2.4x less CPU than the PIL pipeline's, and the copy is 4x smaller);
@@ -222,4 +263,4 @@ def _normalize_device(cfg: DataConfig, device: torch.device | str | None) -> tor
         return None
     if device is not None:
         return torch.device(device)
-    return torch.device("cuda", local_rank()) if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device("cuda", dist.local_rank()) if torch.cuda.is_available() else torch.device("cpu")

@@ -26,6 +26,7 @@ import torch
 from torchvision.io import ImageReadMode, decode_image, encode_jpeg
 
 from launch.cli import entry_point
+from launch.data.shards import plural
 from launch.data.sources import BUILTINS, Source, image_folder
 from launch.data.writer import INDEX_SUFFIX, MANIFEST, Item, publish, temp_dir_for, write_manifest, write_split
 from launch.errors import DataError
@@ -174,7 +175,9 @@ def run(argv: list[str]) -> int:
         channels=args.channels,
     )
     info = json.loads(manifest.read_text())
-    sizes = ", ".join(f"{k} {v['num_samples']} in {len(v['shards'])} shards" for k, v in info["splits"].items())
+    sizes = ", ".join(
+        f"{k} {v['num_samples']} in {plural(len(v['shards']), 'shard')}" for k, v in info["splits"].items()
+    )
     print(f"{manifest}: {sizes}; {info['num_classes']} classes, {info['channels']} channels")
     return 0
 

@@ -209,16 +209,25 @@ def _read_remote(
 
 
 def _give_up(url: str, samples: int, err: BaseException, policy: ReadPolicy, retried: int) -> Sample:
-    after = f" after {retried} retries" if retried else ""
+    after = f" after {plural(retried, 'retry', 'retries')}" if retried else ""
     if policy.fail:
         raise DataError(
             f"shard {url} is unreadable at sample {samples}{after}: {_one_line(err)} "
             "(data.on_error=fail; set data.on_error=skip to skip the rest of the shard)"
         )
     log.warning(
-        "shard %s is unreadable after %d samples%s (%s); skipping the rest of it", url, samples, after, _one_line(err)
+        "shard %s is unreadable after %s%s (%s); skipping the rest of it",
+        url,
+        plural(samples, "sample"),
+        after,
+        _one_line(err),
     )
     return {BROKEN: f"{url}: {_one_line(err)}"}
+
+
+def plural(count: int, noun: str, nouns: str | None = None) -> str:
+    """``1 sample``, ``2 samples`` (``nouns``: an irregular plural)."""
+    return f"{count} {noun if count == 1 else nouns or noun + 's'}"
 
 
 def _one_line(err: BaseException) -> str:

@@ -15,7 +15,9 @@ split instead, so every rank still yields the same number of batches.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import itertools
+import json
 import logging
 import math
 from collections.abc import Iterator
@@ -40,7 +42,7 @@ from launch.data.plan import (
     worker_batches,
 )
 from launch.data.remote import ReadPolicy
-from launch.data.shards import BROKEN, Sample, ShardIndex, read_samples
+from launch.data.shards import BROKEN, Sample, ShardIndex, plural, read_samples
 from launch.data.transforms import IMAGE_KEYS, build_transform, decode
 from launch.errors import DataError
 
@@ -102,7 +104,9 @@ class ShardStream(IterableDataset):
         self.shared = torch.zeros(2, dtype=torch.int64).share_memory_()
         self.num_batches = len(self.batch_ends(0))
         if self.num_batches == 0 and not drop_last:  # drop_last: the trainer names the batch that does not fit
-            raise DataError(f"the split has {self.total} samples, fewer than the {world_size} ranks reading it")
+            raise DataError(
+                f"the split has {plural(self.total, 'sample')}, fewer than the {world_size} ranks reading it"
+            )
         self.preset_fns = build_transform(cfg, preset, img_size, info.mean, info.std)  # before fork: imports done once
         self.policy = read_policy(cfg)
         self._spare: Sample | None = None
@@ -115,6 +119,13 @@ class ShardStream(IterableDataset):
             )
         batches = resampled_batches(self.total, world_size=self.world_size, batch_size=self.batch_size)
         return [(b + 1) * self.unit for b in range(start // self.unit, batches)]
+
+    def identity(self) -> str:
+        """A digest of the shards in order, by file name and sample count: replacing or reordering
+        shards changes it, moving them to another folder or host (or re-signing their URLs) does not."""
+        names = [url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] for url in self.urls]
+        listed = json.dumps([names, self.counts]).encode()
+        return hashlib.blake2b(listed, digest_size=8).hexdigest()
 
     def order(self, epoch: int) -> GlobalOrder:
         assert self.counts is not None
@@ -281,7 +292,7 @@ class ShardStream(IterableDataset):
                 self._spare = sample
                 break
             else:
-                raise DataError(f"no readable sample in any of the {len(self.urls)} shards (e.g. {self.urls[0]})")
+                raise DataError(f"no readable sample in {plural(len(self.urls), 'shard')} (e.g. {self.urls[0]})")
         return self._spare
 
 
