@@ -25,7 +25,7 @@ every rank's future has finished: at a :meth:`CheckpointManager.poll` that finds
 done, or before the next save and at the end of the run (``poll(block=True)``).
 
 Modules, one job each: :mod:`.files` (the layout's names, fsync'd writes, reading),
-:mod:`.state` (every rank's RNG and data-loader state), :mod:`.fingerprint` (what a resume
+:mod:`.state` (every rank's RNG and data-loader state, the trainer's file), :mod:`.fingerprint` (what a resume
 must share with its checkpoint), :mod:`.manager` (the save protocol, keep-k, resolving a
 path), :mod:`.weights` (weights-only loading).
 """
@@ -45,7 +45,14 @@ from launch.checkpoint.files import (
 )
 from launch.checkpoint.fingerprint import check_compatible, fingerprint
 from launch.checkpoint.manager import CheckpointManager, checkpoints, latest, resolve
-from launch.checkpoint.state import nonfinite_keys, rank_state, restore_rank_state, rng_state, set_rng_state
+from launch.checkpoint.state import (
+    nonfinite_keys,
+    rank_state,
+    restore_rank_state,
+    rng_state,
+    set_rng_state,
+    write_trainer_state,
+)
 from launch.checkpoint.weights import load_weights
 
 __all__ = [
@@ -72,4 +79,5 @@ __all__ = [
     "save_file",
     "set_rng_state",
     "step_dir_name",
+    "write_trainer_state",
 ]
