@@ -12,12 +12,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from distrun import TORCHRUN
 
 pytestmark = pytest.mark.dist
 TESTS = Path(__file__).parent
@@ -35,7 +35,7 @@ TINY_MAE = [
 
 
 def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    cmd = [*TORCHRUN, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
