@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from finetune.backbone import BackboneSource, BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
 from finetune.cli import StageRun, percent, run_stage
+from finetune.config import ImgSize, NumClasses, Pool
 from finetune.heads import num_classes_of, topk_sums
 from launch import dist
 from launch.card import CardFacts, dataset_id, trainer_recipe, write_card
@@ -63,16 +64,9 @@ def _finetune_trainer() -> TrainerConfig:
 
 
 class FinetuneConfig(Schema):
-    pool: Literal["cls", "avg"] = Field(
-        "avg", description="head input: 'avg' (global pool + fc_norm, paper default) or 'cls'"
-    )
-    num_classes: int | None = Field(None, ge=2, description="must equal the dataset manifest's; None = the manifest's")
-    img_size: int | None = Field(
-        None,
-        ge=1,
-        description="train/eval size, a multiple of the patch size (position embeddings are resampled); "
-        "None = the backbone's. The data is resized to it",
-    )
+    pool: Pool = Field("avg", description="head input: 'avg' (global pool + fc_norm, paper default) or 'cls'")
+    num_classes: NumClasses = None
+    img_size: ImgSize = None
     model_args: dict[str, Any] = Field(
         default_factory=dict, description="architecture overrides for a timm-name backbone"
     )
