@@ -42,6 +42,7 @@ from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, over_de
 from launch.data import DataConfig, dataset_info
 from launch.errors import ConfigError
 from launch.export import export_timm
+from launch.fileio import write_atomic
 from launch.task import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -179,8 +180,9 @@ class BestKeeper:
             export_timm(
                 model, self.dir, mean=self.mean, std=self.std, label_names=self.labels, tag="mae-ft", overwrite=True
             )
-            (self.dir / BEST_FILE).write_text(
-                json.dumps({"top1": top1, "step": step, "weights": which, "eval": metrics})
+            # atomic: a resumed run reads it back (a half-written record would not parse)
+            write_atomic(
+                self.dir / BEST_FILE, json.dumps({"top1": top1, "step": step, "weights": which, "eval": metrics})
             )
             prefix = "ema_" if which == "ema" else ""
             write_card(self.dir, self.card({"steps": step, "top1": top1, "top5": metrics.get(f"{prefix}top5")}))
