@@ -121,6 +121,19 @@ class Trainer:
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.checkpointer = Checkpointer(run_dir, cfg, task)  # before the backend wraps the task: weights_only
+        self._prepare(task)
+        self.step = self.epoch = self.epoch_step = 0
+        self.guard = NonFiniteGuard(cfg.max_bad_steps, last_checkpoint=lambda: self.checkpointer.path)
+        self.meter = self._build_meter()
+        self.eval_metrics: dict[str, float] = {}
+        self.last_loss: float | None = None
+        self.skipped_samples = 0  # all ranks, as of the last log point
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare(self, task: Task) -> None:
+        """The backend wraps ``task`` with one optimizer and schedule per phase."""
+        cfg = self.cfg
         # FSDP shards a copy: the caller's task stays whole and receives the trained weights at the
         # end, as under DDP (the baselines keep using it for pictures, probes, the next stage);
         # DeepSpeed hands the task itself back, whole (Backend.release)
@@ -142,14 +155,6 @@ class Trainer:
         self.phase_params = {
             p: [q for q in self.task.phase_module(p).parameters() if q.requires_grad] for p in self.phases
         }
-        self.step = self.epoch = self.epoch_step = 0
-        self.guard = NonFiniteGuard(cfg.max_bad_steps, last_checkpoint=lambda: self.checkpointer.path)
-        self.meter = self._build_meter()
-        self.eval_metrics: dict[str, float] = {}
-        self.last_loss: float | None = None
-        self.skipped_samples = 0  # all ranks, as of the last log point
-
-    # ------------------------------------------------------------------ setup
 
     def _build_meter(self) -> StepMeter:
         flops = self.task.flops_per_image() if hasattr(self.task, "flops_per_image") else None
@@ -231,16 +236,16 @@ class Trainer:
             if self.backend.skips_on_device(optimizer):  # no host sync: the fused kernel skips
                 self.backend.step(optimizer, found_inf=bad)
                 self.guard.count_on_device(bad)
-                self._accumulate_metrics({"skipped_steps": bad}, prefix="")
+                self.meter.add({"skipped_steps": bad}, prefix="")
             elif self.guard.step_is_finite(bad, self.step + 1):
                 self.backend.step(optimizer)
             else:
                 self.backend.discard_grads(self.model, optimizer)
-                self._accumulate_metrics({"skipped_steps": torch.ones((), device=bad.device)}, prefix="")
+                self.meter.add({"skipped_steps": torch.ones((), device=bad.device)}, prefix="")
             scheduler.step()
             if grad_norm is not None:
                 sums["grad_norm"] = grad_norm.detach().float()
-            self._accumulate_metrics(sums, prefix="" if len(self.phases) == 1 else f"{phase}_")
+            self.meter.add(sums, prefix="" if len(self.phases) == 1 else f"{phase}_")
 
     def _guarded_grads(self, grad_norm: Tensor | None) -> list[Tensor | None]:
         """What the guard checks besides the loss: the clipped norm if there is one, else the
@@ -250,9 +255,6 @@ class Trainer:
         return [grad_norm] if grad_norm is not None else self.backend.local_grads(self.task.parameters())
 
     # ------------------------------------------------------------------ metrics
-
-    def _accumulate_metrics(self, metrics: dict[str, Tensor], prefix: str) -> None:
-        self.meter.add(metrics, prefix)
 
     def _log_train(self) -> None:
         """Interval means over steps and ranks, throughput, lr: the host sync point."""
