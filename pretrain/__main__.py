@@ -29,7 +29,7 @@ from launch.config import load_config
 from launch.data import DataConfig, DatasetInfo, build_loader, dataset_info
 from launch.errors import ConfigError
 from launch.export import export_timm
-from launch.fileio import write_atomic
+from launch.fileio import replacing, write_atomic
 from launch.trainer import FitResult, fit
 from pretrain.card import pretrain_card
 from pretrain.config import DEFAULT_CONFIG, PretrainConfig
@@ -135,7 +135,8 @@ def _save_picture(task: MAETask, data: DataConfig, path: Path, *, seed: int) -> 
     device = next(task.parameters()).device
     task.eval()
     grid = task.pictures({**batch, "image": batch["image"].to(device)})["reconstruction"]
-    save_image(grid.float().cpu(), str(path))
+    with replacing(path) as tmp:  # a reader never sees half a picture
+        save_image(grid.float().cpu(), tmp, format="png")
 
 
 def _summary(result: FitResult, probe: FitResult | None, info: DatasetInfo, images_seen: int) -> dict[str, Any]:
