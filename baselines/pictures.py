@@ -8,6 +8,8 @@ from pathlib import Path
 
 import matplotlib
 
+from launch.fileio import replacing
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
@@ -71,6 +73,7 @@ def save_pictures(pictures: dict[str, Tensor], directory: Path) -> list[Path]:
     paths = []
     for name, picture in pictures.items():
         path = directory / f"{name.replace('/', '_')}.png"
-        save_image(picture, path)
+        with replacing(path) as tmp:  # a reader never sees half a picture
+            save_image(picture, tmp, format="png")
         paths.append(path)
     return paths

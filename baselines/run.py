@@ -30,6 +30,7 @@ from finetune.probe import ProbeTask
 from launch import dist
 from launch.config import save_config
 from launch.data.dataset import DatasetInfo, dataset_info
+from launch.fileio import write_atomic
 from launch.task import Task
 from launch.trainer import fit
 
@@ -63,7 +64,7 @@ def run_one(cfg: BaselineConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.finetune is not None and info.num_classes:
         results["finetune"] = finetune(cfg, task, info, run_dir)
     if dist.is_main():
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _write_results(run_dir, results)
     log.info("%s: %s", cfg.name, json.dumps(results))
     return results
 
@@ -140,7 +141,7 @@ def probe_pixels(cfg: BaselineConfig, run_dir: Path) -> dict[str, Any]:
     }
     if dist.is_main():
         save_config(cfg, run_dir / "config.yaml")
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _write_results(run_dir, results)
     return results
 
 
@@ -195,5 +196,9 @@ def run_sweep(cfg: BaselineConfig) -> dict[str, Any]:
         save_pictures({"recon_vs_latent": curve}, cfg.run_dir / "pictures")
         with SummaryWriter(str(cfg.run_dir / "tensorboard")) as writer:
             writer.add_image("final/recon_vs_latent", curve)
-        (cfg.run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        _write_results(cfg.run_dir, results)
     return results
+
+
+def _write_results(run_dir: Path, results: dict[str, Any]) -> None:
+    write_atomic(run_dir / "results.json", json.dumps(results, indent=2) + "\n")

@@ -26,8 +26,9 @@ from timm.models import get_model_args
 from timm.models.vision_transformer import VisionTransformer
 from torch import Tensor, nn
 
+from launch.checkpoint import load_checked
 from launch.errors import ConfigError, DataError
-from launch.export import load_strict, read_export_config, timm_architecture
+from launch.export import read_export_config, timm_architecture
 from pretrain.export import load_full, load_pretraining_mae
 from pretrain.official import load_official
 
@@ -89,7 +90,7 @@ def build_vit(
         if isinstance(vit.norm, nn.Identity):
             state = {k: v for k, v in state.items() if not k.startswith("norm.")}
         fresh = {k: v for k, v in vit.state_dict().items() if k.startswith(_HEAD_PREFIXES)}
-        load_strict(vit, {**state, **fresh}, what=f"backbone {source.name}")
+        load_checked(vit, {**state, **fresh}, what=f"backbone {source.name}")
     return vit
 
 

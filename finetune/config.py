@@ -10,6 +10,16 @@ from pydantic import Field
 from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, over_defaults
 
 Pool = Literal["cls", "avg"]
+# the settings a probe and a fine-tune share, each described once
+NumClasses = Annotated[int | None, Field(ge=2, description="must equal the dataset manifest's; None = the manifest's")]
+ImgSize = Annotated[
+    int | None,
+    Field(
+        ge=1,
+        description="train/eval size, a multiple of the patch size (position embeddings are resampled); "
+        "None = the backbone's. The data is resized to it",
+    ),
+]
 
 
 def _probe_trainer() -> TrainerConfig:
@@ -30,13 +40,8 @@ class ProbeConfig(Schema):
     pool: Pool = Field(
         "avg", description="features: 'cls' (class token) or 'avg' (mean of patch tokens), after the final norm"
     )
-    num_classes: int | None = Field(None, ge=2, description="must equal the dataset manifest's; None = the manifest's")
-    img_size: int | None = Field(
-        None,
-        ge=1,
-        description="train/eval size, a multiple of the patch size (position embeddings are resampled); "
-        "None = the backbone's. The data is resized to it",
-    )
+    num_classes: NumClasses = None
+    img_size: ImgSize = None
     train_preset: Literal["eval", "pretrain", "finetune"] = Field(
         "eval", description="data augmentation of the probe's training split"
     )

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from finetune.backbone import BackboneSource, BackboneSpec, build_vit, check_fits, resolve_backbone, set_input_size
 from finetune.cli import StageRun, percent, run_stage
+from finetune.config import ImgSize, NumClasses, Pool
 from finetune.heads import num_classes_of, topk_sums
 from launch import dist
 from launch.card import CardFacts, dataset_id, trainer_recipe, write_card
@@ -41,6 +42,7 @@ from launch.config import LogConfig, OptimConfig, Schema, TrainerConfig, over_de
 from launch.data import DataConfig, dataset_info
 from launch.errors import ConfigError
 from launch.export import export_timm
+from launch.fileio import write_atomic
 from launch.task import Batch, Task
 
 log = logging.getLogger(__name__)
@@ -63,16 +65,9 @@ def _finetune_trainer() -> TrainerConfig:
 
 
 class FinetuneConfig(Schema):
-    pool: Literal["cls", "avg"] = Field(
-        "avg", description="head input: 'avg' (global pool + fc_norm, paper default) or 'cls'"
-    )
-    num_classes: int | None = Field(None, ge=2, description="must equal the dataset manifest's; None = the manifest's")
-    img_size: int | None = Field(
-        None,
-        ge=1,
-        description="train/eval size, a multiple of the patch size (position embeddings are resampled); "
-        "None = the backbone's. The data is resized to it",
-    )
+    pool: Pool = Field("avg", description="head input: 'avg' (global pool + fc_norm, paper default) or 'cls'")
+    num_classes: NumClasses = None
+    img_size: ImgSize = None
     model_args: dict[str, Any] = Field(
         default_factory=dict, description="architecture overrides for a timm-name backbone"
     )
@@ -185,8 +180,9 @@ class BestKeeper:
             export_timm(
                 model, self.dir, mean=self.mean, std=self.std, label_names=self.labels, tag="mae-ft", overwrite=True
             )
-            (self.dir / BEST_FILE).write_text(
-                json.dumps({"top1": top1, "step": step, "weights": which, "eval": metrics})
+            # atomic: a resumed run reads it back (a half-written record would not parse)
+            write_atomic(
+                self.dir / BEST_FILE, json.dumps({"top1": top1, "step": step, "weights": which, "eval": metrics})
             )
             prefix = "ema_" if which == "ema" else ""
             write_card(self.dir, self.card({"steps": step, "top1": top1, "top5": metrics.get(f"{prefix}top5")}))

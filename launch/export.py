@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,11 @@ from typing import Any
 import timm
 from timm.models import save_for_hf
 from timm.models.vision_transformer import VisionTransformer
-from torch import Tensor, nn
+from torch import nn
 
+from launch.checkpoint import load_checked
 from launch.errors import CheckpointError
+from launch.fileio import replacing
 
 log = logging.getLogger(__name__)
 
@@ -53,24 +54,8 @@ def timm_encoder(model: nn.Module, *, num_classes: int = 0) -> VisionTransformer
         raise CheckpointError(f"{type(model).__name__} has no encoder to export (expected an MAE or a timm ViT)")
     args = {**model.timm_model_args(), "num_classes": num_classes}
     vit = timm.create_model(timm_architecture(args["embed_dim"]), pretrained=False, **args)
-    load_strict(vit, model.encoder_state_dict(), what="encoder")
+    load_checked(vit, model.encoder_state_dict(), what="encoder")
     return vit.eval()
-
-
-def load_strict(module: nn.Module, state: dict[str, Tensor], *, what: str) -> None:
-    """``load_state_dict(strict=True)`` whose failure is one line naming the first bad keys."""
-    own = module.state_dict()
-    missing = sorted(own.keys() - state.keys())
-    unexpected = sorted(state.keys() - own.keys())
-    shapes = sorted(k for k in own.keys() & state.keys() if own[k].shape != state[k].shape)
-    problems = [
-        f"{label}: {', '.join(keys[:3])}{' ...' if len(keys) > 3 else ''}"
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatch", shapes))
-        if keys
-    ]
-    if problems:
-        raise CheckpointError(f"{what} does not fit {type(module).__name__}: {'; '.join(problems)}")
-    module.load_state_dict(state, strict=True)
 
 
 def export_timm(
@@ -119,16 +104,7 @@ def write_atomically(out: Path, write: Callable[[Path], None], overwrite: bool) 
         raise CheckpointError(
             f"export folder {out} already exists and is not empty; pass --overwrite or choose another --out"
         )
-    tmp = out.with_name(f".tmp-{out.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    try:
+    with replacing(out) as tmp:
         write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
     log.info("exported %s", out)
     return out

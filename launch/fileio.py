@@ -1,9 +1,12 @@
-"""Writes that survive a kill: the one way this project writes a small file (a config, a card,
-a checkpoint's marker and pointer) so that no reader ever sees half of it."""
+"""Writes that survive a kill: the one way this project writes a file or a folder in place (a config,
+a card, a picture, an export, a checkpoint's marker and pointer) so that no reader ever sees half of it."""
 
 from __future__ import annotations
 
 import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 #: prefix of files and directories being written; a checkpoint directory's start removes leftovers
@@ -19,14 +22,42 @@ def write_synced(path: Path, text: str) -> None:
 
 
 def write_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically and durably: a hidden sibling is written and fsync'd,
-    renamed over ``path``, and the directory fsync'd, so a kill leaves the old file or the new one."""
+    """Replace ``path`` with ``text`` atomically and durably (:func:`replacing`)."""
+    with replacing(path) as tmp:
+        write_synced(tmp, text)
+
+
+@contextmanager
+def replacing(path: str | Path) -> Iterator[Path]:
+    """Yields a hidden sibling of ``path`` for the block to write (a file or a folder); after the block
+    it is fsync'd, renamed over ``path`` and the directory fsync'd, so a kill leaves the old ``path`` or
+    the new one. A block that raises leaves ``path`` as it was and no temporary behind."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    write_synced(tmp, text)
+    _remove(tmp)  # a killed earlier attempt's
+    try:
+        yield tmp
+        fsync_tree(tmp)
+    except BaseException:
+        _remove(tmp)
+        raise
+    if path.is_dir():  # a rename replaces a file, or an empty folder only
+        shutil.rmtree(path)
     os.replace(tmp, path)
     fsync_dir(path.parent)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync ``root`` (a file, or a folder and everything below it): files written by other code
+    (DeepSpeed, safetensors, PIL) may still sit in the page cache."""
+    files = [root] if root.is_file() else [p for p in sorted(root.rglob("*")) if p.is_file()]
+    for path in files:
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    if root.is_dir():
+        for path in sorted({p.parent for p in root.rglob("*")} | {root}):
+            fsync_dir(path)
 
 
 def fsync_dir(path: Path) -> None:
@@ -36,3 +67,10 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()

@@ -22,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from launch.config import OptimConfig
 from launch.errors import ConfigError
+from launch.task import Task
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,22 @@ def build_scheduler(optimizer: Optimizer, cfg: OptimConfig, lr: float, *, steps_
         raise ConfigError(f"optim.min_lr={cfg.min_lr} is above the peak lr {lr:.3g}")
     fn = WarmupCosine(warmup_steps(cfg, steps_per_epoch, total), total, cfg.min_lr / lr, cfg.schedule == "cosine")
     return LambdaLR(optimizer, fn)
+
+
+def build_phases(
+    task: Task, cfg: OptimConfig, *, global_batch: int, steps_per_epoch: int, total: int, fused: bool
+) -> tuple[list[Optimizer], list[LambdaLR], list[str]]:
+    """One optimizer and schedule per phase of ``task`` (``cfg`` under the phase's ``phase_optim``
+    overrides, peak lr scaled to ``global_batch``), and the optimizers' names."""
+    optimizers, schedulers, names = [], [], []
+    for phase in task.phases:
+        pcfg = phase_config(cfg, task.phase_optim(phase))
+        lr = peak_lr(pcfg, global_batch)
+        optimizers.append(build_optimizer(task.phase_module(phase), pcfg, lr, fused=fused))
+        schedulers.append(build_scheduler(optimizers[-1], pcfg, lr, steps_per_epoch=steps_per_epoch, total=total))
+        names.append(pcfg.name)
+        log.info("phase %s: %s, peak lr %.3g (global batch %d)", phase, pcfg.name, lr, global_batch)
+    return optimizers, schedulers, names
 
 
 def resume_schedule(scheduler: LambdaLR, step: int) -> None:

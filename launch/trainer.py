@@ -6,18 +6,18 @@ A stage hands :func:`fit` a :class:`~launch.task.Task`; the trainer owns the res
     (all-reduce on the last micro-batch only), non-finite guard, clip, step, schedule
     -> log every N steps -> eval / pictures at epoch ends -> checkpoint -> FitResult
 
-Distribution lives in :mod:`launch.backend`; checkpoint files and preemption in
-:mod:`launch.checkpoint`. The only host syncs are at log intervals, eval, checkpoints,
-and the one scalar of the non-finite guard per optimizer step.
+Distribution lives in :mod:`launch.backend`; the loaders in :mod:`launch.run_data`; when to save
+in :mod:`launch.checkpointer`, how a run resumes in :mod:`launch.resume`, the checkpoint format in
+:mod:`launch.checkpoint`; validation and pictures in :mod:`launch.evaluate`. The only host syncs are
+at log intervals, eval, checkpoints, and the one scalar of the non-finite guard per optimizer step.
 """
 
 from __future__ import annotations
 
 import copy
-import itertools
 import logging
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,33 +29,21 @@ from torch import Tensor
 
 from launch import dist
 from launch.backend import Backend
-from launch.checkpoint import (
-    TRAINER_FILE,
-    CheckpointManager,
-    check_compatible,
-    fingerprint,
-    load_file,
-    load_weights,
-    nonfinite_keys,
-    rank_file,
-    rank_state,
-    read_meta,
-    restore_rank_state,
-    save_file,
-)
+from launch.checkpoint import fingerprint, write_trainer_state
+from launch.checkpointer import Checkpointer
 from launch.config import TrainerConfig, save_config
-from launch.errors import CheckpointError, ConfigError, DataError
+from launch.errors import ConfigError, DataError
+from launch.evaluate import evaluate, pictures
 from launch.flops import peak_flops
 from launch.guard import NonFiniteGuard
 from launch.logger import RunLogger, check_available
 from launch.meter import StepMeter
-from launch.optim import build_optimizer, build_scheduler, peak_lr, phase_config, resume_schedule
-from launch.preemption import EXIT_REQUEUE, Preempted, RunControl
+from launch.optim import build_phases, resume_schedule
+from launch.resume import check_resumable, load_state, recount, restore_rank
+from launch.run_data import LoaderFactory, RunData
 from launch.task import Batch, Task
 
 log = logging.getLogger(__name__)
-
-LoaderFactory = Callable[..., Any]
 
 
 @dataclass
@@ -76,43 +64,19 @@ class FitResult:
     skipped_samples: int = 0  # training samples skipped (corrupt, unreadable, unreachable), all ranks, whole run
 
 
-def fit(
-    task: Task,
-    cfg: TrainerConfig,
-    data: Any,
-    run_dir: Path,
-    *,
-    seed: int,
-    img_size: int,
-    train_preset: str = "pretrain",
-    eval_preset: str = "eval",
-    train_split: str = "train",
-    eval_split: str = "val",
-    loader_factory: LoaderFactory | None = None,
-    config: dict[str, Any] | None = None,
-) -> FitResult:
-    """Train ``task`` on ``data`` (a ``DataConfig``) into ``run_dir``; see :class:`Trainer`.
-
-    ``loader_factory`` defaults to ``launch.data.build_loader``; ``config`` is the full run
-    config, recorded by W&B and in the checkpoint fingerprint.
-    """
-    trainer = Trainer(
-        task,
-        cfg,
-        data,
-        Path(run_dir),
-        seed=seed,
-        img_size=img_size,
-        presets=(train_preset, eval_preset),
-        splits=(train_split, eval_split),
-        loader_factory=loader_factory,
-        config=config,
-    )
-    return trainer.fit()
+def fit(task: Task, cfg: TrainerConfig, data: Any, run_dir: Path, **options: Any) -> FitResult:
+    """Train ``task`` on ``data`` (a ``DataConfig``) into ``run_dir``; ``options`` are :class:`Trainer`'s
+    keywords (``seed`` and ``img_size`` required)."""
+    return Trainer(task, cfg, data, Path(run_dir), **options).fit()
 
 
 class Trainer:
-    """One run: backend, loaders, optimizers and schedules per phase, logger, checkpoints."""
+    """One run: backend, loaders, optimizers and schedules per phase, logger, checkpoints.
+
+    ``loader_factory`` defaults to ``launch.data.build_loader`` (tests pass a synthetic one); the train
+    split is built with the ``train_preset`` transform, shuffled, the eval split with ``eval_preset``.
+    ``config`` is the full run config: saved as ``run_dir/config.yaml``, recorded by W&B and in the
+    checkpoint fingerprint."""
 
     def __init__(
         self,
@@ -123,8 +87,10 @@ class Trainer:
         *,
         seed: int,
         img_size: int,
-        presets: tuple[str, str] = ("pretrain", "eval"),
-        splits: tuple[str, str] = ("train", "val"),
+        train_preset: str = "pretrain",
+        eval_preset: str = "eval",
+        train_split: str = "train",
+        eval_split: str = "val",
         loader_factory: LoaderFactory | None = None,
         config: dict[str, Any] | None = None,
     ) -> None:
@@ -139,21 +105,50 @@ class Trainer:
             task.set_grad_checkpointing(True)
         self.backend = Backend(cfg, multi_phase=len(self.phases) > 1)
         self.rank, self.world = dist.rank(), dist.world_size()
-        self._build_loaders(data, loader_factory, img_size, presets, splits)
-        self.global_batch = cfg.batch_size * cfg.accum_steps * self.world
-        self.steps_per_epoch = len(self.train_loader) // cfg.accum_steps
-        self._check_batch_split(splits[0])
+        self.data = RunData(
+            data,
+            loader_factory,
+            cfg,
+            img_size=img_size,
+            presets=(train_preset, eval_preset),
+            splits=(train_split, eval_split),
+            seed=seed,
+            rank=self.rank,
+            world=self.world,
+        )
+        self.train_loader, self.eval_loader = self.data.train, self.data.eval
+        self.global_batch, self.steps_per_epoch = self.data.global_batch, self.data.steps_per_epoch
         self.total_steps = cfg.max_steps or cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self._init_checkpoints()
-        self._resume_path = self._resolve_resume(task)
+        self.checkpointer = Checkpointer(run_dir, cfg, task)  # before the backend wraps the task: weights_only
+        self._prepare(task)
+        self.step = self.epoch = self.epoch_step = 0
+        self.guard = NonFiniteGuard(cfg.max_bad_steps, last_checkpoint=lambda: self.checkpointer.path)
+        self.meter = self._build_meter()
+        self.eval_metrics: dict[str, float] = {}
+        self.last_loss: float | None = None
+        self.skipped_samples = 0  # all ranks, as of the last log point
+
+    # ------------------------------------------------------------------ setup
+
+    def _prepare(self, task: Task) -> None:
+        """The backend wraps ``task`` with one optimizer and schedule per phase."""
+        cfg = self.cfg
         # FSDP shards a copy: the caller's task stays whole and receives the trained weights at the
         # end, as under DDP (the baselines keep using it for pictures, probes, the next stage);
         # DeepSpeed hands the task itself back, whole (Backend.release)
         self._whole = task if self.backend.fsdp else None
         if self._whole is not None:
             task = copy.deepcopy(task)
-        optimizers, self.schedulers = self._build_optimizers(task)
+        fused = cfg.optim.fused if cfg.optim.fused is not None else self.backend.device.type == "cuda"
+        optimizers, self.schedulers, self.optimizer_names = build_phases(
+            task,
+            cfg.optim,
+            global_batch=self.global_batch,
+            steps_per_epoch=self.steps_per_epoch,
+            total=self.total_steps,
+            fused=fused and not self.backend.deepspeed,
+        )
         # FSDP moves the task to the device one unit at a time as it shards it: never whole
         self.model, self.optimizers = self.backend.prepare(
             task if self.backend.fsdp else task.to(self.backend.device), optimizers
@@ -163,63 +158,6 @@ class Trainer:
         self.phase_params = {
             p: [q for q in self.task.phase_module(p).parameters() if q.requires_grad] for p in self.phases
         }
-        self.step = self.epoch = self.epoch_step = 0
-        self.guard = NonFiniteGuard(cfg.max_bad_steps, last_checkpoint=lambda: self.checkpoint_path)
-        self.meter = self._build_meter()
-        self.eval_metrics: dict[str, float] = {}
-        self.last_loss: float | None = None
-        self.skipped_samples = 0  # all ranks, as of the last log point
-        self.checkpoint_path: Path | None = None
-
-    # ------------------------------------------------------------------ setup
-
-    def _build_loaders(
-        self, data: Any, factory: LoaderFactory | None, img_size: int, presets: tuple[str, str], splits: tuple[str, str]
-    ) -> None:
-        if factory is None:
-            from launch.data import build_loader as factory
-        common = dict(
-            batch_size=self.cfg.batch_size, img_size=img_size, seed=self.seed, rank=self.rank, world_size=self.world
-        )
-        # training always shuffles, whatever the preset (a probe trains on the unshuffled "eval" transform),
-        # and drops each rank's short last batch (Mixup needs even batches; DDP weighs every batch alike)
-        self.train_loader = factory(data, splits[0], preset=presets[0], shuffle=True, drop_last=True, **common)
-        self.max_skipped_fraction: float | None = getattr(data, "max_skipped_fraction", None)
-        planned = len(self.train_loader) * self.cfg.batch_size * self.world  # resampled streams without counts
-        self.epoch_samples = getattr(self.train_loader.info, "splits", {}).get(splits[0]) or planned
-        has_eval = splits[1] in getattr(self.train_loader.info, "splits", {})
-        self.eval_loader = factory(data, splits[1], preset=presets[1], **common) if has_eval else None
-
-    def _check_batch_split(self, split: str) -> None:
-        """One optimizer step must fit in one epoch, on every rank."""
-        cfg, samples = self.cfg, getattr(self.train_loader.info, "splits", {}).get(split)
-        what = (
-            f"trainer.batch_size={cfg.batch_size} x trainer.accum_steps={cfg.accum_steps} x {self.world} ranks "
-            f"= {self.global_batch} images per step"
-        )
-        if samples is not None and self.global_batch > samples:
-            raise ConfigError(
-                f"{what}, more than the {samples} samples of split '{split}': lower the batch size or accum_steps"
-            )
-        if self.steps_per_epoch == 0:
-            raise ConfigError(
-                f"{what}, but each rank gets only {len(self.train_loader)} batches per epoch: lower accum_steps"
-            )
-
-    def _build_optimizers(self, task: Task) -> tuple[list[torch.optim.Optimizer], list[Any]]:
-        optimizers, schedulers, self.optimizer_names = [], [], []
-        fused = self.cfg.optim.fused if self.cfg.optim.fused is not None else self.backend.device.type == "cuda"
-        for phase in self.phases:
-            pcfg = phase_config(self.cfg.optim, task.phase_optim(phase))
-            lr = peak_lr(pcfg, self.global_batch)
-            opt = build_optimizer(task.phase_module(phase), pcfg, lr, fused=fused and not self.backend.deepspeed)
-            optimizers.append(opt)
-            self.optimizer_names.append(pcfg.name)
-            schedulers.append(
-                build_scheduler(opt, pcfg, lr, steps_per_epoch=self.steps_per_epoch, total=self.total_steps)
-            )
-            log.info("phase %s: %s, peak lr %.3g (global batch %d)", phase, pcfg.name, lr, self.global_batch)
-        return optimizers, schedulers
 
     def _build_meter(self) -> StepMeter:
         flops = self.task.flops_per_image() if hasattr(self.task, "flops_per_image") else None
@@ -236,8 +174,8 @@ class Trainer:
 
     def fit(self) -> FitResult:
         set_seed(self.seed + 1000 * self.rank)  # distinct per rank (masks, noise); a resume restores its RNG
-        with self.control:  # SIGTERM / SIGUSR1 mean "save and stop" until the run is over, however it ends
-            self._maybe_resume()
+        with self.checkpointer.control:  # SIGTERM / SIGUSR1 mean "save and stop" until the run is over, however it ends
+            self._resume()
             if dist.is_main() and self.config:  # after every check that can fail on bad input
                 save_config(self.config, self.run_dir / "config.yaml")
             self.logger = RunLogger(
@@ -301,16 +239,16 @@ class Trainer:
             if self.backend.skips_on_device(optimizer):  # no host sync: the fused kernel skips
                 self.backend.step(optimizer, found_inf=bad)
                 self.guard.count_on_device(bad)
-                self._accumulate_metrics({"skipped_steps": bad}, prefix="")
+                self.meter.add({"skipped_steps": bad}, prefix="")
             elif self.guard.step_is_finite(bad, self.step + 1):
                 self.backend.step(optimizer)
             else:
                 self.backend.discard_grads(self.model, optimizer)
-                self._accumulate_metrics({"skipped_steps": torch.ones((), device=bad.device)}, prefix="")
+                self.meter.add({"skipped_steps": torch.ones((), device=bad.device)}, prefix="")
             scheduler.step()
             if grad_norm is not None:
                 sums["grad_norm"] = grad_norm.detach().float()
-            self._accumulate_metrics(sums, prefix="" if len(self.phases) == 1 else f"{phase}_")
+            self.meter.add(sums, prefix="" if len(self.phases) == 1 else f"{phase}_")
 
     def _guarded_grads(self, grad_norm: Tensor | None) -> list[Tensor | None]:
         """What the guard checks besides the loss: the clipped norm if there is one, else the
@@ -321,9 +259,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ metrics
 
-    def _accumulate_metrics(self, metrics: dict[str, Tensor], prefix: str) -> None:
-        self.meter.add(metrics, prefix)
-
     def _log_train(self) -> None:
         """Interval means over steps and ranks, throughput, lr: the host sync point."""
         self.guard.check(self.step)
@@ -332,20 +267,8 @@ class Trainer:
         self.last_loss = metrics.get("loss", next(iter(metrics.values())))
         self.skipped_samples = metrics["skipped_samples"] = int(metrics["skipped_samples"])
         self.logger.scalars(self.step, {k: v for k, v in metrics.items() if v is not None})
-        self._check_skipped()
-
-    def _check_skipped(self) -> None:
-        """Stop when more than ``data.max_skipped_fraction`` of an epoch's samples per epoch begun was
-        lost; the count is summed over ranks, so every rank stops here together."""
-        fraction = self.max_skipped_fraction
-        if fraction is None or self.skipped_samples <= fraction * self.epoch_samples * (self.epoch + 1):
-            return
-        last = self.train_loader.last_skip() or "on another rank (see its warnings)"
-        raise DataError(
-            f"data.max_skipped_fraction={fraction}: {self.skipped_samples} training samples skipped "
-            f"by step {self.step} (more than {fraction:.1%} of {self.epoch_samples} per epoch, "
-            f"{self.epoch + 1} epoch(s) begun); last: {last}. Fix the shards, or raise "
-            f"data.max_skipped_fraction; {self.checkpoint_path or 'no checkpoint yet'} is intact"
+        self.data.check_skipped(
+            self.skipped_samples, step=self.step, epoch=self.epoch, checkpoint=self.checkpointer.path
         )
 
     # ------------------------------------------------------------------ epoch ends
@@ -366,57 +289,31 @@ class Trainer:
             self.evaluate()
             if self.cfg.log.images_every_epochs:
                 self._log_pictures()
-        if self.checkpoint_path is None or not self.checkpoint_path.name.endswith(f"{self.step:08d}"):
+        if self.checkpointer.path is None or not self.checkpointer.path.name.endswith(f"{self.step:08d}"):
             self._save_checkpoint(reason="final")
 
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean of the task's ``eval_step`` sums over the whole eval split (all ranks).
-
-        Runs under a forked RNG with a fixed seed: the same masks every time, and the
-        training RNG stream is untouched (a resumed run stays bit-identical)."""
-        self.model.eval()
-        sums: dict[str, Tensor] = {}
-        # ZeRO-3 / FSDP: eval_step and on_eval_end (e.g. a best-weights export) read weights outside the forward
-        with (
-            self.backend.outside_forward(self.model),
-            torch.random.fork_rng(devices=self._rng_devices()),
-            self.backend.autocast(),
-        ):
-            torch.manual_seed(self.seed + self.rank)
-            self.eval_loader.restart(0)
-            for batch in itertools.islice(self.eval_loader, self.cfg.eval_batches):
-                for name, value in self.task.eval_step(self.backend.to_device(batch)).items():
-                    sums[name] = sums.get(name, 0.0) + value.float()
-        self.model.train()
-        totals = {k: v.item() for k, v in self.backend.all_reduce(sums).items()}
-        count = totals.pop("count", 0.0) or 1.0
-        self.eval_metrics = {k: v / count for k, v in totals.items()}
+        """Mean of the task's ``eval_step`` sums over the eval split (all ranks), logged and handed to
+        ``task.on_eval_end``; the same masks every time (:mod:`launch.evaluate`)."""
+        self.eval_metrics = evaluate(
+            self.model,
+            self.task,
+            self.backend,
+            self.eval_loader,
+            batches=self.cfg.eval_batches,
+            seed=self.seed + self.rank,
+        )
         self.logger.scalars(self.step, self.eval_metrics, prefix="eval")
-        with self.backend.outside_forward(self.model):
+        with self.backend.outside_forward(self.model):  # e.g. a best-weights export reads the whole model
             self.task.on_eval_end(dict(self.eval_metrics), self.step)
         self.eval_metrics["step"] = self.step
         return self.eval_metrics
 
-    @torch.no_grad()
     def _log_pictures(self) -> None:
-        loader = self.eval_loader or self.train_loader
-        if loader is self.train_loader:
-            return  # iterating the train loader here would move its resumable position
-        self.model.eval()
-        with (
-            self.backend.outside_forward(self.model),
-            torch.random.fork_rng(devices=self._rng_devices()),
-            self.backend.autocast(),
-        ):
-            torch.manual_seed(self.seed)
-            loader.restart(0)
-            pictures = self.task.pictures(self.backend.to_device(next(iter(loader))))
-        self.model.train()
-        self.logger.images(self.step, pictures)
-
-    def _rng_devices(self) -> list[int]:
-        return [self.backend.device.index or 0] if self.backend.device.type == "cuda" else []
+        if not self.eval_loader:  # never the train loader: iterating it here would move its resumable position
+            return
+        grids = pictures(self.model, self.task, self.backend, self.eval_loader, seed=self.seed)
+        self.logger.images(self.step, grids)
 
     def _result(self) -> FitResult:
         speed = self.meter.summary()
@@ -433,7 +330,7 @@ class Trainer:
             images_per_s=speed["images_per_s"],
             flops_per_s=speed["flops_per_s"],
             mfu=speed["mfu"],
-            checkpoint=self.checkpoint_path,
+            checkpoint=self.checkpointer.path,
             run_dir=self.run_dir,
             task=task,
             skipped_samples=self.skipped_samples,
@@ -479,37 +376,11 @@ class Trainer:
         if "scaler" in state and self.backend.scaler is not None:
             self.backend.scaler.load_state_dict(state["scaler"])
 
-    def _continue_with_global_batch(self, old: int) -> None:
-        """Resume at the checkpoint's sample with another global batch: the step counter, epoch step and
-        schedule position are re-counted in steps of the new batch, and the lr follows its scaling rule."""
-        self.epoch_step = max(self.steps_per_epoch - self.train_loader.batches_left() // self.cfg.accum_steps, 0)
-        step, self.step = self.step, self.epoch * self.steps_per_epoch + self.epoch_step
-        for sched in self.schedulers:
-            resume_schedule(sched, self.step)
-        log.warning(
-            "global batch %d -> %d images per step since the checkpoint: continuing epoch %d at the same "
-            "sample, as step %d of %d (was step %d), lr for the new batch",
-            old,
-            self.global_batch,
-            self.epoch,
-            self.step,
-            self.total_steps,
-            step,
-        )
-
     # ------------------------------------------------------------------ checkpoints
-
-    def _init_checkpoints(self) -> None:
-        ckpt = self.cfg.checkpoint
-        self.checkpoints = CheckpointManager(self.run_dir / "checkpoints", keep=ckpt.keep)
-        # stop requests and the wall clock are agreed at log steps, where the trainer syncs anyway
-        self.control = RunControl(
-            every_steps=ckpt.every_steps, every_minutes=ckpt.every_minutes, check_every=self.cfg.log.every_steps
-        )
 
     def _fingerprint(self) -> dict[str, Any]:
         """What a resume must share; not the world size nor the batch: the data position is global (in
-        samples) and DDP's state whole; another global batch is re-counted (``_continue_with_global_batch``)."""
+        samples) and DDP's state whole; another global batch is re-counted (``launch.resume.recount``)."""
         settings = {
             "model": self.config.get("model", {}),
             "phases": list(self.phases),
@@ -522,18 +393,13 @@ class Trainer:
         """Step / wall-clock / preemption saves, decided by all ranks together; after a
         SIGTERM or SIGUSR1 every rank saves after the same step and raises :class:`Preempted`
         (exit status 75: requeue). The end of the run saves in ``_finish``."""
-        decision = self.control.poll(self.step)
-        if self.step % self.cfg.log.every_steps == 0:  # an asynchronous save is published once on disk
-            self.checkpoint_path = self.checkpoints.poll() or self.checkpoint_path
+        decision = self.checkpointer.decide(self.step)
         if self.step >= self.total_steps:
             return
         if decision.save:
             self._save_checkpoint(reason="preempted" if decision.stop else "periodic")
         if decision.stop:
-            raise Preempted(
-                f"stopped by {self.control.received} after step {self.step}, saved {self.checkpoint_path}; "
-                f"the same command continues it (trainer.checkpoint.resume=auto); exit status {EXIT_REQUEUE} = requeue"
-            )
+            raise self.checkpointer.preempted(self.step)
 
     def _save_checkpoint(self, reason: str) -> None:
         """Every rank writes its part into the checkpoint manager's temporary directory."""
@@ -542,82 +408,47 @@ class Trainer:
             if self.backend.deepspeed:
                 self.backend.save_engine(tmp)
             shards = self.backend.save_sharded(tmp, self.model, self.optimizers) if self.backend.fsdp else None
-            state = self.state_dict()  # every rank: collective under ZeRO-3
-            if self.rank == 0:
-                bad = nonfinite_keys(state)  # skipped steps keep weights finite; never save otherwise
-                if bad:
-                    raise ValueError(f"refusing to save NaN/inf in {bad[0]} ({len(bad)} tensors)")
-                save_file(state, tmp / TRAINER_FILE)
-            save_file(rank_state(self.train_loader.state_dict()), rank_file(tmp, self.rank))
+            # state_dict on every rank: collective under ZeRO-3
+            write_trainer_state(tmp, self.state_dict(), self.train_loader.state_dict(), self.rank)
             return shards
 
         meta = {"epoch": self.epoch, "reason": reason, "fingerprint": self._fingerprint()}
-        self.checkpoint_path = self.checkpoints.poll(block=True) or self.checkpoint_path  # an earlier async save first
-        self.checkpoint_path = self.checkpoints.save(self.step, write, meta) or self.checkpoint_path
-        if reason != "periodic":  # the run ends here: the shards must be on disk and the checkpoint complete
-            self.checkpoint_path = self.checkpoints.poll(block=True) or self.checkpoint_path
-        self.control.saved()
+        self.checkpointer.save(self.step, write, meta, last=reason != "periodic")
 
-    def _resolve_resume(self, task: Task) -> Path | None:
-        """The checkpoint ``checkpoint.resume`` names, or None: then ``checkpoint.weights_only``
-        is loaded into ``task`` here, before the backend wraps it (DeepSpeed copies its fp32
-        masters from the module at initialization, and ZeRO-3 partitions the module)."""
-        self.checkpoints.prepare()
-        path = self.checkpoints.resolve_agreed(self.cfg.checkpoint.resume)
-        if (
-            path is None and self.cfg.checkpoint.weights_only
-        ):  # only when starting fresh: a requeued run resumes instead
-            load_weights(task, self.cfg.checkpoint.weights_only)
-        return path
-
-    def _check_resumable(self, path: Path) -> int:
-        """One-line CheckpointError for what cannot be resumed; returns the checkpoint's world size."""
-        meta = read_meta(path)
-        saved_world = int(meta.get("world_size", self.world))
-        saved, current = dict(meta.get("fingerprint", {})), self._fingerprint()
-        if "optimizers" not in saved:  # written before elastic resume: it recorded the world size (and batch), not
-            saved.pop("world_size", None)  # the optimizers
-            saved.pop("trainer", None)
-            current.pop("optimizers")
-        check_compatible(path, saved, current)
-        # ZeRO's files hold each rank's partition of the optimizer state; FSDP's DCP checkpoint is keyed by
-        # global tensor and reshards on load (launch/fsdp.load), so only DeepSpeed needs its world size
-        if self.backend.deepspeed and saved_world != self.world:
-            raise CheckpointError(
-                f"cannot resume the {self.cfg.backend} checkpoint {path} of {saved_world} processes "
-                f"on {self.world}: relaunch with {saved_world} processes"
-            )
-        return saved_world
-
-    def _maybe_resume(self) -> None:
+    def _resume(self) -> None:
         """``checkpoint.resume``: continue from a complete checkpoint (model, optimizers, schedules,
         scaler, step, loader position; this rank's RNG on the same world size) or start fresh."""
-        path = self._resume_path
+        path = self.checkpointer.start
         if path is None:
             return
-        saved_world = self._check_resumable(path)
-        if self.backend.deepspeed:
-            self.backend.load_engine(path)
-        if self.backend.fsdp:
-            self.backend.load_sharded(path, self.model, self.optimizers)
-        state = load_file(path / TRAINER_FILE)
-        if "model" not in state and not (self.backend.deepspeed or self.backend.fsdp):
-            raise CheckpointError(
-                f"{path} holds sharded model state (trainer.backend=deepspeed or fsdp) but this run has "
-                f"trainer.backend={self.cfg.backend}: resume with the backend that wrote it"
-            )
+        saved_world = check_resumable(path, self._fingerprint(), self.backend, self.world)
+        state = load_state(path, self.backend, self.model, self.optimizers)
         self.load_state_dict(state)
-        # another world size: the ranks' RNG streams do not map onto the new ranks (the ones that matter,
-        # augmentation and masks, follow the samples); the loader position is global, rank 0's serves all
-        same_world = saved_world == self.world
-        self.train_loader.load_state_dict(restore_rank_state(path, self.rank if same_world else 0, rng=same_world))
-        if not same_world:
-            set_seed((self.seed + 1000 * self.rank + 7919 * self.step) % 2**32)
+        restore_rank(
+            self.train_loader,
+            path,
+            rank=self.rank,
+            world=self.world,
+            saved_world=saved_world,
+            seed=self.seed,
+            step=self.step,
+        )
         if self.epoch_step == 0:  # saved at an epoch's end, the loader may still be in the epoch before (the
             self.train_loader.set_epoch(self.epoch)  # steps leave its last len % accum_steps batches unread)
-        if state.get("global_batch", self.global_batch) != self.global_batch:
-            self._continue_with_global_batch(state["global_batch"])
+        saved_batch = state.get("global_batch", self.global_batch)
+        if saved_batch != self.global_batch:  # the same sample, counted in steps of the new batch, its lr
+            self.step, self.epoch_step = recount(
+                step=self.step,
+                epoch=self.epoch,
+                batches_left=self.train_loader.batches_left(),
+                steps_per_epoch=self.steps_per_epoch,
+                total_steps=self.total_steps,
+                accum_steps=self.cfg.accum_steps,
+                batches=(saved_batch, self.global_batch),
+            )
+            for sched in self.schedulers:
+                resume_schedule(sched, self.step)
         if self.epoch_step >= self.steps_per_epoch:  # this layout has no full step left in the epoch
             self.epoch, self.epoch_step = self.epoch + 1, 0
-        self.checkpoint_path = path
+        self.checkpointer.path = path
         log.info("resumed from %s at step %d (epoch %d)", path, self.step, self.epoch)

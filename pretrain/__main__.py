@@ -29,6 +29,7 @@ from launch.config import load_config
 from launch.data import DataConfig, DatasetInfo, build_loader, dataset_info
 from launch.errors import ConfigError
 from launch.export import export_timm
+from launch.fileio import replacing, write_atomic
 from launch.trainer import FitResult, fit
 from pretrain.card import pretrain_card
 from pretrain.config import DEFAULT_CONFIG, PretrainConfig
@@ -92,7 +93,7 @@ def pretrain(cfg: PretrainConfig) -> dict[str, Any]:
         )
     summary = _summary(result, probe, info, images_seen)
     if dist.is_main():
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         if cfg.export and probe is not None:
             _write_card(cfg, summary)  # now with the probe's top-1
     return summary
@@ -134,7 +135,8 @@ def _save_picture(task: MAETask, data: DataConfig, path: Path, *, seed: int) -> 
     device = next(task.parameters()).device
     task.eval()
     grid = task.pictures({**batch, "image": batch["image"].to(device)})["reconstruction"]
-    save_image(grid.float().cpu(), str(path))
+    with replacing(path) as tmp:  # a reader never sees half a picture
+        save_image(grid.float().cpu(), tmp, format="png")
 
 
 def _summary(result: FitResult, probe: FitResult | None, info: DatasetInfo, images_seen: int) -> dict[str, Any]:

@@ -34,13 +34,12 @@ import safetensors.torch
 from torch import Tensor, nn
 
 from launch.card import write_card
-from launch.checkpoint import TRAINER_FILE, load_file, resolve
+from launch.checkpoint import TRAINER_FILE, checkpoint_model, load_checked, load_file, resolve
 from launch.cli import entry_point
 from launch.config import load_config
 from launch.data import dataset_info
 from launch.errors import CheckpointError
-from launch.export import export_timm, load_strict, read_export_config, write_atomically
-from launch.fsdp import SHARDED_DIR, read_model
+from launch.export import export_timm, read_export_config, write_atomically
 from pretrain.card import checkpoint_card
 from pretrain.config import PretrainConfig
 from pretrain.model import MaskedAutoencoderViT
@@ -92,7 +91,7 @@ def load_full(path: str | Path) -> tuple[MaskedAutoencoderViT, dict[str, Any]]:
             f"{path} holds a '{config.get('architecture')}' export, not a full MAE; use its full/ folder"
         )
     model = MaskedAutoencoderViT(**config["model_args"])
-    load_strict(model, safetensors.torch.load_file(str(path / "model.safetensors")), what=f"{path}/model.safetensors")
+    load_checked(model, safetensors.torch.load_file(str(path / "model.safetensors")), what=f"{path}/model.safetensors")
     return model.eval(), config
 
 
@@ -110,7 +109,7 @@ def load_pretraining_mae(path: str | Path) -> tuple[nn.Module, dict[str, Any]]:
     state = _task_state(ckpt, like=task.state_dict())
     if not any(k.startswith("model.") for k in state):
         raise CheckpointError(f"{ckpt} holds no MAE encoder (no 'model.*' weights): not a pretraining checkpoint")
-    load_strict(task, state, what=f"checkpoint {ckpt}")
+    load_checked(task, state, what=f"checkpoint {ckpt}")
     meta = {"config": cfg, "checkpoint": ckpt, "mean": cfg.data.mean, "std": cfg.data.std}
     return task.model.eval(), meta
 
@@ -134,11 +133,9 @@ def _resolve_checkpoint(path: Path) -> Path:
 def _task_state(ckpt: Path, like: dict[str, Tensor]) -> dict[str, Tensor]:
     """The task's weights: the trainer's file, FSDP's shards (read in this one process, whatever
     world size wrote them; ``like`` names the tensors) or DeepSpeed's engine files consolidated to fp32."""
-    state = load_file(ckpt / TRAINER_FILE)
-    if "model" in state:
-        return state["model"]
-    if (ckpt / SHARDED_DIR).is_dir():
-        return read_model(ckpt / SHARDED_DIR, like)
+    state = checkpoint_model(ckpt, like)
+    if state is not None:
+        return state
     if not (ckpt / "engine").is_dir():
         raise CheckpointError(
             f"{ckpt} holds no model weights (neither 'model' in {TRAINER_FILE}, FSDP shards nor a DeepSpeed engine)"
@@ -146,7 +143,8 @@ def _task_state(ckpt: Path, like: dict[str, Tensor]) -> dict[str, Tensor]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     # below ZeRO stage 2 DeepSpeed's consolidation omits frozen parameters (pos_embed): the trainer saves them
-    return {**state.get("frozen", {}), **get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")}
+    frozen = load_file(ckpt / TRAINER_FILE).get("frozen", {})
+    return {**frozen, **get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="engine")}
 
 
 def _normalization(meta: dict[str, Any], args: argparse.Namespace) -> tuple[tuple[float, ...], tuple[float, ...]]:

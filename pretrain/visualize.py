@@ -23,6 +23,7 @@ from launch.cli import entry_point
 from launch.config import describe_error, load_config, merge, parse_overrides, read_yaml
 from launch.data import DataConfig, build_loader, dataset_info
 from launch.errors import CheckpointError, ConfigError
+from launch.fileio import replacing
 from pretrain.config import PretrainConfig
 from pretrain.export import load_full
 from pretrain.masking import num_visible
@@ -151,10 +152,8 @@ def run(argv: list[str]) -> int:
     grid = reconstruction_grid(
         model, imgs, mask_ratio, norm_pix, mean=data.mean or info.mean, std=data.std or info.std, noise=noise
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_name(args.out.name + ".tmp")
-    save_image(grid, tmp, format="png")
-    tmp.replace(args.out)  # an interrupted run never leaves a half-written picture
+    with replacing(args.out) as tmp:  # an interrupted run never leaves a half-written picture
+        save_image(grid, tmp, format="png")
     print(f"wrote {args.out} ({imgs.shape[0]} images, mask ratio {mask_ratio}, norm_pix_loss {norm_pix})")
     return 0
 

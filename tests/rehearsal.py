@@ -36,6 +36,8 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
+from distrun import TORCHRUN
+
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
 TIMEOUT = 900  # seconds per command; a hung collective fails the cell instead of the whole run
@@ -227,7 +229,7 @@ def launch(
     cell: Cell, module: str, args: list[str], workdir: Path, deepspeed_json: Path | None
 ) -> tuple[list[str], dict[str, str]]:
     """The command (and extra environment) starting ``python -m module args`` with the cell's launcher."""
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    torchrun = [*TORCHRUN]
     if cell.launcher == "torchrun":
         return [*torchrun, "-m", module, *args], {}
     if cell.launcher == "poison":

@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from distrun import TORCHRUN
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -58,12 +58,7 @@ def launched(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         str(driver),
         json.dumps(RUNS),
         *common,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from distrun import TORCHRUN
 
 from launch import preemption
 from launch.guard import nonfinite_flag
@@ -123,12 +124,7 @@ def test_two_ranks_agree_on_stop_skip_and_failed_save(tmp_path: Path):
     script.write_text(_TWO_RANKS)
     proc = subprocess.run(
         [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node",
-            "2",
+            *TORCHRUN,
             str(script),
             str(tmp_path / "ck"),
         ],

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distrun import TORCHRUN
 
 from launch.checkpoint import TRAINER_FILE, CheckpointManager, save_file
 from launch.errors import CheckpointError
@@ -76,12 +76,7 @@ def test_a_directory_rank_1_does_not_see_is_refused(tmp_path: Path) -> None:
 def test_node_local_run_dirs_stop_both_ranks_before_training(tmp_path: Path) -> None:
     run_dir = tmp_path / "rank{rank}"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         str(SCRIPT),
         str(run_dir),
         "max_steps=2",

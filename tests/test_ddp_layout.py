@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from distrun import TORCHRUN
 from PIL import Image
 
 from finetune.backbone import build_vit, resolve_backbone
@@ -62,12 +63,7 @@ def test_two_process_pretraining_copies_no_gradient(tmp_path: Path) -> None:
         capture_output=True,
     )
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         "-m",
         "pretrain",
         f"data.source={tmp_path / 'shards'}",

@@ -12,12 +12,12 @@ import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import timm
 import torch
+from distrun import TORCHRUN
 
 pytestmark = pytest.mark.dist
 TESTS = Path(__file__).parent
@@ -35,11 +35,28 @@ TINY_MAE = [
 
 
 def torchrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    cmd = [*TORCHRUN, *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env, cwd=ROOT, check=False)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
+
+
+def bf16_pretraining(run_dir: Path, digits: Path, stage: int) -> list[str]:
+    """``-m pretrain`` of the tiny MAE on the digits under DeepSpeed ZeRO ``stage`` in bf16."""
+    return [
+        "-m",
+        "pretrain",
+        f"run_dir={run_dir}",
+        f"data.root={digits}",
+        "data.source=digits",
+        "data.workers=0",
+        "data.hflip=0",
+        *TINY_MAE,
+        "trainer.backend=deepspeed",
+        f"trainer.zero_stage={stage}",
+        "trainer.precision=bf16",
+    ]
 
 
 def ds_json(tmp_path: Path, stage: int) -> Path:
@@ -91,18 +108,8 @@ def test_bf16_pretraining_evaluates_pictures_exports_and_probes(tmp_path, digits
 
     run_dir = tmp_path / "run"
     torchrun(
-        "-m",
-        "pretrain",
-        f"run_dir={run_dir}",
-        f"data.root={digits}",
-        "data.source=digits",
-        "data.workers=0",
-        "data.hflip=0",
-        *TINY_MAE,
-        "trainer.backend=deepspeed",
-        f"trainer.zero_stage={stage}",
+        *bf16_pretraining(run_dir, digits, stage),
         f"trainer.deepspeed_config={ds_json(tmp_path, stage)}",
-        "trainer.precision=bf16",
         "trainer.max_steps=4",
         "trainer.batch_size=64",
         "trainer.eval_batches=1",
@@ -177,17 +184,7 @@ def test_accelerate_launch_with_the_shipped_zero_files_runs_through_the_probe(tm
     run_dir = tmp_path / "run"
     env = accelerate_env(ROOT / "launch" / "accelerate" / f"zero{stage}.yaml")
     torchrun(
-        "-m",
-        "pretrain",
-        f"run_dir={run_dir}",
-        f"data.root={digits}",
-        "data.source=digits",
-        "data.workers=0",
-        "data.hflip=0",
-        *TINY_MAE,
-        "trainer.backend=deepspeed",
-        f"trainer.zero_stage={stage}",
-        "trainer.precision=bf16",
+        *bf16_pretraining(run_dir, digits, stage),
         "trainer.max_steps=2",
         "trainer.batch_size=64",
         "trainer.eval_batches=1",

@@ -86,3 +86,15 @@ def test_existing_folder_is_not_clobbered(mae, tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="3/3 values but the model takes 1 channels"):
         export_timm(mae, tmp_path / "bad", mean=(0.5, 0.5, 0.5), std=(0.2, 0.2, 0.2))
     assert not (tmp_path / "bad").exists()
+
+
+def test_a_full_export_of_another_shape_names_the_file_the_key_and_both_shapes(mae, tmp_path: Path) -> None:
+    out = export_full(mae, tmp_path / "mae", mean=MEAN, std=STD)
+    state = safetensors.torch.load_file(str(out / "model.safetensors"))
+    state["decoder_pred.bias"] = state["decoder_pred.bias"][:-1]
+    safetensors.torch.save_file(state, str(out / "model.safetensors"))
+    with pytest.raises(CheckpointError) as err:
+        load_full(out)
+    (line,) = str(err.value).splitlines()
+    assert line.startswith(f"{out}/model.safetensors does not fit MaskedAutoencoderViT: decoder_pred.bias has shape")
+    assert "there, [16] in this model (1 mismatched tensors)" in line

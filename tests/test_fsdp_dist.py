@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import timm
 import torch
+from distrun import TORCHRUN
 from test_trainer_dist import COMMON, assert_same_weights, torchrun
 from trainer_tiny import run
 
@@ -74,12 +74,7 @@ TINY_MAE = [
 def test_sharded_pretraining_checkpoint_exports_to_timm_from_one_process(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         "-m",
         "pretrain",
         f"run_dir={run_dir}",

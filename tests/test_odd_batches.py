@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distrun import TORCHRUN
 
 from finetune.backbone import build_vit, resolve_backbone
 from finetune.finetune import FinetuneConfig, FinetuneTask, build_mixup, run_finetune
@@ -95,12 +95,7 @@ def test_two_ranks_finetune_the_default_recipe_to_the_end_of_the_epoch(digits: P
     rank 0 waiting in the all-reduce. Now 11 full batches on each rank."""
     backbone = "{img_size: 28, in_chans: 1, patch_size: 7, depth: 1, embed_dim: 32, num_heads: 2}"
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         "-m",
         "finetune.finetune",
         "backbone=vit_tiny_patch16_224",

@@ -10,10 +10,10 @@ The default suite runs the rule below and one fast cell per backend (``smoke-ddp
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
+from distrun import TORCHRUN
 from rehearsal import (
     BASELINE_COMMON,
     BASELINES,
@@ -92,12 +92,7 @@ def test_every_baseline_recipe(mnist: Path, tmp_path: Path) -> None:
     script = tmp_path / "baselines_driver.py"
     script.write_text(BASELINES_DRIVER)
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         str(script),
         json.dumps(runs),
     ]

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from distrun import TORCHRUN
 from trainer_tiny import run
 
 pytestmark = pytest.mark.dist
@@ -24,12 +24,7 @@ COMMON = ["epochs=2", "optim.warmup_steps=2", "optim.clip_grad=1.0", "log.every_
 
 def torchrun(run_dir: Path, *overrides: str) -> dict:
     cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
+        *TORCHRUN,
         str(SCRIPT),
         str(run_dir),
         *overrides,

@@ -25,9 +25,9 @@ every rank's future has finished: at a :meth:`CheckpointManager.poll` that finds
 done, or before the next save and at the end of the run (``poll(block=True)``).
 
 Modules, one job each: :mod:`.files` (the layout's names, fsync'd writes, reading),
-:mod:`.state` (every rank's RNG and data-loader state), :mod:`.fingerprint` (what a resume
+:mod:`.state` (every rank's RNG and data-loader state, the trainer's file), :mod:`.fingerprint` (what a resume
 must share with its checkpoint), :mod:`.manager` (the save protocol, keep-k, resolving a
-path), :mod:`.weights` (weights-only loading).
+path), :mod:`.weights` (weights-only loading; the one checked ``load_state_dict``).
 """
 
 from launch.checkpoint.files import (
@@ -45,8 +45,15 @@ from launch.checkpoint.files import (
 )
 from launch.checkpoint.fingerprint import check_compatible, fingerprint
 from launch.checkpoint.manager import CheckpointManager, checkpoints, latest, resolve
-from launch.checkpoint.state import nonfinite_keys, rank_state, restore_rank_state, rng_state, set_rng_state
-from launch.checkpoint.weights import load_weights
+from launch.checkpoint.state import (
+    nonfinite_keys,
+    rank_state,
+    restore_rank_state,
+    rng_state,
+    set_rng_state,
+    write_trainer_state,
+)
+from launch.checkpoint.weights import checkpoint_model, load_checked, load_weights
 
 __all__ = [
     "COMPLETE",
@@ -56,10 +63,12 @@ __all__ = [
     "TRAINER_FILE",
     "CheckpointManager",
     "check_compatible",
+    "checkpoint_model",
     "checkpoints",
     "fingerprint",
     "is_complete",
     "latest",
+    "load_checked",
     "load_file",
     "load_weights",
     "nonfinite_keys",
@@ -72,4 +81,5 @@ __all__ = [
     "save_file",
     "set_rng_state",
     "step_dir_name",
+    "write_trainer_state",
 ]

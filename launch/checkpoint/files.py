@@ -12,7 +12,7 @@ import torch
 
 from launch.errors import CheckpointError
 from launch.fileio import TMP_PREFIX as TMP_PREFIX  # the layout names it; fileio owns it
-from launch.fileio import fsync_dir
+from launch.fileio import fsync_tree as fsync_tree  # the save protocol uses it; fileio owns it
 
 COMPLETE, META, LATEST, TRAINER_FILE = "COMPLETE", "meta.json", "latest", "trainer.pt"
 STEP_RE = re.compile(r"^step-(\d{8,})$")
@@ -67,16 +67,6 @@ def load_file(path: Path, map_location: str | torch.device = "cpu") -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # a truncated or foreign file: the message is the story
         raise CheckpointError(f"cannot read checkpoint file {path}: {str(err).splitlines()[0]}") from None
-
-
-def fsync_tree(root: Path) -> None:
-    """Files written by other code (DeepSpeed) may still sit in the page cache."""
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-    for path in sorted({p.parent for p in root.rglob("*")} | {root}):
-        fsync_dir(path)
 
 
 def is_complete(ckpt: Path) -> bool:

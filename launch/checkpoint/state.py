@@ -1,4 +1,5 @@
-"""What every rank saves for itself: its random states and its data-loader position."""
+"""What every rank saves for itself (its random states and its data-loader position), and rank 0 for all:
+the trainer's state."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from launch.checkpoint.files import load_file, rank_file
+from launch.checkpoint.files import TRAINER_FILE, load_file, rank_file, save_file
 from launch.errors import CheckpointError
 
 
@@ -60,6 +61,17 @@ def nonfinite_keys(state: Any, prefix: str = "") -> list[str]:
 def rank_state(loader_state: dict[str, Any] | None) -> dict[str, Any]:
     """What every rank saves for itself: RNG states and the data-loader position."""
     return {"rng": rng_state(), "loader": loader_state}
+
+
+def write_trainer_state(tmp: Path, state: dict[str, Any], loader_state: dict[str, Any] | None, rank: int) -> None:
+    """Into the checkpoint being written in ``tmp``: ``trainer.pt`` (rank 0: ``state``, shared by all
+    ranks) and this rank's ``rank-NNNNN.pt`` (:func:`rank_state`)."""
+    if rank == 0:
+        bad = nonfinite_keys(state)  # skipped steps keep weights finite; never save otherwise
+        if bad:
+            raise ValueError(f"refusing to save NaN/inf in {bad[0]} ({len(bad)} tensors)")
+        save_file(state, tmp / TRAINER_FILE)
+    save_file(rank_state(loader_state), rank_file(tmp, rank))
 
 
 def restore_rank_state(ckpt: Path, rank: int, *, rng: bool = True) -> dict[str, Any] | None:
