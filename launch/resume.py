@@ -87,11 +87,17 @@ def load_state(path: Path, backend: Backend, model: nn.Module, optimizers: list[
 def restore_rank(loader: Any, path: Path, *, rank: int, world: int, saved_world: int, seed: int, step: int) -> None:
     """This rank's RNG streams and ``loader``'s position. On another world size the ranks' RNG streams do
     not map onto the new ranks (the ones that matter, augmentation and masks, follow the samples), so each
-    rank reseeds; the loader position is global, so rank 0's serves all."""
-    same_world = saved_world == world
-    loader.load_state_dict(restore_rank_state(path, rank if same_world else 0, rng=same_world))
-    if not same_world:
-        set_seed((seed + 1000 * rank + 7919 * step) % 2**32)
+    rank reseeds; the loader position is global, so rank 0's serves all. The skipped-sample counts are
+    per rank and summed when logged: rank 0 carries the old ranks' total, the others start from 0."""
+    if saved_world == world:
+        loader.load_state_dict(restore_rank_state(path, rank))
+        return
+    state = restore_rank_state(path, 0, rng=False)
+    if state is not None and "corrupt" in state:
+        old = (restore_rank_state(path, r, rng=False) or {} for r in range(saved_world))
+        state = {**state, "corrupt": sum(int(s.get("corrupt", 0)) for s in old) if rank == 0 else 0}
+    loader.load_state_dict(state)
+    set_seed((seed + 1000 * rank + 7919 * step) % 2**32)
 
 
 def recount(

@@ -23,6 +23,9 @@ import pytest
 import torch
 from faults_driver import assert_same_weights, final_weights, finish, start, wait_for
 
+from launch.checkpoint import write_trainer_state
+from launch.resume import restore_rank
+
 SEEDED = "--masks=seeded"
 ONE_PROC = "accum_steps=2"  # 1 process x 2 micro-batches of 16 = the 2-process global batch of 32
 FSDP = "backend=fsdp"
@@ -281,3 +284,25 @@ def test_a_deepspeed_checkpoint_of_another_world_size_is_refused_with_one_line(t
         "relaunch with 2 processes\n"
     ) in proc.stderr
     assert (_ckpt(tmp_path, 2) / "COMPLETE").exists() and not _ckpt(tmp_path, 4).exists()
+
+
+class _Loader:
+    def load_state_dict(self, state: dict) -> None:
+        self.state = state
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_the_skipped_sample_count_survives_a_resume_on_another_world_size(tmp_path, world) -> None:
+    """Each rank counts its own skipped samples and the log sums them over ranks; on another world size
+    the new ranks must together start from the old ranks' total (not each from rank 0's count)."""
+    for rank, corrupt in enumerate([3, 5]):  # a checkpoint of 2 ranks: 8 samples skipped in all
+        write_trainer_state(tmp_path, {"step": 4}, {"epoch": 0, "position": 64, "corrupt": corrupt}, rank)
+    counts = []
+    for rank in range(world):
+        loader = _Loader()
+        restore_rank(loader, tmp_path, rank=rank, world=world, saved_world=2, seed=0, step=4)
+        assert loader.state["position"] == 64
+        counts.append(loader.state["corrupt"])
+    assert sum(counts) == 8
+    if world == 2:
+        assert counts == [3, 5]  # the same ranks keep their own counts
