@@ -351,7 +351,13 @@ class Backend:
         if not self.deepspeed:
             return task
         state = self.full_state_dict(model)
-        self._engine.destroy()  # ZeRO's module and gradient hooks
+        engine = self._engine
+        engine.destroy()  # ZeRO's module and gradient hooks
+        # but not the engine's own forward hooks: through them the task would keep the engine (its
+        # optimizer state, its process groups) alive for as long as the caller keeps the task
+        for hook in (engine.module_forward_pre_hook, engine.module_forward_post_hook):
+            if hook is not None:
+                hook.remove()
         fresh: dict[int, nn.Parameter] = {}  # one new Parameter per old one: tied weights stay tied
         for prefix, module in task.named_modules():
             for key in [k for k in vars(module) if k.startswith("ds_") or k in _ZERO_MODULE_ATTRS]:

@@ -11,14 +11,22 @@ restarts need it (see there); otherwise Accelerate / DeepSpeed create it as usua
 from __future__ import annotations
 
 import atexit
+import gc
+import importlib
+import importlib.util
 import logging
 import os
+import sys
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 log = logging.getLogger(__name__)
+
+# They take the default group as a default argument value (``group=GroupMember.WORLD``), read when they
+# are imported: imported once the group exists, they hold it until the interpreter's own teardown.
+_PIN_GROUP_AT_IMPORT = ("torch.distributed.nn", "deepspeed")
 
 
 def rank() -> int:
@@ -88,7 +96,10 @@ def init_process_group() -> None:
     per attempt from torchrun: ``--rdzv-backend c10d`` with ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``
     (``launch/slurm/pretrain.sbatch`` sets it); Accelerate then creates the group as usual.
     """
-    if world_size() == 1 or dist.is_initialized() or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+    if world_size() == 1 or dist.is_initialized():
+        return
+    _before_group()  # whoever creates it: this function or Accelerate
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return
     agents, restarts = int(os.environ.get("GROUP_WORLD_SIZE", 1)), int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", 0))
     if agents > 1:
@@ -111,9 +122,6 @@ def init_process_group() -> None:
     dist.init_process_group(
         backend, store=dist.PrefixStore(f"attempt-{attempt}/", store), rank=rank(), world_size=world_size()
     )
-    # while the interpreter still runs: gloo's work threads take the GIL as they stop, and doing
-    # that during interpreter finalization aborts the process ("terminate called ...", exit -6)
-    atexit.register(_destroy_process_group)
 
 
 def init_single_process_group() -> None:
@@ -123,10 +131,36 @@ def init_single_process_group() -> None:
         return
     accelerator = torch.accelerator.current_accelerator() if torch.accelerator.is_available() else None
     backend = dist.get_default_backend_for_device(accelerator or torch.device("cpu"))
+    _before_group()
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def _before_group() -> None:
+    """Before this process's group exists: import the modules that would pin it, and have it torn
+    down at exit (once, however many fits create a Backend)."""
+    for name in _PIN_GROUP_AT_IMPORT:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
+    atexit.unregister(_destroy_process_group)
     atexit.register(_destroy_process_group)
 
 
 def _destroy_process_group() -> None:
+    """Tear the group down while the interpreter still runs.
+
+    A gloo worker thread drops each finished collective's tensors itself, which takes the GIL; if it
+    comes to that once interpreter finalization has begun, CPython ends the thread inside a C++
+    destructor and the process aborts after a complete run ("terminate called without an active
+    exception", exit -6). The group's threads are joined only when its last reference goes:
+    torch's own (``destroy_process_group``), DeepSpeed's (its cached subgroups: its own
+    ``destroy_process_group`` drops them), a pinning import's (see ``_PIN_GROUP_AT_IMPORT``) and the
+    finished trainer's reference cycles (DDP model, Accelerator, DeepSpeed engine), which would
+    otherwise wait for the garbage collection inside finalization.
+    """
     if dist.is_initialized():
-        dist.destroy_process_group()
+        deepspeed_comm = sys.modules.get("deepspeed.comm")
+        if deepspeed_comm is not None and deepspeed_comm.is_initialized():
+            deepspeed_comm.destroy_process_group()
+        else:
+            dist.destroy_process_group()
+    gc.collect()

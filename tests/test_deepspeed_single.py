@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import os
 import socket
+import weakref
 
 import pytest
 import torch
@@ -80,3 +81,18 @@ def test_zero3_keeps_no_second_model_during_training(tmp_path, one_rank):
 def _tiny_tasks() -> int:
     gc.collect()
     return sum(isinstance(o, TinyTask) for o in gc.get_objects())
+
+
+def test_returned_task_keeps_no_engine(tmp_path, one_rank):
+    """The task a DeepSpeed fit hands back holds nothing of the engine (DeepSpeed's ``destroy()``
+    leaves its forward hooks on the module): the engine, its optimizer state and its process groups
+    go with the trainer, so a process can tear its groups down before interpreter finalization."""
+    cfg = load_config(
+        TrainerConfig, None, ["log.progress=false", "max_steps=1", "batch_size=16", "backend=deepspeed", "zero_stage=2"]
+    )
+    trainer = Trainer(TinyTask(), cfg, None, tmp_path, seed=0, img_size=4, loader_factory=synthetic_factory())
+    engine = weakref.ref(trainer.model)
+    task = trainer.fit().task
+    del trainer
+    gc.collect()
+    assert task is not None and engine() is None

@@ -5,6 +5,8 @@ trains the tiny task with those TrainerConfig overrides (then, in the same proce
 it with more overrides) and writes the final weights to ``RUN_DIR/final.pt`` (rank 0; those of
 the first fit also to ``RUN_DIR/first.pt`` when there is a second), so a test can compare runs
 across launchers. ``{rank}`` in RUN_DIR gives each rank its own directory (a node-local run_dir).
+At exit, once ``launch.dist`` has torn the process group down, each rank writes how many gloo worker
+threads it still has to ``RUN_DIR/gloo-threads-at-exit-{rank}`` (see :func:`_count_gloo_threads`).
 
 The synthetic data is a fixed sequence of samples; batch ``j`` of rank ``r`` (of ``w``,
 micro-batch ``B``) holds samples ``j*B*w + r*B + [0, B)`` of the epoch's permutation, so
@@ -171,6 +173,15 @@ def run(
     return trainer.fit()
 
 
+def _count_gloo_threads(path: Path) -> None:
+    """Write how many gloo worker threads (torch names them ``pt_gloo_runloop``) this process has left.
+    One that outlives the group's teardown can take the GIL during interpreter finalization and abort
+    the process after a complete run ("terminate called without an active exception", exit -6)."""
+    if path.parent.is_dir():  # a run that failed before creating its run dir has nothing to report
+        names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+        path.write_text(str(names.count("pt_gloo_runloop")))
+
+
 def _counting_allreduce(calls, bucket):  # unannotated: DDP checks the annotation object itself
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
@@ -179,6 +190,7 @@ def _counting_allreduce(calls, bucket):  # unannotated: DDP checks the annotatio
 
 
 if __name__ == "__main__":
+    import atexit
     import logging
 
     from launch import dist
@@ -192,6 +204,8 @@ if __name__ == "__main__":
     ddp = dist.world_size() > 1 and "backend=deepspeed" not in args and "backend=fsdp" not in args
     reductions: list[int] | None = [] if ddp else None
     run_dir = sys.argv[1].format(rank=dist.rank())
+    # registered before the first fit registers launch.dist's teardown: exit handlers run last in, first out
+    atexit.register(_count_gloo_threads, Path(run_dir) / f"gloo-threads-at-exit-{dist.rank()}")
 
     def record(result, name: str) -> None:
         if dist.is_main():
