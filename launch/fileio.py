@@ -11,6 +11,8 @@ from pathlib import Path
 
 #: prefix of files and directories being written; a checkpoint directory's start removes leftovers
 TMP_PREFIX = ".tmp-"
+#: prefix of a folder set aside while its replacement is renamed in
+OLD_PREFIX = ".old-"
 
 
 def write_synced(path: Path, text: str) -> None:
@@ -31,21 +33,35 @@ def write_atomic(path: str | Path, text: str) -> None:
 def replacing(path: str | Path) -> Iterator[Path]:
     """Yields a hidden sibling of ``path`` for the block to write (a file or a folder); after the block
     it is fsync'd, renamed over ``path`` and the directory fsync'd, so a kill leaves the old ``path`` or
-    the new one. A block that raises leaves ``path`` as it was and no temporary behind."""
+    the new one. A block that raises leaves ``path`` as it was and no temporary behind.
+
+    A rename replaces a file or an empty folder only, so an old folder is first renamed aside: a kill
+    between the two renames leaves it there, and the next ``replacing(path)`` puts it back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{TMP_PREFIX}{path.name}")
-    _remove(tmp)  # a killed earlier attempt's
+    tmp, old = path.with_name(f"{TMP_PREFIX}{path.name}"), path.with_name(f"{OLD_PREFIX}{path.name}")
+    if old.exists() and not path.exists():  # a killed earlier replacement's
+        os.replace(old, path)
+    _remove(tmp)
+    _remove(old)
     try:
         yield tmp
         fsync_tree(tmp)
     except BaseException:
         _remove(tmp)
         raise
-    if path.is_dir():  # a rename replaces a file, or an empty folder only
-        shutil.rmtree(path)
-    os.replace(tmp, path)
+    aside = path.is_dir()
+    if aside:
+        os.replace(path, old)
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        if aside:
+            os.replace(old, path)
+        _remove(tmp)
+        raise
     fsync_dir(path.parent)
+    _remove(old)
 
 
 def fsync_tree(root: Path) -> None:
