@@ -16,7 +16,6 @@ import logging
 import os
 import platform
 import time
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -29,6 +28,7 @@ from benchmarks.project import Workload, project_contender
 from launch.cli import config_parser, entry_point, parse_config
 from launch.config import Schema
 from launch.errors import ConfigError
+from launch.fileio import write_atomic
 from launch.flops import peak_flops
 
 log = logging.getLogger("mae-bench")
@@ -214,8 +214,7 @@ def run(argv: list[str]) -> int:
         log.info("running %s", section)
         results[section] = run_section(section, cfg, device, peak, results)
     results["meta"]["loadavg_end"] = list(os.getloadavg())
-    Path(cfg.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(cfg.out).write_text(json.dumps(results, indent=2))
+    write_atomic(cfg.out, json.dumps(results, indent=2))
     print(report.render(results))
     print(f"wrote {cfg.out}")
     return 0

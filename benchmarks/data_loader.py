@@ -38,6 +38,8 @@ import psutil
 import torch
 from PIL import Image
 
+from launch.fileio import write_atomic
+
 PHOTO_SIZE = (375, 500)  # (H, W): the median ImageNet training image
 
 
@@ -284,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     result = run_benchmark(args.images, args.workers, args.batch_size, repeats=args.repeats)
     print(format_table(result))
-    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    write_atomic(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
     return 0
 

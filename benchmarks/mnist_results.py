@@ -35,6 +35,7 @@ from finetune.probe import run_probe
 from launch.cli import entry_point
 from launch.config import load_config, merge, parse_overrides
 from launch.data import DataConfig, build_loader
+from launch.fileio import write_atomic
 from pretrain.__main__ import pretrain
 from pretrain.config import DEFAULT_CONFIG, PretrainConfig
 from pretrain.presets import build_model
@@ -114,8 +115,8 @@ def results(cfg: PretrainConfig, ft_cfg: FinetuneConfig | None, out: Path) -> di
         "pretrain_config": cfg.model_dump(mode="json"),
         "finetune_config": ft_cfg.model_dump(mode="json") if ft_cfg else None,
     }
-    (out / "results.json").write_text(json.dumps(report, indent=1, default=str) + "\n")
-    (out / "results.md").write_text(table(rows) + "\n")
+    write_atomic(out / "results.json", json.dumps(report, indent=1, default=str) + "\n")
+    write_atomic(out / "results.md", table(rows) + "\n")
     return report
 
 

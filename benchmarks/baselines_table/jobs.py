@@ -18,6 +18,7 @@ from typing import IO
 import yaml
 
 from benchmarks.baselines_table import COST, PIXELS, ROOT, SWEEP
+from launch.fileio import write_atomic
 
 log = logging.getLogger("baselines_table")
 
@@ -30,8 +31,7 @@ def probe_overlay(run_root: Path) -> Path:
     28 x 28 digits decode faster there than they travel from a worker process."""
     probe = yaml.safe_load(MAE_PRETRAIN_CONFIG.read_text()).get("probe", {})
     path = run_root / "probe_protocol.yaml"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump({"probe": probe, "data": {"workers": 0}}, sort_keys=False))
+    write_atomic(path, yaml.safe_dump({"probe": probe, "data": {"workers": 0}}, sort_keys=False))
     return path
 
 
@@ -54,7 +54,7 @@ def run_baseline(name: str, run_root: Path, overlay: Path, rerun: bool, override
         log.info("running %s", " ".join(cmd))
         with (run_root / f"{name}.log").open("w") as out:
             cost = measured(lambda: _run_child(cmd, out))
-        (run_root / name / COST).write_text(json.dumps(cost) + "\n")
+        write_atomic(run_root / name / COST, json.dumps(cost) + "\n")
 
 
 def set_aside(run_dir: Path) -> None:
@@ -107,7 +107,7 @@ def run_pixels(run_root: Path, overlay: Path, rerun: bool) -> None:
             after = resource.getrusage(resource.RUSAGE_SELF)
             return after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
-        (run_dir / COST).write_text(json.dumps(measured(work)) + "\n")
+        write_atomic(run_dir / COST, json.dumps(measured(work)) + "\n")
 
 
 def run_mae(run_dir: Path, overrides: list[str]) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from launch.fileio import write_atomic
+
 START, END = "<!-- baselines-table:start -->", "<!-- baselines-table:end -->"
 
 #: the public Keras study on full MNIST (60,000 training digits) quoted in the issue
@@ -101,4 +103,4 @@ def update_block(page: Path, block: str) -> None:
     if START not in text or END not in text:
         raise SystemExit(f"{page} has no {START} ... {END} block")
     head, rest = text.split(START, 1)
-    page.write_text(head + block + rest.split(END, 1)[1])
+    write_atomic(page, head + block + rest.split(END, 1)[1])
