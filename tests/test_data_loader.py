@@ -11,6 +11,7 @@ import threading
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import skimage.data
 import torch
@@ -332,3 +333,17 @@ def test_bad_sources_fail_with_one_line(tmp_path: Path, digits: Path, broken: tu
         dataset_info(_cfg([str(digits), str(broken[0])]))
     with pytest.raises(DataError, match="split 'test'"):
         build_loader(_cfg(str(digits)), "test", preset="eval", batch_size=4, img_size=8, seed=0)
+
+
+def test_workers_are_not_forks_of_the_training_process(digits: Path) -> None:
+    """A fork of a process whose gloo / NCCL / DeepSpeed threads may hold a lock can deadlock before it
+    runs a line (a ZeRO-3 run hung so); workers come from a single-threaded fork server instead."""
+    me = psutil.Process()
+    before = {p.pid for p in me.children(recursive=True)}
+    loader = build_loader(_cfg(str(digits)), "train", preset="pretrain", batch_size=16, img_size=8, seed=0)
+    assert _take(loader, 1)
+    new = [p for p in me.children(recursive=True) if p.pid not in before]
+    workers = [p for p in new if p.ppid() != me.pid]
+    assert len(workers) == 2, [(p.pid, p.ppid(), p.cmdline()[-2:]) for p in new]  # grandchildren: the server's
+    # this process's own new children are multiprocessing's fork server and resource tracker only
+    assert all("from multiprocessing." in " ".join(p.cmdline()) for p in new if p.ppid() == me.pid)

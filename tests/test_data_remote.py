@@ -8,6 +8,7 @@ retries than that must see every sample exactly once.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import http.server
 import itertools
@@ -23,7 +24,7 @@ from typing import Self
 
 import pytest
 
-from launch.data import DataConfig, build_loader
+from launch.data import DataConfig, build_loader, stream
 from launch.data.prepare import prepare
 from launch.data.remote import ReadPolicy, RemoteTar
 from launch.data.shards import BROKEN, read_samples
@@ -236,7 +237,9 @@ def test_http_epoch_downloads_each_byte_once_and_a_resume_only_what_is_left(
     """2 ranks x 2 workers enter shards mid-way (the sample index gives the bytes); a loader restored
     after 5 batches asks for exactly the samples it has not yielded (with a shuffle buffer: still
     buffered or unread), and yields the same batches as the uninterrupted one."""
-    monkeypatch.setattr("launch.data.stream._GAP", 1)  # one request per run of needed samples (forked workers see it)
+    # one request per run of needed samples; the policy travels to the workers with the stream
+    policy = stream.read_policy
+    monkeypatch.setattr(stream, "read_policy", lambda cfg: dataclasses.replace(policy(cfg), read_through=1))
     sizes = _sample_bytes(digits)
     with FlakyServer(digits, faults=False) as server:
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import multiprocessing
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -31,6 +32,14 @@ from launch.data.transforms import PRESETS
 from launch.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
+
+# Workers start from a single-threaded fork server, never by forking this process: by the time a
+# loader starts its workers, gloo / NCCL, DeepSpeed and TensorBoard threads run here, and a fork
+# while one of them holds a lock leaves the child deadlocked before it runs a line (seen: a ZeRO-3
+# rank's eval worker stuck in CPython 3.11's after-fork thread cleanup, the run hung). Preloading
+# this package makes a worker's start a fork of a process that has already imported torch.
+_WORKERS = multiprocessing.get_context("forkserver")
+_WORKERS.set_forkserver_preload([__name__])
 
 
 class ShardLoader:
@@ -56,6 +65,7 @@ class ShardLoader:
             batch_size=None,
             num_workers=workers,
             persistent_workers=workers > 0,
+            multiprocessing_context=_WORKERS if workers > 0 else None,
             prefetch_factor=prefetch if workers else None,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator(),

@@ -49,10 +49,6 @@ from launch.errors import DataError
 log = logging.getLogger(__name__)
 Batch = dict[str, Any]
 
-# a reader reads through fewer unwanted samples than this rather than open another range request:
-# a request costs about a round trip (~10 ms), about what 8 ImageNet-size JPEGs take at 1 Gbit/s
-_GAP = 8
-
 
 class _Corrupt(Exception):
     pass
@@ -164,13 +160,13 @@ class ShardStream(IterableDataset):
 
     def _read(self, order: GlobalOrder, wanted: list[int]) -> Iterator[tuple[int, Sample]]:
         """(index, raw sample) for the ascending storage indices ``wanted``, opening each shard once (a
-        remote shard with a sample index: one range request per run of them, gaps under ``_GAP`` read
-        through); ``{BROKEN: why}`` for a sample that a broken shard could not give."""
+        remote shard with a sample index: one range request per run of them, gaps under
+        ``policy.read_through`` read through); ``{BROKEN: why}`` for a sample that a broken shard could not give."""
         located = [(index, *order.locate(index)) for index in wanted]
         for shard, group in itertools.groupby(located, key=lambda item: item[1]):
             group = list(group)
             inner = [k for _, _, k in group]  # ascending: indices inside the shard
-            gap = _GAP if self.index.indexed(shard) else math.inf
+            gap = self.policy.read_through if self.index.indexed(shard) else math.inf
             for lo, hi in runs(inner, gap):
                 run = group[bisect.bisect_left(inner, lo) : bisect.bisect_left(inner, hi)]
                 samples = read_samples(
