@@ -163,4 +163,7 @@ def _destroy_process_group() -> None:
             deepspeed_comm.destroy_process_group()
         else:
             dist.destroy_process_group()
+    # at exit already: DataLoader iterators this collection frees skip their graceful worker shutdown
+    # (~5 s per worker), as they do once torch's own exit handler, which runs after this one, has run
+    torch.utils.data._utils._set_python_exit_flag()
     gc.collect()
