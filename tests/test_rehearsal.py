@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 from distrun import TORCHRUN
 from rehearsal import (
     BASELINE_COMMON,
@@ -97,8 +98,14 @@ def test_every_baseline_recipe(mnist: Path, tmp_path: Path) -> None:
         json.dumps(runs),
     ]
     Runner(tmp_path).run("mae-baseline", cmd)
-    for name in BASELINES:
+    for name, extra in BASELINES.items():
         assert (tmp_path / "runs" / name / "results.json").is_file(), name
+        # the recipe file itself ran: its model settings (those the run did not override) are the run's
+        shipped = yaml.safe_load((ROOT / "configs" / "baselines" / f"{name}.yaml").read_text())["model"]
+        saved = min((tmp_path / "runs" / name).rglob("config.yaml"))  # a sweep saves one per point
+        ran = yaml.safe_load(saved.read_text())["model"]
+        kept = {k: v for k, v in shipped.items() if not any(e.startswith(f"model.{k}=") for e in extra)}
+        assert {k: ran[k] for k in kept} == kept, name
 
 
 def test_every_shipped_file_is_rehearsed() -> None:
